@@ -1,0 +1,12 @@
+"""Every subcommand lives in a module of its own here; importing them registers them."""
+
+from portcullis.commands import (  # noqa: F401
+    apply,
+    bench,
+    broker,
+    demo,
+    enforce,
+    process,
+    topics,
+    watch,
+)

@@ -1,0 +1,19 @@
+"""`portcullis broker`: Run the embedded Tansu broker on loopback."""
+
+from __future__ import annotations
+
+import argparse
+
+from portcullis.cli import CommandError, command
+from portcullis.settings import Settings
+
+
+@command("broker", "Run the embedded Tansu broker on loopback.")
+class Command:
+    @staticmethod
+    def configure(parser: argparse.ArgumentParser) -> None:
+        pass
+
+    @staticmethod
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        raise CommandError("not built yet (issue 3); nothing was done")
