@@ -1,4 +1,4 @@
-"""Settings shared by every subcommand: flags override environment, which overrides a config file."""
+"""Settings for every subcommand: flags override environment, which overrides a config file."""
 
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bootstrap", help="Kafka bootstrap servers, host:port[,host:port]")
     group.add_argument("--topic-prefix", help="prefix of every topic name (default portcullis.)")
     group.add_argument("--partitions", type=int, help="partitions per partitioned topic")
-    group.add_argument("--security-protocol", choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])
+    group.add_argument(
+        "--security-protocol", choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+    )
     group.add_argument("--ssl-cafile")
     group.add_argument("--ssl-certfile")
     group.add_argument("--ssl-keyfile")

@@ -22,7 +22,7 @@ def test_flags_override_environment_which_overrides_the_file(tmp_path: Path) -> 
 
 
 def test_a_bad_value_names_where_it_came_from() -> None:
-    with pytest.raises(settings.SettingsError, match="PORTCULLIS_PARTITIONS.*integer"):
+    with pytest.raises(settings.SettingsError, match=r"PORTCULLIS_PARTITIONS.*integer"):
         settings.load(None, {"PORTCULLIS_PARTITIONS": "many"})
 
 
