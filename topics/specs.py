@@ -110,7 +110,7 @@ MEMBERSHIPS = TopicSpec(
 DEADLETTER = TopicSpec(
     "deadletter", 1, "delete", DeadLetterRecord,
     key="the original key",
-    partitioned_by="not partitioned (one partition, in rejection order)",
+    partitioned_by="nothing (one partition, in order of rejection)",
     configs={"retention.ms": str(WEEK_MS)},
 )
 
