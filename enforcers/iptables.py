@@ -1,0 +1,137 @@
+"""iptables adapter: one ``iptables-restore --noflush`` per batch, only our chains.
+
+Reads back ``iptables-save`` and compares each of our chains' comment hashes
+with the desired ones, so unchanged chains are never rewritten and a rule
+removed by hand is noticed (and restored) by the next resync. Runs inside a
+named network namespace (``ip netns exec``) when given one; nothing outside
+chains named ``pc-*`` and the two hook jumps is ever touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from enforcers.render import CHAIN_PREFIX, HOOK_COMMENT, HOOKS, Chain, restore_text
+
+log = logging.getLogger(__name__)
+
+_COMMENT = re.compile(r'--comment "?(pc:[A-Za-z0-9]+)"?')
+
+
+class IptablesError(RuntimeError):
+    """iptables-restore or iptables-save failed; the message carries its stderr."""
+
+
+@dataclass
+class Actual:
+    """What the kernel has: our chains (name -> rule hashes) and which hooks exist."""
+
+    chains: dict[str, list[str]] = field(default_factory=dict)
+    hooks: set[tuple[str, str]] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    written: tuple[str, ...]
+    deleted: tuple[str, ...]
+    hooks_added: tuple[tuple[str, str], ...]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.written or self.deleted or self.hooks_added)
+
+
+def parse_save(text: str) -> Actual:
+    """Our chains and hooks from ``iptables-save`` output (filter table only)."""
+    actual = Actual()
+    table = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            continue
+        if table != "filter":
+            continue
+        if line.startswith(":" + CHAIN_PREFIX):
+            actual.chains.setdefault(line[1:].split()[0], [])
+        elif line.startswith("-A "):
+            parts = line.split()
+            chain = parts[1]
+            if chain.startswith(CHAIN_PREFIX):
+                match = _COMMENT.search(line)
+                actual.chains.setdefault(chain, []).append(
+                    match.group(1)[3:] if match else "?"
+                )
+            else:
+                for builtin, ours in HOOKS:
+                    if chain == builtin and f"-j {ours}" in line and HOOK_COMMENT in line:
+                        actual.hooks.add((builtin, ours))
+    return actual
+
+
+class Iptables:
+    """Programs our chains of the filter table, in ``netns`` (None: this namespace)."""
+
+    def __init__(self, netns: str | None = None, family: int = 4, timeout: float = 30.0) -> None:
+        self.netns = netns
+        self.timeout = timeout
+        base = "iptables" if family == 4 else "ip6tables"
+        self._save = [f"{base}-save", "-t", "filter"]
+        self._restore = [f"{base}-restore", "--noflush", "--wait"]
+
+    def _cmd(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
+
+    def save(self) -> Actual:
+        proc = subprocess.run(
+            self._cmd(self._save), capture_output=True, text=True, timeout=self.timeout
+        )
+        if proc.returncode != 0:
+            raise IptablesError(f"{' '.join(self._save)} failed: {proc.stderr.strip()}")
+        return parse_save(proc.stdout)
+
+    def restore(self, text: str) -> None:
+        proc = subprocess.run(
+            self._cmd(self._restore), input=text, capture_output=True, text=True,
+            timeout=self.timeout,
+        )
+        if proc.returncode != 0:
+            raise IptablesError(
+                f"iptables-restore failed: {proc.stderr.strip()}\n--- input ---\n{text}"
+            )
+
+    def apply(
+        self, desired: Mapping[str, Chain], actual: Actual | None = None
+    ) -> ApplyResult:
+        """Make our chains equal ``desired`` in one atomic restore; return what changed."""
+        if actual is None:
+            actual = self.save()
+        write = [
+            c for name, c in sorted(desired.items())
+            if actual.chains.get(name) != list(c.hashes)
+        ]
+        delete = tuple(sorted(set(actual.chains) - set(desired)))
+        hooks = tuple(
+            h for h in HOOKS if h not in actual.hooks and h[1] in desired
+        )
+        if write or delete or hooks:
+            self.restore(restore_text(write, delete, hooks))
+            log.debug("iptables: wrote %d chains, deleted %d", len(write), len(delete))
+        return ApplyResult(tuple(c.name for c in write), delete, hooks)
+
+    def remove_all(self) -> None:
+        """Remove our hooks and chains (for tests and uninstall; the enforcer never does)."""
+        actual = self.save()
+        lines = ["*filter"]
+        lines += [
+            f'-D {builtin} -m comment --comment "{HOOK_COMMENT}" -j {ours}'
+            for builtin, ours in sorted(actual.hooks)
+        ]
+        lines += [f"-F {name}" for name in sorted(actual.chains)]
+        lines += [f"-X {name}" for name in sorted(actual.chains)]
+        lines.append("COMMIT")
+        if len(lines) > 2:
+            self.restore("\n".join(lines) + "\n")

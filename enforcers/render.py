@@ -1,0 +1,629 @@
+"""Rule rendering: an endpoint's ordered tiers and policies become iptables chains.
+
+Pure. The output is a structured rule list (``Chain`` of ``IptRule``) that two
+consumers read: ``restore_text`` writes it for ``iptables-restore --noflush``,
+and ``simulate`` interprets it in Python so tests can prove that the rules give
+the same verdict as ``policy.verdict`` without a kernel.
+
+Layout (Calico's, egress only):
+
+* ``FORWARD -j pc-fwd``: traffic from a local pod arrives on the host end of its
+  veth, so ``pc-fwd`` dispatches ``-i <iface> -g pc-tw-<h>``.
+* ``OUTPUT -j pc-out``: traffic the host itself sends, ``-o <iface> -g pc-th-<h>``
+  per host endpoint (``*`` last, skipping workload interfaces and ``lo``).
+* An endpoint chain accepts established flows, then for each tier in order
+  jumps to its applying policies' chains (``pc-pi-<h>``, shared by every endpoint
+  the policy applies to) while the tier has not passed; a policy chain marks
+  Allow with the ACCEPT bit and Pass with the PASS bit and returns; Deny drops.
+  The end of a tier drops unless its default is Pass.
+* Rules that need OR over several nets or port groups, or several negated
+  ones, use scratch mark bits (set when an alternative matches, then one final
+  rule checks the bits), so one Calico rule's action happens at most once.
+
+Every rule carries ``-m comment --comment "pc:<hash>"``, the hash chaining the
+previous rule's: equal hash lists mean equal chains, so unchanged chains are
+never rewritten.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+# --------------------------------------------------------------------------- names
+
+CHAIN_PREFIX = "pc-"
+FORWARD_CHAIN = "pc-fwd"
+OUTPUT_CHAIN = "pc-out"
+HOOKS: tuple[tuple[str, str], ...] = (("FORWARD", FORWARD_CHAIN), ("OUTPUT", OUTPUT_CHAIN))
+HOOK_COMMENT = "pc:hook"
+MAX_CHAIN_NAME = 28
+
+# Mark bits (Calico uses the same region of the mark for the same purposes).
+MARK_ACCEPT = 0x10000
+MARK_PASS = 0x20000
+MARK_NEG = 0x40000
+MARK_OR_BITS = (0x80000, 0x100000, 0x200000, 0x400000)
+MARK_ALL = MARK_ACCEPT | MARK_PASS | MARK_NEG | sum(MARK_OR_BITS)
+
+# Calico's default failsafeOutboundHostPorts: a host endpoint never loses these.
+FAILSAFE_OUTBOUND: tuple[tuple[str, int], ...] = (
+    ("udp", 53), ("udp", 67), ("tcp", 53), ("tcp", 179), ("tcp", 2379), ("tcp", 2380),
+    ("tcp", 5473), ("tcp", 6443), ("tcp", 6666), ("tcp", 6667),
+)
+
+
+def _digest(text: str, length: int) -> str:
+    raw = hashlib.sha224(text.encode()).digest()
+    return base64.b32encode(raw).decode().lower().rstrip("=")[:length]
+
+
+def workload_chain(interface: str) -> str:
+    """The egress chain of a local workload interface."""
+    return f"pc-tw-{_digest('wl:' + interface, 20)}"
+
+
+def host_chain(endpoint_key: str) -> str:
+    """The egress chain of a host endpoint."""
+    return f"pc-th-{_digest('hep:' + endpoint_key, 20)}"
+
+
+def policy_chain(policy_key: str) -> str:
+    """The egress chain of one policy, shared by every endpoint it applies to."""
+    return f"pc-pi-{_digest('pol:' + policy_key, 20)}"
+
+
+# --------------------------------------------------------------------------- input specs
+
+ActionName: TypeAlias = Literal["Allow", "Deny", "Pass", "Log"]
+EndpointKind: TypeAlias = Literal["workload", "host"]
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    first: int
+    last: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSpec:
+    """One side of a rule, already resolved: selectors are ipset names (or None)."""
+
+    nets: tuple[str, ...] = ()
+    not_nets: tuple[str, ...] = ()
+    set_name: str | None = None
+    not_set_name: str | None = None
+    ports: tuple[PortRange, ...] = ()
+    not_ports: tuple[PortRange, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSpec:
+    """A rule ready to render; ``never`` says why it can never match (so it is left out)."""
+
+    action: ActionName
+    protocol: str | None = None
+    not_protocol: str | None = None
+    source: PeerSpec = PeerSpec()
+    destination: PeerSpec = PeerSpec()
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    never: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    key: str
+    rules: tuple[RuleSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TierSpec:
+    name: str
+    default_action: Literal["Deny", "Pass"]
+    policies: tuple[PolicySpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """A local endpoint: ``tiers`` hold only tiers with at least one applying egress policy."""
+
+    key: str
+    kind: EndpointKind
+    interface: str
+    tiers: tuple[TierSpec, ...] = ()
+
+
+# --------------------------------------------------------------------------- rule AST
+
+Side: TypeAlias = Literal["src", "dst"]
+
+
+@dataclass(frozen=True, slots=True)
+class Proto:
+    name: str
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Addr:
+    side: Side
+    cidr: str
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InSet:
+    side: Side
+    name: str
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    side: Side
+    ranges: tuple[PortRange, ...]
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Icmp:
+    type: int
+    code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    value: int
+    mask: int
+
+
+@dataclass(frozen=True, slots=True)
+class CtState:
+    states: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Iface:
+    direction: Literal["in", "out"]
+    name: str
+    negate: bool = False
+
+
+Cond: TypeAlias = Proto | Addr | InSet | Ports | Icmp | Mark | CtState | Iface
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: Literal["ACCEPT", "DROP", "RETURN"]
+
+
+@dataclass(frozen=True, slots=True)
+class Jump:
+    chain: str
+    goto: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SetMark:
+    value: int
+    mask: int
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    prefix: str
+
+
+Target: TypeAlias = Verdict | Jump | SetMark | Log
+
+ACCEPT = Verdict("ACCEPT")
+DROP = Verdict("DROP")
+RETURN = Verdict("RETURN")
+
+
+@dataclass(frozen=True, slots=True)
+class IptRule:
+    conds: tuple[Cond, ...]
+    target: Target
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    name: str
+    rules: tuple[IptRule, ...]
+    hashes: tuple[str, ...] = field(default=())
+
+    @staticmethod
+    def build(name: str, rules: Iterable[IptRule]) -> Chain:
+        rules = tuple(rules)
+        hashes: list[str] = []
+        previous = name
+        for rule in rules:
+            previous = _digest(previous + "\0" + rule_body(rule), 16)
+            hashes.append(previous)
+        return Chain(name, rules, tuple(hashes))
+
+
+Ruleset: TypeAlias = dict[str, Chain]
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _port_text(ranges: Sequence[PortRange]) -> str:
+    return ",".join(str(r.first) if r.first == r.last else f"{r.first}:{r.last}" for r in ranges)
+
+
+def _cond_text(cond: Cond) -> str:
+    bang = "! " if getattr(cond, "negate", False) else ""
+    if isinstance(cond, Proto):
+        return f"{bang}-p {cond.name}"
+    if isinstance(cond, Addr):
+        flag = "-s" if cond.side == "src" else "-d"
+        return f"{bang}{flag} {cond.cidr}"
+    if isinstance(cond, InSet):
+        return f"-m set {bang}--match-set {cond.name} {cond.side}"
+    if isinstance(cond, Ports):
+        flag = "--sports" if cond.side == "src" else "--dports"
+        return f"-m multiport {bang}{flag} {_port_text(cond.ranges)}"
+    if isinstance(cond, Icmp):
+        code = "" if cond.code is None else f"/{cond.code}"
+        return f"-m icmp --icmp-type {cond.type}{code}"
+    if isinstance(cond, Mark):
+        return f"-m mark --mark {cond.value:#x}/{cond.mask:#x}"
+    if isinstance(cond, CtState):
+        return f"-m conntrack --ctstate {','.join(cond.states)}"
+    flag = "-i" if cond.direction == "in" else "-o"
+    return f"{bang}{flag} {cond.name}"
+
+
+def _target_text(target: Target) -> str:
+    if isinstance(target, Verdict):
+        return f"-j {target.kind}"
+    if isinstance(target, Jump):
+        return f"{'-g' if target.goto else '-j'} {target.chain}"
+    if isinstance(target, SetMark):
+        return f"-j MARK --set-xmark {target.value:#x}/{target.mask:#x}"
+    return f'-j LOG --log-prefix "{target.prefix}"'
+
+
+def rule_body(rule: IptRule) -> str:
+    """The rule's matches and target, without chain and comment."""
+    parts = [_cond_text(c) for c in rule.conds]
+    parts.append(_target_text(rule.target))
+    return " ".join(parts)
+
+
+def chain_lines(chain: Chain) -> list[str]:
+    """``-A`` lines for a chain, each with its hash comment."""
+    return [
+        f'-A {chain.name} {" ".join(_cond_text(c) for c in rule.conds)}'.rstrip()
+        + f' -m comment --comment "pc:{h}" {_target_text(rule.target)}'
+        for rule, h in zip(chain.rules, chain.hashes, strict=True)
+    ]
+
+
+def restore_text(
+    write: Iterable[Chain],
+    delete: Iterable[str] = (),
+    hooks: Iterable[tuple[str, str]] = (),
+) -> str:
+    """An ``iptables-restore --noflush`` input that touches only our chains.
+
+    Declaring a chain flushes it, so each written chain is replaced whole; chains
+    in ``delete`` are flushed and removed after every rewrite dropped references;
+    ``hooks`` are (builtin, our chain) jumps to insert at the top.
+    """
+    write = list(write)
+    delete = sorted(delete)
+    lines = ["*filter"]
+    lines += [f":{c.name} - [0:0]" for c in write]
+    lines += [f":{name} - [0:0]" for name in delete]
+    for chain in write:
+        lines += chain_lines(chain)
+    for builtin, ours in hooks:
+        lines.append(f'-I {builtin} 1 -m comment --comment "{HOOK_COMMENT}" -j {ours}')
+    lines += [f"-X {name}" for name in delete]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- rendering
+
+_PROTO_NAMES = {
+    "TCP": "tcp", "UDP": "udp", "ICMP": "icmp", "SCTP": "sctp", "UDPLITE": "udplite",
+    "ICMPV6": "ipv6-icmp",
+}
+PORT_PROTOCOLS = frozenset({"tcp", "udp", "sctp", "udplite", "6", "17", "132", "136"})
+
+
+def protocol_name(protocol: str | int) -> str:
+    """Calico's protocol spelling to iptables' (numbers stay numbers)."""
+    if isinstance(protocol, int):
+        return str(protocol)
+    return _PROTO_NAMES.get(protocol.upper(), protocol.lower())
+
+
+def _port_groups(ranges: Sequence[PortRange]) -> list[tuple[PortRange, ...]]:
+    """Split ranges into multiport-sized groups (15 slots, a range takes two)."""
+    groups: list[tuple[PortRange, ...]] = []
+    current: list[PortRange] = []
+    used = 0
+    for r in ranges:
+        cost = 1 if r.first == r.last else 2
+        if used + cost > 15:
+            groups.append(tuple(current))
+            current, used = [], 0
+        current.append(r)
+        used += cost
+    if current:
+        groups.append(tuple(current))
+    return groups
+
+
+def _family_nets(nets: Iterable[str], family: int) -> list[str]:
+    return [n for n in nets if ipaddress.ip_network(n, strict=False).version == family]
+
+
+def render_rule(rule: RuleSpec, policy_key: str, family: int = 4) -> list[IptRule]:
+    """The iptables rules of one Calico rule inside a policy chain."""
+    if rule.never is not None:
+        return []
+    proto = rule.protocol
+    inline: list[Cond] = []
+    if proto is not None:
+        if rule.not_protocol is not None and rule.not_protocol == proto:
+            return []
+        inline.append(Proto(proto))
+    elif rule.not_protocol is not None:
+        inline.append(Proto(rule.not_protocol, negate=True))
+    if rule.icmp_type is not None:
+        inline.append(Icmp(rule.icmp_type, rule.icmp_code))
+    # (flag-setting rules, final conds) built up per side
+    or_rules: list[IptRule] = []
+    neg_rules: list[IptRule] = []
+    required = 0
+    bits = iter(MARK_OR_BITS)
+    for side, peer in (("src", rule.source), ("dst", rule.destination)):
+        sd: Side = "src" if side == "src" else "dst"
+        nets = _family_nets(peer.nets, family)
+        if peer.nets and not nets:
+            return []  # only nets of the other family: matches nothing here
+        not_nets = _family_nets(peer.not_nets, family)
+        if len(nets) == 1:
+            inline.append(Addr(sd, nets[0]))
+        elif nets:
+            bit = next(bits)
+            required |= bit
+            or_rules += [IptRule((Addr(sd, n),), SetMark(bit, bit)) for n in nets]
+        if len(not_nets) == 1:
+            inline.append(Addr(sd, not_nets[0], negate=True))
+        else:
+            neg_rules += [IptRule((Addr(sd, n),), SetMark(MARK_NEG, MARK_NEG)) for n in not_nets]
+        if peer.set_name is not None:
+            inline.append(InSet(sd, peer.set_name))
+        if peer.not_set_name is not None:
+            inline.append(InSet(sd, peer.not_set_name, negate=True))
+        if (peer.ports or peer.not_ports) and proto is None:
+            return []  # validation forbids this; without a protocol nothing can match
+        groups = _port_groups(peer.ports)
+        if len(groups) == 1:
+            inline.append(Ports(sd, groups[0]))
+        elif groups:
+            bit = next(bits)
+            required |= bit
+            assert proto is not None
+            or_rules += [IptRule((Proto(proto), Ports(sd, g)), SetMark(bit, bit)) for g in groups]
+        not_groups = _port_groups(peer.not_ports)
+        if len(not_groups) == 1:
+            inline.append(Ports(sd, not_groups[0], negate=True))
+        else:
+            assert proto is not None or not not_groups
+            neg_rules += [
+                IptRule((Proto(proto or ""), Ports(sd, g)), SetMark(MARK_NEG, MARK_NEG))
+                for g in not_groups
+            ]
+    out: list[IptRule] = []
+    used_mask = required | (MARK_NEG if neg_rules else 0)
+    if used_mask:
+        out.append(IptRule((), SetMark(0, used_mask)))
+        out += or_rules + neg_rules
+        inline.insert(0, Mark(required, used_mask))
+    conds = tuple(inline)
+    if rule.action == "Allow":
+        out.append(IptRule(conds, SetMark(MARK_ACCEPT, MARK_ACCEPT)))
+        out.append(IptRule((Mark(MARK_ACCEPT, MARK_ACCEPT),), RETURN))
+    elif rule.action == "Pass":
+        out.append(IptRule(conds, SetMark(MARK_PASS, MARK_PASS)))
+        out.append(IptRule((Mark(MARK_PASS, MARK_PASS),), RETURN))
+    elif rule.action == "Deny":
+        out.append(IptRule(conds, DROP))
+    else:
+        out.append(IptRule(conds, Log(f"pc-{_digest(policy_key, 8)} ")))
+    return out
+
+
+def render_policy(policy: PolicySpec, family: int = 4) -> Chain:
+    rules: list[IptRule] = []
+    for rule in policy.rules:
+        rules += render_rule(rule, policy.key, family)
+    return Chain.build(policy_chain(policy.key), rules)
+
+
+def _failsafe_rules() -> list[IptRule]:
+    by_proto: dict[str, list[PortRange]] = {}
+    for proto, port in FAILSAFE_OUTBOUND:
+        by_proto.setdefault(proto, []).append(PortRange(port, port))
+    return [
+        IptRule((Proto(proto), Ports("dst", tuple(ports))), ACCEPT)
+        for proto, ports in sorted(by_proto.items())
+    ]
+
+
+def render_endpoint(endpoint: EndpointSpec) -> Chain:
+    """The endpoint's egress chain (it refers to policy chains by name)."""
+    name = workload_chain(endpoint.interface) if endpoint.kind == "workload" else (
+        host_chain(endpoint.key)
+    )
+    rules = [
+        IptRule((CtState(("RELATED", "ESTABLISHED")),), ACCEPT),
+        IptRule((CtState(("INVALID",)),), DROP),
+        IptRule((), SetMark(0, MARK_ALL)),
+    ]
+    if endpoint.kind == "host":
+        rules += _failsafe_rules()
+    for tier in endpoint.tiers:
+        rules.append(IptRule((), SetMark(0, MARK_PASS)))
+        for pol in tier.policies:
+            rules.append(IptRule((Mark(0, MARK_PASS),), Jump(policy_chain(pol.key))))
+            rules.append(IptRule((Mark(MARK_ACCEPT, MARK_ACCEPT),), ACCEPT))
+        if tier.default_action == "Deny":
+            rules.append(IptRule((Mark(0, MARK_PASS),), DROP))
+    # No tier decided: pods fall to their profile (allow), host endpoints to default deny.
+    rules.append(IptRule((), ACCEPT if endpoint.kind == "workload" else DROP))
+    return Chain.build(name, rules)
+
+
+def render_dispatch(endpoints: Iterable[EndpointSpec]) -> tuple[Chain, Chain]:
+    """``pc-fwd`` (from workloads) and ``pc-out`` (host egress) dispatch chains."""
+    eps = sorted(endpoints, key=lambda e: (e.interface, e.key))
+    fwd = [
+        IptRule((Iface("in", e.interface),), Jump(workload_chain(e.interface), goto=True))
+        for e in eps
+        if e.kind == "workload"
+    ]
+    out: list[IptRule] = []
+    wildcard: list[EndpointSpec] = []
+    for e in eps:
+        if e.kind != "host":
+            continue
+        if e.interface in ("*", ""):
+            wildcard.append(e)
+        else:
+            out.append(IptRule((Iface("out", e.interface),), Jump(host_chain(e.key), goto=True)))
+    if wildcard:
+        out.append(IptRule((Iface("out", "lo"),), RETURN))
+        out += [IptRule((Iface("out", e.interface),), RETURN) for e in eps if e.kind == "workload"]
+        out.append(IptRule((), Jump(host_chain(wildcard[0].key), goto=True)))
+    return Chain.build(FORWARD_CHAIN, fwd), Chain.build(OUTPUT_CHAIN, out)
+
+
+def render(endpoints: Iterable[EndpointSpec], family: int = 4) -> Ruleset:
+    """Every chain we own for these local endpoints, by name."""
+    endpoints = list(endpoints)
+    chains: Ruleset = {}
+    for ep in endpoints:
+        chain = render_endpoint(ep)
+        chains[chain.name] = chain
+        for tier in ep.tiers:
+            for pol in tier.policies:
+                name = policy_chain(pol.key)
+                if name not in chains:
+                    chains[name] = render_policy(pol, family)
+    fwd, out = render_dispatch(endpoints)
+    chains[fwd.name] = fwd
+    chains[out.name] = out
+    return chains
+
+
+def sets_referenced(chains: Iterable[Chain]) -> set[str]:
+    """Every ipset name some rule of these chains refers to."""
+    return {c.name for ch in chains for r in ch.rules for c in r.conds if isinstance(c, InSet)}
+
+
+# --------------------------------------------------------------------------- simulation
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """What the simulator needs of a packet (a new connection unless ``ct_state`` says)."""
+
+    src: str
+    dst: str
+    protocol: str
+    dport: int = 0
+    sport: int = 40000
+    in_iface: str = ""
+    out_iface: str = ""
+    ct_state: str = "NEW"
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+
+
+def _in_any(ip: str, nets: Iterable[str]) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return any(addr in ipaddress.ip_network(n, strict=False) for n in nets)
+
+
+def _cond_holds(cond: Cond, pkt: Packet, mark: int, sets: Mapping[str, Iterable[str]]) -> bool:
+    if isinstance(cond, Proto):
+        result = pkt.protocol == cond.name
+    elif isinstance(cond, Addr):
+        ip = pkt.src if cond.side == "src" else pkt.dst
+        result = _in_any(ip, [cond.cidr])
+    elif isinstance(cond, InSet):
+        ip = pkt.src if cond.side == "src" else pkt.dst
+        if cond.name not in sets:
+            raise KeyError(f"rule refers to ipset {cond.name!r} which does not exist")
+        result = _in_any(ip, sets[cond.name])
+    elif isinstance(cond, Ports):
+        port = pkt.sport if cond.side == "src" else pkt.dport
+        result = any(r.first <= port <= r.last for r in cond.ranges)
+    elif isinstance(cond, Icmp):
+        result = pkt.icmp_type == cond.type and (cond.code is None or pkt.icmp_code == cond.code)
+    elif isinstance(cond, Mark):
+        result = (mark & cond.mask) == cond.value
+    elif isinstance(cond, CtState):
+        result = pkt.ct_state in cond.states
+    else:
+        iface = pkt.in_iface if cond.direction == "in" else pkt.out_iface
+        result = iface == cond.name
+    return result != getattr(cond, "negate", False)
+
+
+def simulate(
+    chains: Mapping[str, Chain],
+    start: str,
+    pkt: Packet,
+    sets: Mapping[str, Iterable[str]],
+    log: Callable[[str], None] | None = None,
+) -> Literal["ACCEPT", "DROP", "RETURN"]:
+    """Run a packet through our chains as netfilter would; RETURN means 'fell through'."""
+    mark = 0
+    stack: list[tuple[str, int]] = []
+    chain, index = start, 0
+    steps = 0
+    while True:
+        steps += 1
+        if steps > 100_000:
+            raise RuntimeError("simulation did not terminate (a chain loop?)")
+        rules = chains[chain].rules
+        if index >= len(rules):
+            if not stack:
+                return "RETURN"
+            chain, index = stack.pop()
+            continue
+        rule = rules[index]
+        index += 1
+        if not all(_cond_holds(c, pkt, mark, sets) for c in rule.conds):
+            continue
+        target = rule.target
+        if isinstance(target, Verdict):
+            if target.kind != "RETURN":
+                return target.kind
+            if not stack:
+                return "RETURN"
+            chain, index = stack.pop()
+        elif isinstance(target, Jump):
+            if not target.goto:
+                stack.append((chain, index))
+            chain, index = target.chain, 0
+        elif isinstance(target, SetMark):
+            mark = (mark & ~target.mask) ^ target.value
+        elif log is not None:
+            log(target.prefix)
