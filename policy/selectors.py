@@ -50,8 +50,13 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_KEY_LENGTH",
     "NAMESPACE_LABEL",
+    "Matcher",
+    "Node",
     "Selector",
     "SelectorError",
+    "conjunction",
+    "evaluate",
+    "from_node",
     "parse",
     "uid_of",
 ]
