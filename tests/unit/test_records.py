@@ -1,0 +1,413 @@
+"""The event contract: every record type survives encode/decode, and bad input is named."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from topics import codec, specs
+from topics.records import (
+    DeadLetterRecord,
+    EndpointRecord,
+    Labels,
+    MembershipRecord,
+    PolicyRecord,
+    ProfileRecord,
+    Record,
+    RecordError,
+    SelectorRecord,
+    canonical_ips,
+    split_endpoint_key,
+    split_membership_key,
+)
+
+# ---------------------------------------------------------------------------
+# Strategies
+# ---------------------------------------------------------------------------
+
+names = st.from_regex(r"[a-z0-9]([a-z0-9.-]{0,15}[a-z0-9])?", fullmatch=True)
+texts = st.text(max_size=20)
+times = st.floats(min_value=0, max_value=4e9, allow_nan=False, allow_infinity=False)
+labels = st.dictionaries(texts, texts, max_size=5)
+addresses = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(str),
+    st.ip_addresses(v=4).flatmap(
+        lambda a: st.integers(0, 32).map(lambda p: f"{a}/{p}")
+    ),
+    st.ip_addresses(v=6).flatmap(
+        lambda a: st.integers(0, 128).map(lambda p: f"{a}/{p}")
+    ),
+)
+ip_lists = st.lists(addresses, max_size=6)
+opt_names = st.none() | names
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | texts
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@st.composite
+def endpoints(draw: st.DrawFn) -> EndpointRecord:
+    kind = draw(st.sampled_from(["pod", "hostendpoint", "networkset", "globalnetworkset", "vm"]))
+    namespaced = kind in ("pod", "networkset")
+    return EndpointRecord(
+        kind=kind,
+        namespace=draw(names) if namespaced else None,
+        name=draw(names),
+        node=draw(opt_names),
+        interface=draw(opt_names),
+        ips=tuple(draw(ip_lists)),
+        labels=draw(labels),
+        service_account=draw(opt_names),
+        source=draw(st.sampled_from(["kubernetes", "inventory", "apply"])),
+        observed_at=draw(times),
+        resource_version=draw(st.none() | st.integers(0, 10**9).map(str)),
+    )
+
+
+@st.composite
+def profiles(draw: st.DrawFn) -> ProfileRecord:
+    kind = draw(st.sampled_from(["namespace", "serviceaccount"]))
+    return ProfileRecord(
+        kind=kind,
+        namespace=draw(names),
+        name=draw(names) if kind == "serviceaccount" else None,
+        labels=draw(labels),
+        observed_at=draw(times),
+        resource_version=draw(st.none() | st.integers(0, 10**9).map(str)),
+    )
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> PolicyRecord:
+    return PolicyRecord(
+        kind=draw(st.sampled_from(["NetworkPolicy", "GlobalNetworkPolicy", "NetworkSet"])),
+        namespace=draw(opt_names),
+        name=draw(names),
+        document=draw(st.dictionaries(texts, json_values, max_size=4)),
+        actor=draw(names),
+        applied_at=draw(times),
+        observed_at=draw(times),
+    )
+
+
+uids = st.binary(min_size=1, max_size=28).map(
+    lambda b: "s:" + __import__("base64").urlsafe_b64encode(b).decode().rstrip("=")
+)
+
+
+@st.composite
+def selectors(draw: st.DrawFn) -> SelectorRecord:
+    return SelectorRecord(
+        uid=draw(uids),
+        selector=draw(texts),
+        namespace=draw(opt_names),
+        active=draw(st.booleans()),
+        observed_at=draw(times),
+    )
+
+
+@st.composite
+def memberships(draw: st.DrawFn) -> MembershipRecord:
+    endpoint = draw(endpoints())
+    return MembershipRecord(
+        selector_uid=draw(uids),
+        endpoint_key=endpoint.key,
+        namespace=endpoint.namespace,
+        node=endpoint.node,
+        interface=endpoint.interface,
+        ips=endpoint.ips,
+        observed_at=endpoint.observed_at,
+    )
+
+
+@st.composite
+def dead_letters(draw: st.DrawFn) -> DeadLetterRecord:
+    return codec.dead_letter(
+        topic=draw(names),
+        partition=draw(st.integers(0, 1000)),
+        offset=draw(st.integers(0, 2**40)),
+        key=draw(st.none() | st.binary(max_size=20) | texts.map(str.encode)),
+        value=draw(st.none() | st.binary(max_size=40) | texts.map(str.encode)),
+        error=draw(st.builds(RecordError, st.text(min_size=1, max_size=30))),
+        rejected_by=draw(names),
+        at=draw(times),
+    )
+
+
+any_record = st.one_of(
+    endpoints(), profiles(), policies(), selectors(), memberships(), dead_letters()
+)
+
+TOPIC_OF: dict[type[Any], str] = {
+    EndpointRecord: "endpoints",
+    ProfileRecord: "profiles",
+    PolicyRecord: "policies",
+    SelectorRecord: "selectors",
+    MembershipRecord: "memberships",
+    DeadLetterRecord: "deadletter",
+}
+
+# ---------------------------------------------------------------------------
+# Round trips
+# ---------------------------------------------------------------------------
+
+
+@settings(max_examples=150)
+@given(any_record)
+def test_every_record_survives_encode_and_decode(record: Record) -> None:
+    raw = codec.encode(record)
+    assert orjson.loads(raw)["v"] == type(record).VERSION
+    assert codec.decode(TOPIC_OF[type(record)], raw) == record
+    assert codec.decode(type(record), raw) == record
+    assert type(record).from_dict(record.to_dict()) == record
+    # The same bytes again: encoding is deterministic, so compaction and idempotent
+    # consumers see an unchanged record as unchanged.
+    assert codec.encode(codec.decode(type(record), raw)) == raw  # type: ignore[arg-type]
+
+
+@settings(max_examples=50)
+@given(endpoints())
+def test_history_topic_decodes_the_same_records_by_full_name(record: EndpointRecord) -> None:
+    raw = codec.encode(record)
+    assert codec.decode("portcullis.endpoints.history", raw) == record
+    assert codec.decode("t-123.endpoints", raw) == record
+
+
+@pytest.mark.parametrize("topic", list(TOPIC_OF.values()))
+def test_a_tombstone_decodes_to_none(topic: str) -> None:
+    assert codec.decode(topic, None) is None
+
+
+@settings(max_examples=100)
+@given(ip_lists)
+def test_canonical_ips_mean_the_same_addresses_sorted_and_unique(items: list[str]) -> None:
+    canon = canonical_ips(items)
+    assert list(canon) == sorted(set(canon), key=canon.index)  # unique
+    assert canonical_ips(canon) == canon  # idempotent
+    assert canonical_ips(reversed(items)) == canon  # order does not matter
+
+    def meaning(text: str) -> Any:
+        if "/" in text:
+            return ipaddress.ip_network(text, strict=False)
+        return ipaddress.ip_address(text)
+
+    assert {meaning(i) for i in canon} == {meaning(i) for i in items}
+
+
+def test_canonical_ips_examples() -> None:
+    assert canonical_ips(["fd00::0001", "10.0.0.7/24", "10.0.0.1", "10.0.0.1"]) == (
+        "10.0.0.0/24",  # by address, then prefix: a network sorts at its first address
+        "10.0.0.1",
+        "fd00::1",
+    )
+
+
+@settings(max_examples=50)
+@given(profiles() | policies() | endpoints())
+def test_hash_and_equality_agree_with_the_encoding(record: Record) -> None:
+    twin = type(record).from_dict(orjson.loads(codec.encode(record)))
+    assert twin == record
+    if not isinstance(record, PolicyRecord):  # policies hold a dict: not hashable
+        assert hash(twin) == hash(record)
+
+
+# ---------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------
+
+
+def _pod(**overrides: Any) -> EndpointRecord:
+    fields: dict[str, Any] = dict(
+        kind="pod",
+        namespace="shop",
+        name="web-1",
+        node="node-1",
+        interface="cali123",
+        ips=("10.0.0.1",),
+        labels={"app": "web"},
+        service_account="default",
+        source="kubernetes",
+        observed_at=1700000000.5,
+        resource_version="42",
+    )
+    fields.update(overrides)
+    return EndpointRecord(**fields)
+
+
+def test_keys_and_partition_keys() -> None:
+    pod = _pod()
+    assert pod.key == "pod/shop/web-1"
+    assert pod.partition_key == "shop"
+    host = _pod(kind="hostendpoint", namespace=None, name="node-1", service_account=None)
+    assert host.key == "hostendpoint//node-1"
+    assert host.partition_key == "node-1"
+    assert split_endpoint_key(host.key) == ("hostendpoint", None, "node-1")
+    assert split_endpoint_key(pod.key) == ("pod", "shop", "web-1")
+
+    ns = ProfileRecord("namespace", "shop", None, {"team": "a"}, 1.0)
+    sa = ProfileRecord("serviceaccount", "shop", "api", {}, 1.0)
+    assert (ns.key, sa.key) == ("kns.shop", "ksa.shop.api")
+    assert ns.partition_key == sa.partition_key == "shop"
+
+    member = MembershipRecord("s:abc", host.key, None, "node-1", None, ("10.1.0.1",), 2.0)
+    assert member.key == "s:abc|hostendpoint//node-1"
+    assert member.partition_key == "node-1"
+    assert split_membership_key(member.key) == ("s:abc", "hostendpoint//node-1")
+
+    gnp = PolicyRecord("GlobalNetworkPolicy", None, "deny", {}, "alice", 1.0, 1.0)
+    assert gnp.key == "GlobalNetworkPolicy//deny"
+    assert gnp.partition_key == "deny"
+    assert codec.encode_key(pod) == b"pod/shop/web-1"
+    assert codec.decode_key(b"pod/shop/web-1") == pod.key
+
+
+def test_labels_are_an_immutable_mapping() -> None:
+    pod = _pod(labels={"b": "2", "a": "1"})
+    assert isinstance(pod.labels, Labels)
+    assert dict(pod.labels) == {"a": "1", "b": "2"}
+    assert pod.labels == {"b": "2", "a": "1"}
+    with pytest.raises(TypeError):
+        pod.labels["c"] = "3"  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        pod.name = "other"  # type: ignore[misc]
+
+
+@settings(max_examples=100)
+@given(st.none() | st.binary(max_size=30), st.none() | st.binary(max_size=60))
+def test_dead_letters_keep_the_original_bytes(key: bytes | None, value: bytes | None) -> None:
+    letter = codec.dead_letter("x.endpoints", 3, 17, key, value, ValueError("bad"), "test")
+    back = codec.decode("deadletter", codec.encode(letter))
+    assert isinstance(back, DeadLetterRecord)
+    assert back.raw_key() == key
+    assert back.raw_value() == value
+    assert back.reason == "ValueError: bad"
+    assert codec.encode_key(back) == (key or b"")
+
+
+# ---------------------------------------------------------------------------
+# Malformed input: RecordError with the reason
+# ---------------------------------------------------------------------------
+
+GOOD = orjson.loads(codec.encode(_pod()))
+
+
+def _with(**changes: Any) -> bytes:
+    data = dict(GOOD)
+    for name, value in changes.items():
+        if value is _DROP:
+            del data[name]
+        else:
+            data[name] = value
+    return orjson.dumps(data)
+
+
+_DROP = object()
+
+MALFORMED: list[tuple[str, bytes, str]] = [
+    ("not json", b'{"v": 1, "kind": ', "not valid JSON"),
+    ("not an object", b"[1, 2]", "expected a JSON object, got list"),
+    ("json null", b"null", "expected a JSON object, got null"),
+    ("no version", _with(v=_DROP), "missing version field 'v'"),
+    ("unknown version", _with(v=99), "unknown version 99"),
+    ("version not a number", _with(v="1"), "version 'v' must be an integer"),
+    ("missing field", _with(ips=_DROP), "missing field(s) 'ips'"),
+    ("extra field", _with(colour="red"), "unexpected field(s) 'colour'"),
+    ("wrong kind", _with(kind="container"), "EndpointRecord.kind: expected one of"),
+    ("bad ip", _with(ips=["10.0.0.256"]), "EndpointRecord.ips: not an IP address or CIDR"),
+    ("ips as string", _with(ips="10.0.0.1"), "EndpointRecord.ips: expected a list"),
+    ("label not a string", _with(labels={"a": 1}), "EndpointRecord.labels"),
+    ("time as string", _with(observed_at="now"), "EndpointRecord.observed_at: expected epoch"),
+    ("time as bool", _with(observed_at=True), "EndpointRecord.observed_at: expected epoch"),
+    ("negative time", _with(observed_at=-1), "non-negative"),
+    ("pod without namespace", _with(namespace=None), "a pod needs a namespace"),
+    ("empty name", _with(name=""), "EndpointRecord.name: must not be empty"),
+    ("slash in name", _with(name="a/b"), "must not contain '/'"),
+    ("bad source", _with(source="rumour"), "EndpointRecord.source"),
+    ("not utf-8", b'{"v":1,"name":"\xff"}', "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"), [(raw, reason) for _name, raw, reason in MALFORMED],
+    ids=[name for name, _raw, _reason in MALFORMED],
+)
+def test_malformed_endpoint_values_are_rejected_with_a_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(RecordError) as caught:
+        codec.decode("endpoints", raw)
+    assert reason in str(caught.value)
+    letter = codec.dead_letter("p.endpoints", 0, 5, b"k", raw, caught.value, "unit-test")
+    assert letter.reason == str(caught.value)
+    assert letter.raw_value() == raw
+
+
+def test_other_record_types_reject_bad_fields_too() -> None:
+    with pytest.raises(RecordError, match="must be null for a namespace profile"):
+        ProfileRecord("namespace", "shop", "api", {}, 1.0)
+    with pytest.raises(RecordError, match=r"ProfileRecord\.name: expected a string"):
+        ProfileRecord("serviceaccount", "shop", None, {}, 1.0)
+    with pytest.raises(RecordError, match=r"SelectorRecord\.active: expected true or false"):
+        SelectorRecord("s:x", "all()", None, 1, 1.0)  # type: ignore[arg-type]
+    with pytest.raises(RecordError, match="is not the namespace of endpoint"):
+        MembershipRecord("s:x", "pod/shop/web", "other", None, None, (), 1.0)
+    with pytest.raises(RecordError, match="not a kind/namespace/name key"):
+        MembershipRecord("s:x", "web", None, None, None, (), 1.0)
+    with pytest.raises(RecordError, match=r"PolicyRecord\.document: expected a JSON object"):
+        PolicyRecord("NetworkPolicy", "shop", "p", [], "me", 1.0, 1.0)  # type: ignore[arg-type]
+    with pytest.raises(RecordError, match="declared base64"):
+        DeadLetterRecord("t", 0, 0, "!!", "base64", None, "utf-8", "r", "me", 1.0)
+    with pytest.raises(RecordError, match="cannot encode as JSON"):
+        codec.encode(PolicyRecord("NetworkPolicy", "shop", "p", {"x": {1, 2}}, "me", 1.0, 1.0))
+    with pytest.raises(RecordError, match="key is not UTF-8"):
+        codec.decode_key(b"\xff")
+    with pytest.raises(RecordError, match="no key"):
+        codec.decode_key(None)
+
+
+def test_a_record_of_the_wrong_type_is_rejected() -> None:
+    profile = codec.encode(ProfileRecord("namespace", "shop", None, {}, 1.0))
+    with pytest.raises(RecordError, match="EndpointRecord: missing field"):
+        codec.decode("endpoints", profile)
+
+
+def test_unknown_topics_are_a_programming_error_not_a_record_error() -> None:
+    with pytest.raises(ValueError, match="not a Portcullis topic") as caught:
+        codec.decode("somewhere.else", b"{}")
+    assert not isinstance(caught.value, RecordError)
+
+
+def test_specs_name_every_topic_in_order() -> None:
+    names = specs.topic_names("pc.")
+    assert list(names) == [
+        "endpoints",
+        "endpoints.history",
+        "profiles",
+        "policies",
+        "policies.history",
+        "selectors",
+        "memberships",
+        "deadletter",
+    ]
+    assert names["memberships"] == "pc.memberships"
+    rows = specs.all_specs("pc.", 6)
+    assert [(n, s.cleanup_policy, c) for n, s, c in rows][:2] == [
+        ("pc.endpoints", "compact", 6),
+        ("pc.endpoints.history", "delete", 6),
+    ]
+    assert rows[-1][2] == 1  # deadletter: one partition
+    assert specs.spec_for("pc.policies.history") is specs.POLICIES_HISTORY
+    assert specs.ENDPOINTS.topic_configs() == {"cleanup.policy": "compact"}
