@@ -1,0 +1,419 @@
+"""The node enforcer: follow the topics, keep desired state, program the dataplane.
+
+Two layers:
+
+* ``Programmer`` applies ``state.Plan``s to an ipset backend and iptables, in
+  the safe order (sets exist before rules use them and go only after no rule
+  does), does the start-up sync (temporary sets swapped in, so enforcement
+  never drops) and the periodic resync that repairs what changed behind our
+  back.
+* ``Enforcer`` reads the policies, memberships and endpoints topics (all
+  partitions, no consumer group: every node needs everything), reads them to
+  the end before touching the dataplane, then follows them, coalescing records
+  that arrive together into one transaction. If the brokers go away it keeps
+  what is programmed (fail static) and aiokafka reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from enforcers import state as state_mod
+from enforcers.ipsets import IpsetBackend, replace_contents
+from enforcers.iptables import Actual, ApplyResult, Iptables
+from enforcers.metrics import EnforcerMetrics
+from enforcers.render import Chain, restore_text
+from topics import codec
+from topics.records import (
+    EndpointRecord,
+    MembershipRecord,
+    PolicyRecord,
+    RecordError,
+    split_membership_key,
+)
+from topics.specs import ENDPOINTS, MEMBERSHIPS, POLICIES
+
+log = logging.getLogger(__name__)
+
+SET_PREFIX = "pc-"
+TEMP_PREFIX = "pt-"
+WORKLOAD_KINDS = frozenset({"pod", "vm"})
+
+
+class ChainBackend(Protocol):
+    def save(self) -> Actual: ...
+
+    def apply(self, desired: Mapping[str, Chain], actual: Actual | None = None) -> ApplyResult: ...
+
+
+class DryRunIptables:
+    """Records the restores it would run (for benchmarks with many simulated nodes)."""
+
+    def __init__(self) -> None:
+        self.actual = Actual()
+        self.restores: list[str] = []
+
+    def save(self) -> Actual:
+        return Actual({k: list(v) for k, v in self.actual.chains.items()}, set(self.actual.hooks))
+
+    def apply(self, desired: Mapping[str, Chain], actual: Actual | None = None) -> ApplyResult:
+        actual = actual or self.actual
+        write = [c for n, c in sorted(desired.items()) if actual.chains.get(n) != list(c.hashes)]
+        delete = tuple(sorted(set(actual.chains) - set(desired)))
+        if write or delete:
+            self.restores.append(restore_text(write, delete))
+        self.actual.chains = {n: list(c.hashes) for n, c in desired.items()}
+        return ApplyResult(tuple(c.name for c in write), delete, ())
+
+
+@dataclass
+class ProgramResult:
+    member_ops: int = 0
+    chains_written: int = 0
+    repairs: int = 0
+
+
+class Programmer:
+    """Applies plans to the kernel (or a dry run) and keeps what it believes is programmed."""
+
+    def __init__(self, ipsets: IpsetBackend, iptables: ChainBackend | Iptables) -> None:
+        self.ipsets = ipsets
+        self.iptables = iptables
+        self.actual: Actual | None = None
+        self.chains: dict[str, Chain] = {}
+
+    def _apply_chains(self, chains: Mapping[str, Chain]) -> int:
+        if self.actual is None:
+            self.actual = self.iptables.save()
+        result = self.iptables.apply(chains, self.actual)
+        self.actual.chains = {name: list(c.hashes) for name, c in chains.items()}
+        self.actual.hooks |= set(result.hooks_added)
+        self.chains = dict(chains)
+        return len(result.written) + len(result.deleted)
+
+    def apply(self, plan: state_mod.Plan) -> ProgramResult:
+        """One dataplane transaction, in the order that never lets a rule see a missing set."""
+        for name, members in plan.create_sets.items():
+            self.ipsets.create(name, "inet", "hash:net")
+            if members:
+                self.ipsets.add(name, members)
+        for name, members in plan.add.items():
+            self.ipsets.add(name, members)
+        written = self._apply_chains(plan.chains)
+        for name, members in plan.remove.items():
+            self.ipsets.delete(name, members)
+        for name in plan.destroy_sets:
+            self.ipsets.destroy(name)
+        return ProgramResult(plan.member_ops, written)
+
+    def start(self, state: state_mod.EnforcerState) -> ProgramResult:
+        """Program everything after a (re)start without dropping what is enforced now.
+
+        Existing sets are refilled through a temporary twin and swapped in; chains are
+        rewritten only where their hashes differ; our sets nothing refers to any more are
+        destroyed last.
+        """
+        state.forget_programmed()
+        plan = state.plan()
+        existing = self.ipsets.list_sets()
+        ops = 0
+        for name, members in plan.create_sets.items():
+            if name in existing:
+                if existing[name] != members:
+                    replace_contents(self.ipsets, name, members)
+                    ops += len(members)
+            else:
+                self.ipsets.create(name, "inet", "hash:net")
+                if members:
+                    self.ipsets.add(name, members)
+                ops += len(members)
+        self.actual = self.iptables.save()
+        written = self._apply_chains(plan.chains)
+        for name in existing:
+            if (name.startswith((SET_PREFIX, TEMP_PREFIX))) and name not in plan.create_sets:
+                self.ipsets.destroy(name)
+        return ProgramResult(ops, written)
+
+    def resync(self, state: state_mod.EnforcerState) -> ProgramResult:
+        """Compare the kernel with what we programmed; repair and count the differences."""
+        repairs = 0
+        programmed = state.programmed_sets()
+        existing = self.ipsets.list_sets()
+        for name, members in programmed.items():
+            have = existing.get(name)
+            if have is None:
+                self.ipsets.create(name, "inet", "hash:net")
+                have = set()
+            missing, extra = members - have, have - members
+            if missing:
+                self.ipsets.add(name, missing)
+            if extra:
+                self.ipsets.delete(name, extra)
+            repairs += len(missing) + len(extra) + (name not in existing)
+        self.actual = self.iptables.save()
+        before = self.actual
+        result = self.iptables.apply(self.chains, before)
+        repairs += len(result.written) + len(result.deleted) + len(result.hooks_added)
+        self.actual = Actual(
+            {name: list(c.hashes) for name, c in self.chains.items()},
+            before.hooks | set(result.hooks_added),
+        )
+        for name in existing:
+            if name.startswith((SET_PREFIX, TEMP_PREFIX)) and name not in programmed:
+                self.ipsets.destroy(name)
+                repairs += 1
+        return ProgramResult(0, len(result.written), repairs)
+
+
+# --------------------------------------------------------------------------- records
+
+
+class RecordSink:
+    """Turns topic records into state updates; bad records are counted and skipped."""
+
+    def __init__(self, state: state_mod.EnforcerState, metrics: EnforcerMetrics) -> None:
+        self.state = state
+        self.metrics = metrics
+        self.policy_kinds: dict[str, tuple[str, str]] = {}  # kafka key -> (what, state key)
+
+    def endpoint(self, key: str, rec: EndpointRecord | None) -> None:
+        st = self.state
+        if rec is None or rec.node != st.node or not rec.interface or not (
+            rec.kind in WORKLOAD_KINDS or rec.kind == "hostendpoint"
+        ):
+            if key in st.endpoints:
+                st.delete_endpoint(key, rec.observed_at if rec else None)
+            return
+        ep = state_mod.LocalEndpoint(
+            key, "host" if rec.kind == "hostendpoint" else "workload", rec.interface, rec.ips
+        )
+        st.upsert_endpoint(ep, rec.observed_at)
+
+    def membership(self, key: str, rec: MembershipRecord | None) -> None:
+        if rec is None:
+            uid, endpoint = split_membership_key(key)
+            self.state.delete_membership(uid, endpoint)
+        else:
+            self.state.upsert_membership(
+                rec.selector_uid, rec.endpoint_key, rec.ips, rec.observed_at
+            )
+
+    def policy(self, key: str, rec: PolicyRecord | None) -> None:
+        from policy.load import load_document
+
+        old = self.policy_kinds.pop(key, None)
+        observed = rec.observed_at if rec else None
+        if old is not None:
+            what, skey = old
+            if what == "tier":
+                self.state.delete_tier(skey, observed)
+            else:
+                self.state.delete_policy(skey, observed)
+        if rec is None:
+            return
+        obj = load_document(rec.document, f"policies topic, key {key}")
+        compiled = state_mod.compile_object(obj)
+        if isinstance(compiled, state_mod.CompiledTier):
+            self.state.upsert_tier(compiled, observed)
+            self.policy_kinds[key] = ("tier", compiled.name)
+        elif isinstance(compiled, state_mod.CompiledPolicy):
+            self.state.upsert_policy(compiled, observed)
+            self.policy_kinds[key] = ("policy", compiled.key)
+
+    def message(self, suffix: str, key_raw: bytes | None, value: bytes | None) -> None:
+        try:
+            key = codec.decode_key(key_raw)
+            if suffix == MEMBERSHIPS.suffix:
+                self.membership(key, codec.decode_as(MembershipRecord, value))
+            elif suffix == ENDPOINTS.suffix:
+                self.endpoint(key, codec.decode_as(EndpointRecord, value))
+            elif suffix == POLICIES.suffix:
+                self.policy(key, codec.decode_as(PolicyRecord, value))
+        except (RecordError, ValueError) as exc:
+            self.metrics.rejected.inc()
+            log.warning("skipping a record on %s: %s", suffix, exc)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Enforcer:
+    """Follows the topics and keeps this node's dataplane equal to policy."""
+
+    def __init__(
+        self,
+        state: state_mod.EnforcerState,
+        programmer: Programmer,
+        kafka_kwargs: Mapping[str, Any],
+        topic_prefix: str,
+        metrics: EnforcerMetrics | None = None,
+        batch_window: float = 0.003,
+        resync_interval: float = 30.0,
+    ) -> None:
+        self.state = state
+        self.programmer = programmer
+        self.kafka_kwargs = dict(kafka_kwargs)
+        self.prefix = topic_prefix
+        self.metrics = metrics or EnforcerMetrics()
+        self.sink = RecordSink(state, self.metrics)
+        self.batch_window = batch_window
+        self.resync_interval = resync_interval
+        self.synced = asyncio.Event()
+        self._need_restart = False
+        self.topics = {s.name(topic_prefix): s.suffix for s in (POLICIES, MEMBERSHIPS, ENDPOINTS)}
+
+    async def _consumer(self) -> Any:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        backoff = 0.2
+        while True:
+            consumer = AIOKafkaConsumer(
+                **self.kafka_kwargs, group_id=None, enable_auto_commit=False,
+                auto_offset_reset="earliest", max_poll_records=10_000,
+                fetch_max_wait_ms=50,
+            )
+            try:
+                await consumer.start()
+                known = await consumer.topics()
+                missing = sorted(set(self.topics) - known)
+                if missing:
+                    raise RuntimeError(
+                        f"topics {', '.join(missing)} do not exist; run `portcullis topics create`"
+                    )
+                parts = [
+                    TopicPartition(t, p)
+                    for t in self.topics
+                    for p in sorted(consumer.partitions_for_topic(t) or ())
+                ]
+                consumer.assign(parts)
+                await consumer.seek_to_beginning(*parts)
+                self.metrics.connected.set(1)
+                return consumer
+            except Exception as exc:
+                self.metrics.connected.set(0)
+                await consumer.stop()
+                log.warning("brokers not usable yet (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _take(self, batch: Mapping[Any, Iterable[Any]]) -> int:
+        n = 0
+        for tp, messages in batch.items():
+            suffix = self.topics[tp.topic]
+            for msg in messages:
+                self.sink.message(suffix, msg.key, msg.value)
+                n += 1
+        return n
+
+    async def _read_to_end(self, consumer: Any) -> int:
+        parts = list(consumer.assignment())
+        end = await consumer.end_offsets(parts)
+        n = 0
+        while True:
+            pending = [tp for tp in parts if await consumer.position(tp) < end[tp]]
+            if not pending:
+                return n
+            batch = await consumer.getmany(*pending, timeout_ms=200)
+            n += self._take(batch)
+
+    def _program(self, initial: bool = False) -> None:
+        started = time.monotonic()
+        try:
+            if initial:
+                result = self.programmer.start(self.state)
+                observed = self.state._observed
+                self.state._observed = []
+            else:
+                plan = self.state.plan()
+                observed = plan.observed_at
+                if not plan.member_ops and plan.chains == self.programmer.chains and not (
+                    plan.destroy_sets
+                ):
+                    self._observe(observed)
+                    return
+                result = self.programmer.apply(plan)
+        except Exception:
+            self.metrics.errors.inc()
+            log.exception("dataplane transaction failed; the next resync will retry")
+            self.state.forget_programmed()
+            self._need_restart = True
+            return
+        self.metrics.batches.inc()
+        self.metrics.member_ops.inc(result.member_ops)
+        self.metrics.chains_written.inc(result.chains_written)
+        self._observe(observed, initial)
+        log.debug(
+            "programmed %d member ops, %d chains in %.1f ms",
+            result.member_ops, result.chains_written, (time.monotonic() - started) * 1000,
+        )
+
+    def _observe(self, observed: list[float], initial: bool = False) -> None:
+        if initial:
+            return  # history, not latency
+        now = time.time()
+        for at in observed:
+            self.metrics.latency.observe(max(0.0, now - at))
+        if observed and log.isEnabledFor(logging.DEBUG):
+            log.debug("latency observed_at -> programmed: max %.1f ms over %d changes",
+                      (now - min(observed)) * 1000, len(observed))
+
+    def resync(self) -> int:
+        result = self.programmer.resync(self.state)
+        self.metrics.resyncs.inc()
+        self.metrics.repairs.inc(result.repairs)
+        if result.repairs:
+            log.warning("resync repaired %d differences", result.repairs)
+        return result.repairs
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        self._need_restart = False
+        consumer = await self._consumer()
+        try:
+            n = await self._read_to_end(consumer)
+            log.info("read %d records to the end of the topics; programming", n)
+            self._program(initial=True)
+            self.metrics.in_sync.set(1)
+            self.synced.set()
+            next_resync = time.monotonic() + self.resync_interval
+            while not stop.is_set():
+                timeout = max(0.0, min(0.5, next_resync - time.monotonic()))
+                batch = await consumer.getmany(timeout_ms=int(timeout * 1000))
+                got = self._take(batch)
+                if got:
+                    deadline = time.monotonic() + self.batch_window
+                    while (left := deadline - time.monotonic()) > 0:
+                        more = await consumer.getmany(timeout_ms=int(left * 1000))
+                        if not more:
+                            break
+                        self._take(more)
+                    self._program(initial=self._need_restart)
+                    self._need_restart = False
+                if time.monotonic() >= next_resync:
+                    next_resync = time.monotonic() + self.resync_interval
+                    await self._check_brokers(consumer)
+                    try:
+                        if self._need_restart:
+                            self._program(initial=True)
+                            self._need_restart = False
+                        else:
+                            self.resync()
+                    except Exception:
+                        self.metrics.errors.inc()
+                        log.exception("resync failed; will retry")
+        finally:
+            await consumer.stop()
+
+    async def _check_brokers(self, consumer: Any) -> None:
+        try:
+            await asyncio.wait_for(consumer.topics(), 2.0)
+            self.metrics.connected.set(1)
+        except Exception:
+            if self.metrics.connected.value:
+                log.warning("brokers unreachable; keeping the programmed dataplane (fail static)")
+            self.metrics.connected.set(0)

@@ -1,0 +1,443 @@
+"""Desired dataplane state of one node, from topic records. Pure.
+
+Holds what the enforcer knows (policies, tiers, memberships, this node's
+endpoints) and answers two questions:
+
+* ``desired()``: the complete dataplane (ipset contents by name, chains by
+  name) computed from scratch, the oracle.
+* ``plan()``: what changed since the previous ``plan()``, as a ``Plan`` the
+  engine applies in a safe order: create and fill new sets, add members,
+  write chains, remove members, and destroy sets only after no chain refers to
+  them any more.
+
+Set contents are refcounted: an IP (or a network set's CIDR) stays in a set
+while any member endpoint contributes it, so shared and reused IPs never drop
+early. Only sets that a rule of a policy applying to a local endpoint refers
+to are programmed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from enforcers import render
+from enforcers.render import Chain, EndpointSpec, PolicySpec, RuleSpec, TierSpec
+from policy import compile as pcompile
+from policy import model
+
+SetNamer = Callable[[str], str]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """An egress rule with its peer selectors resolved to selector uids."""
+
+    spec: RuleSpec  # set names still empty: filled per naming function
+    dst_uid: str | None = None
+    dst_not_uid: str | None = None
+    src_uid: str | None = None
+    src_not_uid: str | None = None
+
+    def uids(self) -> set[str]:
+        return {
+            u for u in (self.dst_uid, self.dst_not_uid, self.src_uid, self.src_not_uid)
+            if u is not None
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    """What the enforcer needs of a policy: how it sorts, what it applies to, its rules."""
+
+    key: str
+    tier: str
+    sort_key: tuple[object, ...]
+    applies_uid: str
+    egress: bool
+    rules: tuple[CompiledRule, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledTier:
+    name: str
+    sort_key: tuple[object, ...]
+    default_action: Literal["Deny", "Pass"]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalEndpoint:
+    key: str
+    kind: Literal["workload", "host"]
+    interface: str
+    ips: tuple[str, ...]
+
+
+@dataclass
+class Dataplane:
+    """A complete dataplane: ipset name -> members, chain name -> chain."""
+
+    sets: dict[str, set[str]] = field(default_factory=dict)
+    chains: dict[str, Chain] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """The changes from one dataplane to the next, in the order they must be applied."""
+
+    create_sets: dict[str, set[str]] = field(default_factory=dict)  # new set -> full contents
+    add: dict[str, set[str]] = field(default_factory=dict)
+    chains: dict[str, Chain] = field(default_factory=dict)  # the full desired ruleset
+    remove: dict[str, set[str]] = field(default_factory=dict)
+    destroy_sets: set[str] = field(default_factory=set)
+    observed_at: list[float] = field(default_factory=list)
+
+    @property
+    def member_ops(self) -> int:
+        return (
+            sum(len(m) for m in self.create_sets.values())
+            + sum(len(m) for m in self.add.values())
+            + sum(len(m) for m in self.remove.values())
+        )
+
+    def apply_to(self, dp: Dataplane) -> None:
+        """Apply to an in-memory dataplane (what the kernel would end up with)."""
+        for name, members in self.create_sets.items():
+            dp.sets[name] = set(members)
+        for name, members in self.add.items():
+            dp.sets[name] |= members
+        dp.chains = dict(self.chains)
+        for name, members in self.remove.items():
+            dp.sets[name] -= members
+        for name in self.destroy_sets:
+            dp.sets.pop(name, None)
+
+
+def set_members(ips: Iterable[str], family: int = 4) -> set[str]:
+    """Canonical ``hash:net`` members of one family: hosts bare, ``/0`` as two ``/1``."""
+    out: set[str] = set()
+    for text in ips:
+        net = ipaddress.ip_network(text, strict=False)
+        if net.version != family:
+            continue
+        if net.prefixlen == 0:
+            out.update(str(n) for n in net.subnets(prefixlen_diff=1))
+        elif net.prefixlen == net.max_prefixlen:
+            out.add(str(net.network_address))
+        else:
+            out.add(str(net))
+    return out
+
+
+DEFAULT_TIER = CompiledTier(
+    model.DEFAULT_TIER.name,
+    (False, False, model.DEFAULT_TIER.order or 0.0, model.DEFAULT_TIER.name),
+    model.DEFAULT_TIER.default_action,
+)
+
+
+class EnforcerState:
+    """Everything one node's enforcer knows, indexed for incremental planning."""
+
+    def __init__(self, node: str, set_name: SetNamer, family: int = 4) -> None:
+        self.node = node
+        self.set_name = set_name
+        self.family = family
+        self.policies: dict[str, CompiledPolicy] = {}
+        self.tiers: dict[str, CompiledTier] = {}
+        self.endpoints: dict[str, LocalEndpoint] = {}
+        # memberships: (uid, endpoint key) -> ips; and indexes over them
+        self.memberships: dict[tuple[str, str], tuple[str, ...]] = {}
+        self.uids_of_endpoint: dict[str, set[str]] = defaultdict(set)
+        self.policies_by_uid: dict[str, set[str]] = defaultdict(set)
+        self.contents: dict[str, Counter[str]] = defaultdict(Counter)
+        # what the last plan() left programmed
+        self._programmed_sets: dict[str, set[str]] = {}
+        self._uid_of_set: dict[str, str] = {}
+        self._dirty_members: dict[str, set[str]] = defaultdict(set)
+        self._observed: list[float] = []
+
+    # ------------------------------------------------------------------ updates
+
+    def _note(self, observed_at: float | None) -> None:
+        if observed_at is not None:
+            self._observed.append(observed_at)
+
+    def upsert_policy(self, policy: CompiledPolicy, observed_at: float | None = None) -> None:
+        self.delete_policy(policy.key)
+        self.policies[policy.key] = policy
+        self.policies_by_uid[policy.applies_uid].add(policy.key)
+        self._note(observed_at)
+
+    def delete_policy(self, key: str, observed_at: float | None = None) -> None:
+        old = self.policies.pop(key, None)
+        if old is not None:
+            keys = self.policies_by_uid[old.applies_uid]
+            keys.discard(key)
+            if not keys:
+                del self.policies_by_uid[old.applies_uid]
+        self._note(observed_at)
+
+    def upsert_tier(self, tier: CompiledTier, observed_at: float | None = None) -> None:
+        self.tiers[tier.name] = tier
+        self._note(observed_at)
+
+    def delete_tier(self, name: str, observed_at: float | None = None) -> None:
+        self.tiers.pop(name, None)
+        self._note(observed_at)
+
+    def upsert_endpoint(self, ep: LocalEndpoint, observed_at: float | None = None) -> None:
+        self.endpoints[ep.key] = ep
+        self._note(observed_at)
+
+    def delete_endpoint(self, key: str, observed_at: float | None = None) -> None:
+        self.endpoints.pop(key, None)
+        self._note(observed_at)
+
+    def upsert_membership(
+        self, uid: str, endpoint_key: str, ips: Iterable[str], observed_at: float | None = None
+    ) -> None:
+        new = tuple(sorted(set_members(ips, self.family)))
+        old = self.memberships.get((uid, endpoint_key))
+        if old == new:
+            return
+        self.memberships[(uid, endpoint_key)] = new
+        self.uids_of_endpoint[endpoint_key].add(uid)
+        self._recount(uid, old or (), new)
+        self._note(observed_at)
+
+    def delete_membership(
+        self, uid: str, endpoint_key: str, observed_at: float | None = None
+    ) -> None:
+        old = self.memberships.pop((uid, endpoint_key), None)
+        if old is None:
+            return
+        uids = self.uids_of_endpoint[endpoint_key]
+        uids.discard(uid)
+        if not uids:
+            del self.uids_of_endpoint[endpoint_key]
+        self._recount(uid, old, ())
+        self._note(observed_at)
+
+    def _recount(self, uid: str, old: Iterable[str], new: Iterable[str]) -> None:
+        counter = self.contents[uid]
+        dirty = self._dirty_members[uid]
+        for ip in old:
+            counter[ip] -= 1
+            if counter[ip] <= 0:
+                del counter[ip]
+                dirty.add(ip)
+        for ip in new:
+            counter[ip] += 1
+            if counter[ip] == 1:
+                dirty.add(ip)
+        if not counter:
+            del self.contents[uid]
+
+    # ------------------------------------------------------------------ derivation
+
+    def _tier(self, name: str) -> CompiledTier:
+        if name in self.tiers:
+            return self.tiers[name]
+        if name == DEFAULT_TIER.name:
+            return DEFAULT_TIER
+        # a tier policies name but no Tier object defines: after every defined tier, Deny
+        return CompiledTier(name, (True, False, 0.0, name), "Deny")
+
+    def applying(self, endpoint_key: str) -> list[CompiledPolicy]:
+        """Egress policies applying to an endpoint, in evaluation order."""
+        found: list[CompiledPolicy] = []
+        for uid in self.uids_of_endpoint.get(endpoint_key, ()):
+            for pkey in self.policies_by_uid.get(uid, ()):
+                pol = self.policies[pkey]
+                if pol.egress:
+                    found.append(pol)
+        found.sort(key=lambda p: (self._tier(p.tier).sort_key, p.sort_key))
+        return found
+
+    def _policy_spec(self, pol: CompiledPolicy) -> PolicySpec:
+        rules = []
+        for rule in pol.rules:
+            spec = rule.spec
+            dst = spec.destination
+            src = spec.source
+            if rule.dst_uid or rule.dst_not_uid:
+                dst = _with_sets(dst, rule.dst_uid, rule.dst_not_uid, self.set_name)
+            if rule.src_uid or rule.src_not_uid:
+                src = _with_sets(src, rule.src_uid, rule.src_not_uid, self.set_name)
+            rules.append(
+                RuleSpec(
+                    spec.action, spec.protocol, spec.not_protocol, src, dst,
+                    spec.icmp_type, spec.icmp_code, spec.never,
+                )
+            )
+        return PolicySpec(pol.key, tuple(rules))
+
+    def endpoint_specs(self) -> list[EndpointSpec]:
+        specs = []
+        for ep in self.endpoints.values():
+            tiers: list[TierSpec] = []
+            for pol in self.applying(ep.key):
+                tier = self._tier(pol.tier)
+                if not tiers or tiers[-1].name != tier.name:
+                    tiers.append(TierSpec(tier.name, tier.default_action, ()))
+                last = tiers[-1]
+                tiers[-1] = TierSpec(
+                    last.name, last.default_action, (*last.policies, self._policy_spec(pol))
+                )
+            specs.append(EndpointSpec(ep.key, ep.kind, ep.interface, tuple(tiers)))
+        return specs
+
+    def uids_in_use(self) -> set[str]:
+        """Selector uids some rule of a policy applying to a local endpoint refers to."""
+        used: set[str] = set()
+        seen: set[str] = set()
+        for ep in self.endpoints.values():
+            for pol in self.applying(ep.key):
+                if pol.key in seen:
+                    continue
+                seen.add(pol.key)
+                for rule in pol.rules:
+                    if rule.spec.never is None:
+                        used |= rule.uids()
+        return used
+
+    def desired(self) -> Dataplane:
+        """The whole dataplane from scratch (the oracle ``plan()`` must agree with)."""
+        chains = render.render(self.endpoint_specs(), self.family)
+        sets = {self.set_name(uid): set(self.contents.get(uid, ())) for uid in self.uids_in_use()}
+        return Dataplane(sets, chains)
+
+    def plan(self) -> Plan:
+        """The changes since the previous plan (the first plan programs everything)."""
+        chains = render.render(self.endpoint_specs(), self.family)
+        in_use = {self.set_name(uid): uid for uid in self.uids_in_use()}
+        plan = Plan(chains=chains, observed_at=self._observed)
+        self._observed = []
+        for name, uid in in_use.items():
+            if name not in self._programmed_sets:
+                members = set(self.contents.get(uid, ()))
+                plan.create_sets[name] = members
+                self._programmed_sets[name] = set(members)
+                self._uid_of_set[name] = uid
+        for name in list(self._programmed_sets):
+            if name not in in_use:
+                plan.destroy_sets.add(name)
+                del self._programmed_sets[name]
+                del self._uid_of_set[name]
+        for uid, ips in self._dirty_members.items():
+            name = self.set_name(uid)
+            if name not in in_use or name in plan.create_sets:
+                continue
+            programmed = self._programmed_sets[name]
+            counter = self.contents.get(uid, Counter())
+            for ip in ips:
+                want = counter.get(ip, 0) > 0
+                if want and ip not in programmed:
+                    plan.add.setdefault(name, set()).add(ip)
+                    programmed.add(ip)
+                elif not want and ip in programmed:
+                    plan.remove.setdefault(name, set()).add(ip)
+                    programmed.discard(ip)
+        self._dirty_members = defaultdict(set)
+        return plan
+
+    def forget_programmed(self) -> None:
+        """Make the next plan program every set from scratch (after a restart or a loss)."""
+        self._programmed_sets.clear()
+        self._uid_of_set.clear()
+        self._dirty_members = defaultdict(set)
+
+    def programmed_sets(self) -> Mapping[str, set[str]]:
+        return self._programmed_sets
+
+
+def _with_sets(
+    peer: render.PeerSpec, uid: str | None, not_uid: str | None, namer: SetNamer
+) -> render.PeerSpec:
+    return render.PeerSpec(
+        peer.nets, peer.not_nets,
+        namer(uid) if uid else None,
+        namer(not_uid) if not_uid else None,
+        peer.ports, peer.not_ports,
+    )
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+def _ports(ports: Iterable[model.Port]) -> tuple[render.PortRange, ...]:
+    return tuple(render.PortRange(p.first, p.last) for p in ports if p.name is None)
+
+
+def _peer(entity: model.EntityRule) -> tuple[render.PeerSpec, str | None]:
+    """The selector-free part of a rule side, and why it can never match (if so)."""
+    never = None
+    if entity.domains:
+        never = "domain rules are not enforced by ipsets yet"
+    elif entity.services is not None:
+        never = "service rules are not enforced yet"
+    elif entity.ports and all(p.name is not None for p in entity.ports):
+        never = "named ports are not enforced yet"
+    peer = render.PeerSpec(
+        nets=entity.nets, not_nets=entity.not_nets,
+        ports=_ports(entity.ports), not_ports=_ports(entity.not_ports),
+    )
+    return peer, never
+
+
+def compile_rule(rule: pcompile.CompiledRule, family: int = 4) -> CompiledRule:
+    """A compiled egress rule as the renderer needs it (selectors as uids)."""
+    r = rule.rule
+    src, never_src = _peer(r.source)
+    dst, never_dst = _peer(r.destination)
+    never = never_src or never_dst
+    if r.ip_version is not None and r.ip_version != family:
+        never = f"an IPv{r.ip_version} rule"
+    if r.not_icmp is not None:
+        never = never or "notICMP is not enforced yet"
+    protocol = render.protocol_name(r.protocol) if r.protocol is not None else None
+    not_protocol = render.protocol_name(r.not_protocol) if r.not_protocol is not None else None
+    icmp_type = r.icmp.type if r.icmp is not None else None
+    icmp_code = r.icmp.code if r.icmp is not None else None
+    spec = RuleSpec(r.action, protocol, not_protocol, src, dst, icmp_type, icmp_code, never)
+    return CompiledRule(
+        spec,
+        dst_uid=rule.destination.selector.uid if rule.destination.selector else None,
+        dst_not_uid=rule.destination.not_selector.uid if rule.destination.not_selector else None,
+        src_uid=rule.source.selector.uid if rule.source.selector else None,
+        src_not_uid=rule.source.not_selector.uid if rule.source.not_selector else None,
+    )
+
+
+def compile_policy(policy: model.Policy, family: int = 4) -> CompiledPolicy:
+    compiled = pcompile.policy_selectors(policy)
+    order = float("inf") if policy.order is None else policy.order
+    return CompiledPolicy(
+        key=policy.key,
+        tier=policy.tier,
+        sort_key=(order, pcompile.policy_sort_name(policy)),
+        applies_uid=compiled.applies_to.uid,
+        egress=compiled.applies_in("Egress"),
+        rules=tuple(compile_rule(r, family) for r in compiled.rules("Egress")),
+    )
+
+
+def compile_tier(tier: model.Tier) -> CompiledTier:
+    return CompiledTier(
+        tier.name, (False, tier.order is None, tier.order or 0.0, tier.name), tier.default_action
+    )
+
+
+def compile_object(
+    obj: model.PolicyObject, family: int = 4
+) -> CompiledPolicy | CompiledTier | None:
+    """What the enforcer keeps of a policy-topic object (None: nothing, e.g. a network set)."""
+    if isinstance(obj, model.Policy):
+        return compile_policy(obj, family)
+    if isinstance(obj, model.Tier):
+        return compile_tier(obj)
+    return None
