@@ -1,0 +1,130 @@
+"""The selector index must answer exactly what brute-force evaluation answers, while filing
+selectors so that lookups evaluate only a few candidates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_selector_properties import label_sets, rendered, trees  # shared strategies
+
+from policy.labelindex import SelectorIndex
+from policy.selectors import Selector, parse
+
+NS = "projectcalico.org/namespace"
+
+
+def brute_force(registered: dict[str, Selector], labels: dict[str, str]) -> set[str]:
+    return {key for key, selector in registered.items() if selector.matches(labels)}
+
+
+def test_lookup_by_value_presence_and_unindexed() -> None:
+    index: SelectorIndex[str] = SelectorIndex()
+    index.add("web", parse("app == 'web'"))
+    index.add("web-or-api", parse("app in {'web', 'api'} && tier != 'db'"))
+    index.add("has-team", parse("has(team)"))
+    index.add("not-dev", parse("env != 'dev'"))
+    index.add("everything", parse("all()"))
+    index.add("never", parse("app == 'a' && app == 'b'"))
+    index.add("ns1", parse(f"{NS} == 'ns1' && team starts with 'pay'"))
+
+    assert index.matching({"app": "web"}) == {"web", "web-or-api", "not-dev", "everything"}
+    assert index.matching({"app": "api", "tier": "db", "env": "dev"}) == {"everything"}
+    assert index.matching({"team": "payments", NS: "ns1", "env": "dev"}) == {
+        "has-team", "ns1", "everything",
+    }
+    assert index.matching({"team": "payments", NS: "ns2"}) == {"has-team", "not-dev", "everything"}
+    stats = index.stats()
+    assert (stats.by_value, stats.by_key, stats.unindexed, stats.never) == (3, 1, 2, 1)
+    assert len(index) == 7
+    assert "never" in index
+    assert index.get("web") == parse("app == 'web'")
+
+
+def test_add_replaces_and_remove_forgets() -> None:
+    index: SelectorIndex[int] = SelectorIndex()
+    index.add(1, parse("app == 'web'"))
+    index.add(1, parse("app == 'api'"))
+    assert index.matching({"app": "web"}) == set()
+    assert index.matching({"app": "api"}) == {1}
+    assert len(index) == 1
+    index.remove(1)
+    index.remove(1)  # no-op
+    index.remove(99)  # no-op
+    assert index.matching({"app": "api"}) == set()
+    assert len(index) == 0
+    assert 1 not in index
+    # Internal buckets are cleaned up, so an index that had everything removed is empty.
+    assert index.stats() == SelectorIndex[int]().stats()
+    assert not index._by_value and not index._by_key and not index._unindexed
+
+
+def test_selectors_are_filed_under_the_rarest_value_not_presence() -> None:
+    index: SelectorIndex[str] = SelectorIndex()
+    for i in range(20):
+        index.add(f"prod{i}", parse(f"env == 'prod' && app == 'app{i}'"))
+    # Everyone names env == prod, so each is filed under its own app value.
+    assert max(len(bucket) for bucket in index._by_value["app"].values()) == 1
+    assert "env" not in index._by_value
+    index.add("team", parse("has(team) && tier in {'a', 'b'}"))
+    assert "team" not in index._by_key
+    assert set(index._by_value["tier"]) == {"a", "b"}
+
+
+def test_or_of_pinned_values_is_indexed() -> None:
+    index: SelectorIndex[str] = SelectorIndex()
+    index.add("s", parse(f"({NS} == 'a' && app == 'x') || {NS} == 'b'"))
+    assert index.stats().unindexed == 0
+    assert index.matching({NS: "a", "app": "x"}) == {"s"}
+    assert index.matching({NS: "b"}) == {"s"}
+    assert index.matching({NS: "a"}) == set()
+
+
+def test_lookup_evaluates_only_candidates() -> None:
+    calls: list[str] = []
+
+    class Counting(dict[str, str]):
+        def get(self, key: Any, default: Any = None) -> Any:
+            calls.append(key)
+            return super().get(key, default)
+
+    index: SelectorIndex[int] = SelectorIndex()
+    for i in range(500):
+        index.add(i, parse(f"app == 'app{i}' && tier == 't'"))
+    assert index.matching(Counting(app="app7", tier="t")) == {7}
+    assert len(calls) <= 4  # one candidate evaluated, not 500
+
+
+# ----------------------------------------------------------------------------- properties
+
+operations = st.lists(
+    st.tuples(st.sampled_from(["add", "add", "add", "remove"]), st.integers(0, 15), trees),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(operations, st.lists(label_sets, min_size=1, max_size=10), st.data())
+def test_index_equals_brute_force_under_add_and_remove(
+    ops: list[tuple[str, int, Any]], labelsets: list[dict[str, str]], data: st.DataObject
+) -> None:
+    index: SelectorIndex[str] = SelectorIndex()
+    registered: dict[str, Selector] = {}
+    for op, number, tree in ops:
+        key = f"k{number}"
+        if op == "add":
+            selector = parse(data.draw(rendered(tree)))
+            index.add(key, selector)
+            registered[key] = selector
+        else:
+            index.remove(key)
+            registered.pop(key, None)
+        assert len(index) == len(registered)
+    for labels in labelsets:
+        assert index.matching(labels) == brute_force(registered, labels)
+    for key in list(registered):
+        index.remove(key)
+    assert len(index) == 0
+    for labels in labelsets:
+        assert index.matching(labels) == set()
