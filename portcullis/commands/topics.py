@@ -40,19 +40,24 @@ class Command:
 
         if args.timeout <= 0:
             raise CommandError(f"--timeout must be positive, got {args.timeout:g}")
+        aiokafka_log = logging.getLogger("aiokafka")
+        level = aiokafka_log.level
         if settings.log_level != "DEBUG":
             # aiokafka logs each failed connection attempt; the one-line error below says it all.
-            logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-        report = run_async(
-            check_topics(
-                settings.kafka.aiokafka_kwargs(),
-                settings.topic_prefix,
-                settings.partitions,
-                settings.replication_factor,
-                create=args.action == "create",
-                timeout=args.timeout,
+            aiokafka_log.setLevel(logging.CRITICAL)
+        try:
+            report = run_async(
+                check_topics(
+                    settings.kafka.aiokafka_kwargs(),
+                    settings.topic_prefix,
+                    settings.partitions,
+                    settings.replication_factor,
+                    create=args.action == "create",
+                    timeout=args.timeout,
+                )
             )
-        )
+        finally:
+            aiokafka_log.setLevel(level)
         for line in report.lines():
             print(line, flush=True)
         failures = report.failures()
