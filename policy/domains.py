@@ -38,6 +38,9 @@ def validate(pattern: str) -> str:
     """The normalised pattern (lowercase, no trailing dot), or :class:`DomainError`."""
     if not isinstance(pattern, str):
         raise DomainError(f"a domain must be a string, not {type(pattern).__name__}")
+    if "://" in pattern:
+        raise DomainError(f"{pattern!r} looks like a URL; give the host name only (it contains "
+                          "':')")
     name = _normalise(pattern)
     if not name:
         raise DomainError(f"{pattern!r}: empty domain name")
@@ -58,9 +61,9 @@ def validate(pattern: str) -> str:
         if len(label) > _MAX_LABEL:
             raise DomainError(f"{pattern!r}: label {label!r} is longer than {_MAX_LABEL} "
                               "characters")
-        bad = sorted(set(label) - _LABEL_CHARS)
-        if bad:
-            raise DomainError(f"{pattern!r}: label {label!r} contains {bad[0]!r}; only letters, "
+        bad = next((c for c in label if c not in _LABEL_CHARS), None)
+        if bad is not None:
+            raise DomainError(f"{pattern!r}: label {label!r} contains {bad!r}; only letters, "
                               "digits, '-' and '_' are allowed")
         if label.startswith("-") or label.endswith("-"):
             raise DomainError(f"{pattern!r}: label {label!r} starts or ends with '-'")
