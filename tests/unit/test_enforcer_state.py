@@ -1,0 +1,227 @@
+"""Enforcer desired state: refcounted sets, applying policies, and incremental == from scratch."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from enforcers import render
+from enforcers.render import PeerSpec, PortRange, RuleSpec
+from enforcers.state import (
+    CompiledPolicy,
+    CompiledRule,
+    CompiledTier,
+    Dataplane,
+    EnforcerState,
+    LocalEndpoint,
+    compile_object,
+    set_members,
+)
+from policy import compile as pcompile
+from policy.load import load
+
+
+def namer(uid: str) -> str:
+    return "pc-" + uid.replace(":", "")[:20]
+
+
+APPLY = ["s:apply-web", "s:apply-all", "s:apply-db"]
+PEERS = ["s:peer-a", "s:peer-b", "s:peer-c"]
+
+
+def policy(key: str, applies: str, tier: str = "default", order: float = 10.0,
+           peers: tuple[str, ...] = (), not_peer: str | None = None,
+           action: str = "Allow") -> CompiledPolicy:
+    rules = [
+        CompiledRule(RuleSpec(action, "tcp", destination=PeerSpec(ports=(PortRange(80, 80),))),
+                     dst_uid=p)
+        for p in peers
+    ]
+    if not_peer:
+        rules.append(CompiledRule(RuleSpec("Deny"), dst_not_uid=not_peer))
+    return CompiledPolicy(key, tier, (order, key), applies, True, tuple(rules))
+
+
+POLICIES = [
+    policy("p1", APPLY[0], peers=(PEERS[0],)),
+    policy("p2", APPLY[1], order=5, peers=(PEERS[1], PEERS[0])),
+    policy("p3", APPLY[2], tier="sec", peers=(PEERS[2],), not_peer=PEERS[1], action="Pass"),
+    policy("p1", APPLY[1], order=1, peers=(PEERS[2],)),  # p1 changed
+]
+TIERS = [CompiledTier("sec", (False, False, 10.0, "sec"), "Deny"),
+         CompiledTier("sec", (False, False, 10.0, "sec"), "Pass")]
+ENDPOINTS = [
+    LocalEndpoint("pod/ns/a", "workload", "vetha", ("10.0.0.1",)),
+    LocalEndpoint("pod/ns/b", "workload", "vethb", ("10.0.0.2",)),
+    LocalEndpoint("hostendpoint//n1", "host", "eth0", ("192.168.1.1",)),
+    LocalEndpoint("pod/ns/a", "workload", "vethc", ("10.0.0.3",)),  # a moved interface
+]
+MEMBER_KEYS = ["pod/ns/a", "pod/ns/b", "hostendpoint//n1", "pod/other/x", "networkset/ns/s"]
+IPS = ["10.0.0.1", "10.0.0.2", "10.0.0.9", "10.9.0.0/16", "0.0.0.0/0", "fd00::1"]
+
+ops = st.one_of(
+    st.tuples(st.just("policy"), st.sampled_from(POLICIES)),
+    st.tuples(st.just("unpolicy"), st.sampled_from(["p1", "p2", "p3"])),
+    st.tuples(st.just("tier"), st.sampled_from(TIERS)),
+    st.tuples(st.just("untier"), st.just("sec")),
+    st.tuples(st.just("endpoint"), st.sampled_from(ENDPOINTS)),
+    st.tuples(st.just("unendpoint"), st.sampled_from(["pod/ns/a", "pod/ns/b"])),
+    st.tuples(st.just("member"), st.tuples(
+        st.sampled_from(APPLY + PEERS), st.sampled_from(MEMBER_KEYS),
+        st.lists(st.sampled_from(IPS), max_size=3))),
+    st.tuples(st.just("unmember"), st.tuples(
+        st.sampled_from(APPLY + PEERS), st.sampled_from(MEMBER_KEYS))),
+    st.tuples(st.just("plan"), st.none()),
+)
+
+
+def apply_op(state: EnforcerState, op: tuple[str, object]) -> None:
+    kind, arg = op
+    if kind == "policy":
+        state.upsert_policy(arg)  # type: ignore[arg-type]
+    elif kind == "unpolicy":
+        state.delete_policy(arg)  # type: ignore[arg-type]
+    elif kind == "tier":
+        state.upsert_tier(arg)  # type: ignore[arg-type]
+    elif kind == "untier":
+        state.delete_tier(arg)  # type: ignore[arg-type]
+    elif kind == "endpoint":
+        state.upsert_endpoint(arg)  # type: ignore[arg-type]
+    elif kind == "unendpoint":
+        state.delete_endpoint(arg)  # type: ignore[arg-type]
+    elif kind == "member":
+        uid, key, ips = arg  # type: ignore[misc]
+        state.upsert_membership(uid, key, ips)
+    elif kind == "unmember":
+        uid, key = arg  # type: ignore[misc]
+        state.delete_membership(uid, key)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ops, max_size=40))
+def test_incremental_plans_equal_recomputation_from_scratch(sequence: list) -> None:
+    state = EnforcerState("n1", namer)
+    dp = Dataplane()
+    for op in sequence:
+        apply_op(state, op)
+        if op[0] == "plan":
+            plan = state.plan()
+            # safe order: every set the new chains use exists once sets were created/added
+            after_create = set(dp.sets) | set(plan.create_sets)
+            assert render.sets_referenced(plan.chains.values()) <= after_create
+            assert not (plan.destroy_sets & render.sets_referenced(plan.chains.values()))
+            plan.apply_to(dp)
+    state.plan().apply_to(dp)
+    fresh = EnforcerState("n1", namer)
+    for op in sequence:
+        apply_op(fresh, op)
+    want = fresh.desired()
+    assert dp.sets == want.sets
+    assert dp.chains == want.chains
+    assert state.desired().sets == want.sets
+
+
+def test_an_ip_stays_while_any_member_contributes_it() -> None:
+    state = EnforcerState("n1", namer)
+    state.upsert_endpoint(ENDPOINTS[0])
+    state.upsert_policy(POLICIES[0])
+    state.upsert_membership(APPLY[0], "pod/ns/a", ["10.0.0.1"])
+    state.upsert_membership(PEERS[0], "pod/x/old", ["10.1.1.1"])
+    state.upsert_membership(PEERS[0], "pod/y/new", ["10.1.1.1"])  # IP reused
+    plan = state.plan()
+    name = namer(PEERS[0])
+    assert plan.create_sets == {name: {"10.1.1.1"}}
+    state.delete_membership(PEERS[0], "pod/x/old")
+    plan = state.plan()
+    assert not plan.remove and not plan.add
+    state.delete_membership(PEERS[0], "pod/y/new")
+    plan = state.plan()
+    assert plan.remove == {name: {"10.1.1.1"}}
+
+
+def test_set_is_destroyed_only_when_no_chain_refers_to_it() -> None:
+    state = EnforcerState("n1", namer)
+    state.upsert_endpoint(ENDPOINTS[0])
+    state.upsert_policy(POLICIES[0])
+    state.upsert_membership(APPLY[0], "pod/ns/a", ["10.0.0.1"])
+    first = state.plan()
+    name = namer(PEERS[0])
+    assert name in first.create_sets
+    assert name in render.sets_referenced(first.chains.values())
+    state.delete_policy("p1")
+    second = state.plan()
+    assert second.destroy_sets == {name}
+    assert name not in render.sets_referenced(second.chains.values())
+
+
+def test_sets_are_only_programmed_for_policies_applying_here() -> None:
+    state = EnforcerState("n1", namer)
+    state.upsert_policy(POLICIES[0])
+    state.upsert_membership(PEERS[0], "pod/x/y", ["10.1.1.1"])
+    state.upsert_membership(APPLY[0], "pod/elsewhere/z", ["10.2.2.2"])
+    assert state.plan().create_sets == {}
+
+
+def test_members_of_one_family_with_zero_prefix_split() -> None:
+    assert set_members(["0.0.0.0/0", "fd00::/8", "10.0.0.1/32", "10.1.2.3/16"]) == {
+        "0.0.0.0/1", "128.0.0.0/1", "10.0.0.1", "10.1.0.0/16"}
+    assert set_members(["fd00::1", "10.0.0.1"], family=6) == {"fd00::1"}
+
+
+POLICY_YAML = """
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: security}
+spec: {order: 100, defaultAction: Pass}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: security.guard}
+spec:
+  tier: security
+  order: 1
+  selector: all()
+  types: [Egress]
+  egress:
+  - action: Deny
+    protocol: TCP
+    destination: {nets: [10.99.0.0/16]}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  order: 10
+  selector: app == 'web'
+  types: [Egress]
+  egress:
+  - action: Allow
+    protocol: TCP
+    destination: {selector: role == 'api', ports: [443, "8000:8100"]}
+  - action: Allow
+    destination: {domains: [api.example.com]}
+"""
+
+
+def test_compiled_model_policies_order_across_tiers_and_use_compile_uids() -> None:
+    objects = load(POLICY_YAML)
+    compiled = [compile_object(o) for o in objects]
+    tier, guard, web = compiled
+    assert isinstance(tier, CompiledTier) and tier.default_action == "Pass"
+    assert isinstance(web, CompiledPolicy) and isinstance(guard, CompiledPolicy)
+    expected = pcompile.policy_selectors(objects[2])
+    assert web.applies_uid == expected.applies_to.uid
+    assert web.rules[0].dst_uid == expected.egress[0].destination.selector.uid  # type: ignore[union-attr]
+    assert web.rules[0].spec.destination.ports == (PortRange(443, 443), PortRange(8000, 8100))
+    assert web.rules[1].spec.never  # domains: never matches by IP (fails closed for Allow)
+    state = EnforcerState("n1", namer)
+    state.upsert_tier(tier)
+    state.upsert_policy(guard)
+    state.upsert_policy(web)
+    state.upsert_endpoint(ENDPOINTS[0])
+    state.upsert_membership(guard.applies_uid, "pod/ns/a", ["10.0.0.1"])
+    state.upsert_membership(web.applies_uid, "pod/ns/a", ["10.0.0.1"])
+    assert [p.key for p in state.applying("pod/ns/a")] == [guard.key, web.key]
+    (spec,) = state.endpoint_specs()
+    assert [t.name for t in spec.tiers] == ["security", "default"]
+    assert spec.tiers[0].default_action == "Pass"
