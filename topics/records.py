@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -202,7 +203,9 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__} {text}"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _canonical_ip(text: str) -> tuple[int, int, int, str]:
+    """(version, address, prefix, canonical text); cached: the same IPs recur in many records."""
     try:
         if "/" in text:
             net = ipaddress.ip_network(text, strict=False)

@@ -8,6 +8,7 @@ copies for audit and replay to a point in time.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
@@ -146,6 +147,7 @@ def all_specs(prefix: str, partitions: int) -> list[tuple[str, TopicSpec, int]]:
     return [(spec.name(prefix), spec, spec.partition_count(partitions)) for spec in SPECS]
 
 
+@functools.lru_cache(maxsize=256)
 def spec_for(topic: str) -> TopicSpec:
     """The spec of a topic given its suffix (``endpoints``) or its full name (``x.endpoints``).
 
