@@ -322,12 +322,11 @@ class DryRunIpsets:
     def add(self, name: str, members: Iterable[str]) -> None:
         s = self._get(name, "add")
         entries, texts = _validated(members, s.info, name)
-        canon = [canonical_member(t) for t in texts]
-        free = self.maxelem - len(s.members)
-        new = [c for c in canon if c not in s.members]
-        if len(new) > free:
-            raise IpsetError(_c.IPSET_ERR_TYPE_SPECIFIC, "add", name, new[free])
-        s.members.update(canon)
+        for text in texts:  # like the kernel: the members before a failing one stay in
+            member = canonical_member(text)
+            if member not in s.members and len(s.members) >= self.maxelem:
+                raise IpsetError(_c.IPSET_ERR_TYPE_SPECIFIC, "add", name, text)
+            s.members.add(member)
         self.member_ops += len(entries)
         self.operations.append(("add", name, len(entries)))
 

@@ -25,6 +25,7 @@ Constants come from pyroute2 (``pyroute2.netlink`` and its nfnetlink ipset modul
 from __future__ import annotations
 
 import errno
+import ipaddress
 import itertools
 import os
 import socket
@@ -181,8 +182,16 @@ def parse_member(text: str) -> tuple[int, bytes, int]:
 
 
 def format_member(fam: int, raw: bytes, prefix: int) -> str:
-    """Canonical text, as ``ipset save`` prints it: bare address for a host."""
+    """Canonical text: a bare address for a host, as ``ipset save`` prints it.
+
+    Addresses are written as Python's ``ipaddress`` writes them (what the rest of the
+    enforcer compares against); that equals glibc's ``inet_ntop`` (and so ``ipset save``)
+    except for IPv6 addresses with an embedded IPv4 (``::ffff:1.2.3.4``), which
+    ``ipaddress`` writes in hex.
+    """
     addr = socket.inet_ntop(fam, raw)
+    if fam == socket.AF_INET6 and "." in addr:
+        addr = str(ipaddress.IPv6Address(raw))
     return addr if prefix == len(raw) * 8 else f"{addr}/{prefix}"
 
 

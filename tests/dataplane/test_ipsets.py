@@ -6,14 +6,18 @@ sets must be unchanged afterwards.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from enforcers import netns as netns_mod
 from enforcers.ipsets import (
     DryRunIpsets,
     InvalidMember,
@@ -27,7 +31,9 @@ from enforcers.ipsets import (
     set_name,
     temp_name,
 )
-from tests.dataplane.conftest import Netns
+
+if TYPE_CHECKING:
+    from tests.dataplane.conftest import Netns
 
 NETNS_PREFIX = "pc-ips-"
 
@@ -43,7 +49,7 @@ def oracle(ns: Netns) -> dict[str, set[str]]:
         if parts[:1] == ["create"]:
             sets[parts[1]] = set()
         elif parts[:1] == ["add"]:
-            sets[parts[1]].add(parts[2])
+            sets[parts[1]].add(canonical_member(parts[2]))  # only ::ffff:a.b.c.d differs
     return sets
 
 
@@ -57,13 +63,22 @@ def host_set_names() -> list[str]:
     return sorted(proc.stdout.split())
 
 
+@pytest.fixture(autouse=True)
+def host_sets_unchanged(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every kernel test must leave the host namespace's ipsets exactly as they were."""
+    if request.node.get_closest_marker("dataplane") is None:
+        yield
+        return
+    before = host_set_names()
+    yield
+    assert host_set_names() == before, "ipsets leaked into the host namespace"
+
+
 @pytest.fixture
 def ipsets(netns: Netns) -> Iterator[NetlinkIpsets]:
-    """A netlink backend inside the test's namespace; the host's sets must not change."""
-    before = host_set_names()
+    """A netlink backend inside the test's namespace."""
     with NetlinkIpsets(netns.name) as backend:
         yield backend
-    assert host_set_names() == before, "ipsets leaked into the host namespace"
 
 
 # --- pure helpers (no kernel) ----------------------------------------------------------
@@ -178,6 +193,21 @@ def test_ipv6_hosts_and_prefixes(ipsets: NetlinkIpsets, netns: Netns) -> None:
 
 
 @pytest.mark.dataplane
+def test_listed_members_are_written_as_python_ipaddress_writes_them(
+        ipsets: NetlinkIpsets) -> None:
+    """The enforcer canonicalises with ``ipaddress``; a resync must compare equal."""
+    members = ["::ffff:10.0.0.1", "::1:2", "1:0:2:3:4:5:6:7", "fd00:0:0:0:0:0:0:1",
+               "2001:db8::/32", "::ffff:0:0/96"]
+    ipsets.create("pc-fmt", "inet6")
+    ipsets.add("pc-fmt", members)
+    want = set()
+    for m in members:
+        net = ipaddress.ip_network(m, strict=False)
+        want.add(str(net.network_address) if net.prefixlen == 128 else str(net))
+    assert ipsets.list_sets()["pc-fmt"] == want == {canonical_member(m) for m in members}
+
+
+@pytest.mark.dataplane
 @pytest.mark.parametrize(("bad", "why"), [
     ("10.0.0.300", "not an IPv4/IPv6 address"),
     ("fd00::1", "IPv4 members only"),
@@ -218,6 +248,39 @@ def test_kernel_error_names_the_entry_and_applies_exactly_the_ones_before(netns:
         assert exc.value.member == members[100]
         assert "pc-full" in str(exc.value) and members[100] in str(exc.value)
         assert oracle(netns)["pc-full"] == set(members[:100])
+    dry = DryRunIpsets(maxelem=100)
+    dry.create("pc-full")
+    with pytest.raises(IpsetError) as dry_exc:
+        dry.add("pc-full", members)
+    assert dry_exc.value.member == members[100]
+    assert dry.list_sets() == {"pc-full": set(members[:100])}
+
+
+def test_dry_run_mirrors_the_kernel_checks() -> None:
+    dry = DryRunIpsets()
+    dry.create("pc-d")
+    dry.create("pc-d6", "inet6")
+    with pytest.raises(IpsetError, match="exists as inet hash:net"):
+        dry.create("pc-d", "inet6")
+    with pytest.raises(InvalidMember, match="IPv4 members only"):
+        dry.add("pc-d", ["10.0.0.1", "fd00::1"])
+    with pytest.raises(NoSuchSet):
+        dry.add("pc-none", ["10.0.0.1"])
+    with pytest.raises(IpsetError, match="different types or families"):
+        dry.swap("pc-d", "pc-d6")
+    replace_contents(dry, "pc-d", ["10.0.0.1/8"])
+    dry.destroy("pc-none")
+    assert dry.list_sets() == {"pc-d": {"10.0.0.0/8"}, "pc-d6": set()}
+    assert [op for op, _name, _detail in dry.operations].count("swap") == 1
+    assert dry.member_ops == 1
+
+
+@pytest.mark.dataplane
+def test_netns_helper_errors_are_clear(netns: Netns) -> None:
+    with pytest.raises(netns_mod.NetnsError, match="does not exist"):
+        NetlinkIpsets("pc-ips-no-such-namespace")
+    inside = netns_mod.run_in(netns.name, Path("/proc/thread-self/net/dev").read_text)
+    assert "lo:" in inside and len(inside.splitlines()) == 3  # only lo in a fresh netns
 
 
 @pytest.mark.dataplane
@@ -227,6 +290,9 @@ def test_missing_sets(ipsets: NetlinkIpsets, netns: Netns) -> None:
     with pytest.raises(NoSuchSet):
         ipsets.flush("pc-nope")
     ipsets.create("pc-x")
+    ipsets.create("pc-x6", "inet6")
+    with pytest.raises(IpsetError, match="different types or families"):
+        ipsets.swap("pc-x", "pc-x6")
     with pytest.raises(IpsetError, match="swap"):
         ipsets.swap("pc-x", "pc-nope")
     netns.run("ipset", "destroy", "pc-x")  # behind the backend's back
