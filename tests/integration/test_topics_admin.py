@@ -153,3 +153,44 @@ def test_drift_compares_partitions_replication_and_configs() -> None:
         "replication factor 1, expected 3",
         "retention.ms=1000, expected 604800000",
     ]
+
+
+class _NoDescribeConfigsAdmin:
+    """An admin client for a broker that lacks DescribeConfigs (as older Tansu builds did)."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+        self.topics: set[str] = set()
+
+    async def list_topics(self) -> list[str]:
+        return sorted(self.topics)
+
+    async def create_topics(self, new_topics: list[NewTopic]) -> object:
+        self.topics |= {t.name for t in new_topics}
+
+        class Response:
+            topic_errors = [(t.name, 0, None) for t in new_topics]
+
+        return Response()
+
+    async def describe_topics(self, names: list[str]) -> list[dict[str, object]]:
+        parts = [{"partition": p, "replicas": [1]} for p in range(self.partitions)]
+        return [{"error_code": 0, "topic": name, "partitions": parts} for name in names]
+
+    async def describe_configs(self, resources: list[object]) -> list[object]:
+        from aiokafka.errors import IncompatibleBrokerVersion
+
+        raise IncompatibleBrokerVersion("DescribeConfigs is not supported by this broker")
+
+
+async def test_a_broker_without_describe_configs_is_checked_on_shape_and_says_so() -> None:
+    from portcullis.topics_admin import NO_DESCRIBE_CONFIGS, _check
+
+    admin = _NoDescribeConfigsAdmin(partitions=4)
+    report = await _check(admin, "pc.", 4, 1, True, 5.0)
+    assert [t.state for t in report.topics] == ["created"] * 7 + ["drift"]  # deadletter has 1
+    assert report.topics[-1].problems == ("4 partitions, expected 1",)
+    assert report.notes == [NO_DESCRIBE_CONFIGS]
+    assert report.lines()[-1] == (
+        "configs not checked: broker does not support DescribeConfigs"
+    )
