@@ -390,11 +390,14 @@ class IpsetSocket:
     Not thread-safe: use one per thread (or guard it with a lock).
     """
 
-    def __init__(self, netns: str | None = None, rcvbuf: int = 4 << 20) -> None:
+    def __init__(self, netns: str | None = None, rcvbuf: int = 4 << 20,
+                 timeout: float = 30.0) -> None:
         self.netns = netns
         self._sock = _netns.open_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW,
                                         NETLINK_NETFILTER)
         try:
+            # The kernel answers within the send; a missing answer must not hang us.
+            self._sock.settimeout(timeout)
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 self._sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
             self._sock.bind((0, 0))
@@ -541,7 +544,7 @@ class IpsetSocket:
                     return
                 lineno = _echoed_lineno(buf, start + _NLMSGERR.size, end)
                 member = texts[lineno - 1] if 0 < lineno <= len(texts) else None
-                if member is None:  # the kernel did not say which: blame the chunk
+                if member is None and code != errno.ENOENT:  # no line number: name the chunk
                     member = (f"{texts[chunk.first_lineno - 1]} .. "
                               f"{texts[chunk.last_lineno - 1]}")
                 raise _error(code, command, name, member)
