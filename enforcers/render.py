@@ -52,7 +52,7 @@ MARK_ALL = MARK_ACCEPT | MARK_PASS | MARK_NEG | sum(MARK_OR_BITS)
 
 # Calico's default failsafeOutboundHostPorts: a host endpoint never loses these.
 FAILSAFE_OUTBOUND: tuple[tuple[str, int], ...] = (
-    ("udp", 53), ("udp", 67), ("tcp", 53), ("tcp", 179), ("tcp", 2379), ("tcp", 2380),
+    ("udp", 53), ("udp", 67), ("tcp", 179), ("tcp", 2379), ("tcp", 2380),
     ("tcp", 5473), ("tcp", 6443), ("tcp", 6666), ("tcp", 6667),
 )
 
@@ -339,13 +339,13 @@ _PROTO_NAMES = {
     "TCP": "tcp", "UDP": "udp", "ICMP": "icmp", "SCTP": "sctp", "UDPLITE": "udplite",
     "ICMPV6": "ipv6-icmp",
 }
-PORT_PROTOCOLS = frozenset({"tcp", "udp", "sctp", "udplite", "6", "17", "132", "136"})
+_PROTO_BY_NUMBER = {6: "tcp", 17: "udp", 1: "icmp", 132: "sctp", 136: "udplite", 58: "ipv6-icmp"}
 
 
 def protocol_name(protocol: str | int) -> str:
-    """Calico's protocol spelling to iptables' (numbers stay numbers)."""
+    """Calico's protocol spelling to iptables' (known numbers become their names)."""
     if isinstance(protocol, int):
-        return str(protocol)
+        return _PROTO_BY_NUMBER.get(protocol, str(protocol))
     return _PROTO_NAMES.get(protocol.upper(), protocol.lower())
 
 

@@ -1,0 +1,230 @@
+"""Rule rendering: structure of the restore text, stable hashes, and the verdict property.
+
+The property: for random tiers, policies, endpoints and packets, running the rendered
+rules through ``render.simulate`` (an interpreter of the rule list, not of the text)
+gives exactly what ``policy.verdict`` decides.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from enforcers import render
+from enforcers.render import (
+    MAX_CHAIN_NAME,
+    EndpointSpec,
+    PeerSpec,
+    PolicySpec,
+    PortRange,
+    RuleSpec,
+    TierSpec,
+)
+from enforcers.state import EnforcerState, LocalEndpoint, compile_object
+from policy import compile as pcompile
+from policy import verdict as pverdict
+from policy.labels import NAMESPACE_LABEL
+from policy.model import EntityRule, Policy, Port, Rule, Tier
+
+
+def namer(uid: str) -> str:
+    return "pc-" + uid[2:22]
+
+
+def _example() -> list[EndpointSpec]:
+    allow = RuleSpec("Allow", "tcp", destination=PeerSpec(
+        nets=("10.0.0.0/8", "192.168.0.0/16"), not_nets=("10.1.0.0/16", "10.2.0.0/16"),
+        ports=(PortRange(80, 80), PortRange(1000, 2000))))
+    deny = RuleSpec("Deny", destination=PeerSpec(set_name="pc-s:abc", not_set_name="pc-s:def"))
+    pas = RuleSpec("Pass", "udp", destination=PeerSpec(not_ports=(PortRange(53, 53),)))
+    pol = PolicySpec("GlobalNetworkPolicy//p", (allow, RuleSpec("Log"), deny, pas))
+    pol2 = PolicySpec("NetworkPolicy/ns/q", (RuleSpec("Allow"),))
+    tiers = (TierSpec("sec", "Pass", (pol,)), TierSpec("default", "Deny", (pol2,)))
+    return [
+        EndpointSpec("pod/ns/a", "workload", "veth-a", tiers),
+        EndpointSpec("pod/ns/b", "workload", "veth-b", tiers[1:]),
+        EndpointSpec("hostendpoint//n1", "host", "eth0"),
+    ]
+
+
+def test_restore_text_declares_every_chain_it_uses_and_comments_every_rule() -> None:
+    chains = render.render(_example())
+    text = render.restore_text(chains.values(), (), render.HOOKS)
+    declared = set(re.findall(r"^:(\S+) - \[0:0\]$", text, re.M))
+    assert declared == set(chains)
+    builtin = {"ACCEPT", "DROP", "RETURN", "MARK", "LOG", "FORWARD", "OUTPUT"}
+    for line in text.splitlines():
+        if line.startswith("-A "):
+            assert re.search(r'-m comment --comment "pc:[a-z0-9]{16}"', line), line
+            target = re.search(r" -[jg] (\S+)", line)
+            assert target and (target.group(1) in builtin or target.group(1) in declared), line
+    assert all(len(name) <= MAX_CHAIN_NAME for name in chains)
+    assert text.count("-I FORWARD 1") == 1 and text.count("-I OUTPUT 1") == 1
+    assert text.startswith("*filter\n") and text.endswith("COMMIT\n")
+
+
+def test_unchanged_chains_keep_their_hashes_and_a_change_touches_only_its_chain() -> None:
+    first = render.render(_example())
+    again = render.render(_example())
+    assert {n: c.hashes for n, c in first.items()} == {n: c.hashes for n, c in again.items()}
+    eps = _example()
+    changed_policy = PolicySpec("NetworkPolicy/ns/q", (RuleSpec("Deny"),))
+    eps[1] = EndpointSpec("pod/ns/b", "workload", "veth-b",
+                          (TierSpec("default", "Deny", (changed_policy,)),))
+    eps[0] = EndpointSpec("pod/ns/a", "workload", "veth-a",
+                          (eps[0].tiers[0], TierSpec("default", "Deny", (changed_policy,))))
+    second = render.render(eps)
+    differ = {n for n in first if first[n].hashes != second[n].hashes}
+    assert differ == {render.policy_chain("NetworkPolicy/ns/q")}
+
+
+def test_one_calico_rule_acts_at_most_once_even_with_many_nets() -> None:
+    rule = RuleSpec("Log", "tcp", destination=PeerSpec(
+        nets=("10.0.0.0/8", "10.1.0.0/16"), ports=tuple(PortRange(p, p) for p in range(1, 20))))
+    chain = render.render_policy(PolicySpec("GlobalNetworkPolicy//log", (rule,)))
+    logged: list[str] = []
+    pkt = render.Packet("10.9.9.9", "10.1.2.3", "tcp", dport=17)
+    render.simulate({chain.name: chain}, chain.name, pkt, {}, logged.append)
+    assert len(logged) == 1
+    pkt = render.Packet("10.9.9.9", "10.1.2.3", "tcp", dport=25)
+    render.simulate({chain.name: chain}, chain.name, pkt, {}, logged.append)
+    assert len(logged) == 1
+
+
+def test_host_endpoints_keep_failsafe_ports_and_default_deny() -> None:
+    chains = render.render([EndpointSpec("hostendpoint//n1", "host", "eth0")])
+    def run(proto: str, port: int) -> str:
+        pkt = render.Packet("10.0.0.1", "10.9.0.1", proto, dport=port, out_iface="eth0")
+        return render.simulate(chains, render.OUTPUT_CHAIN, pkt, {})
+    assert run("udp", 53) == "ACCEPT"
+    assert run("tcp", 6443) == "ACCEPT"
+    assert run("tcp", 80) == "DROP"
+    other = render.Packet("10.0.0.1", "10.9.0.1", "tcp", dport=80, out_iface="eth9")
+    assert render.simulate(chains, render.OUTPUT_CHAIN, other, {}) == "RETURN"
+
+
+def test_rules_only_for_the_other_family_never_match() -> None:
+    rule = RuleSpec("Allow", destination=PeerSpec(nets=("fd00::/64",)))
+    assert render.render_rule(rule, "k") == []
+    rule = RuleSpec("Deny", destination=PeerSpec(not_nets=("fd00::/64",)))
+    (only,) = render.render_rule(rule, "k")
+    assert only.conds == () and only.target == render.DROP
+
+
+# --------------------------------------------------------------------------- the property
+
+LOCAL_IP = "10.0.0.1"
+SHOP = "shop"
+PEERS: list[tuple[str, str, dict[str, str]]] = [
+    ("pod/shop/api", "10.1.0.1", {"role": "api", NAMESPACE_LABEL: SHOP}),
+    ("pod/shop/cache", "10.1.0.1", {"role": "cache", NAMESPACE_LABEL: SHOP}),  # shared IP
+    ("pod/shop/db", "10.1.0.2", {"role": "db", NAMESPACE_LABEL: SHOP}),
+    ("pod/other/api", "10.1.0.3", {"role": "api", NAMESPACE_LABEL: "other"}),
+    ("globalnetworkset//saas", "10.2.0.0/24", {"kind": "saas"}),
+    ("globalnetworkset//world", "0.0.0.0/0", {"kind": "world"}),
+]
+DST_IPS = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.2.0.5", "10.3.0.1", LOCAL_IP, "8.8.8.8"]
+NETS = ["10.1.0.0/24", "10.1.0.1/32", "10.2.0.0/16", "10.0.0.0/8", "10.3.0.0/24", "fd00::/64",
+        "0.0.0.0/0"]
+SELECTORS = ["role == 'api'", "role in {'api', 'db'}", "has(kind)", "all()", "kind == 'saas'",
+             "role == 'cache'", "app == 'web'"]
+APPLIES = ["all()", "app == 'web'", "app == 'db'", "has(app)", "!has(app)"]
+PORTS = [Port(80, 80), Port(443, 443), Port(53, 53), Port(8000, 8100), Port(6443, 6443)]
+
+
+@st.composite
+def entities(draw: st.DrawFn, ports_ok: bool) -> EntityRule:
+    return EntityRule(
+        nets=tuple(draw(st.lists(st.sampled_from(NETS), max_size=2, unique=True))),
+        not_nets=tuple(draw(st.lists(st.sampled_from(NETS), max_size=2, unique=True))),
+        selector=draw(st.none() | st.sampled_from(SELECTORS)),
+        not_selector=draw(st.none() | st.sampled_from(SELECTORS)),
+        ports=tuple(draw(st.lists(st.sampled_from(PORTS), max_size=3, unique=True)))
+        if ports_ok else (),
+        not_ports=tuple(draw(st.lists(st.sampled_from(PORTS), max_size=2, unique=True)))
+        if ports_ok else (),
+    )
+
+
+@st.composite
+def rules(draw: st.DrawFn) -> Rule:
+    protocol = draw(st.none() | st.sampled_from(["TCP", "UDP", 6]))
+    return Rule(
+        action=draw(st.sampled_from(["Allow", "Deny", "Pass", "Log"])),
+        protocol=protocol,
+        not_protocol=draw(st.none() | st.sampled_from(["UDP", "TCP"])),
+        destination=draw(entities(protocol is not None)),
+        source=draw(st.just(EntityRule()) | entities(False)),
+    )
+
+
+@st.composite
+def policies(draw: st.DrawFn, index: int) -> Policy:
+    namespaced = draw(st.booleans())
+    return Policy(
+        kind="NetworkPolicy" if namespaced else "GlobalNetworkPolicy",
+        name=f"p{index}",
+        namespace=SHOP if namespaced else None,
+        tier=draw(st.sampled_from(["default", "sec", "undefined"])),
+        order=draw(st.none() | st.sampled_from([1.0, 5.0, 10.0])),
+        selector=draw(st.sampled_from(APPLIES)),
+        types=draw(st.sampled_from([("Egress",), ("Ingress",), ("Ingress", "Egress")])),
+        egress=tuple(draw(st.lists(rules(), max_size=4))),
+    )
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[list[Tier], list[Policy], str, dict[str, str]]:
+    n = draw(st.integers(0, 4))
+    pols = [draw(policies(i)) for i in range(n)]
+    tiers = [Tier("sec", order=10.0, default_action=draw(st.sampled_from(["Deny", "Pass"])))]
+    kind = draw(st.sampled_from(["workload", "host"]))
+    labels = {"app": draw(st.sampled_from(["web", "db"]))} if draw(st.booleans()) else {}
+    if kind == "workload":
+        labels[NAMESPACE_LABEL] = SHOP
+    return tiers, pols, kind, labels
+
+
+def _contains(net: str, ip: str) -> bool:
+    return ipaddress.ip_address(ip) in ipaddress.ip_network(net, strict=False)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.lists(st.tuples(
+    st.sampled_from(DST_IPS), st.sampled_from(["tcp", "udp"]),
+    st.sampled_from([80, 443, 53, 8050, 6443, 22])), min_size=1, max_size=8))
+def test_rendered_rules_decide_as_policy_verdict(scenario: tuple, packets: list) -> None:
+    tiers, pols, kind, labels = scenario
+    local_key = "pod/shop/me" if kind == "workload" else "hostendpoint//me"
+    iface = "veth-me" if kind == "workload" else "eth0"
+    universe = [(local_key, LOCAL_IP, labels), *PEERS]
+
+    state = EnforcerState("n1", namer)
+    for tier in tiers:
+        state.upsert_tier(compile_object(tier))  # type: ignore[arg-type]
+    for pol in pols:
+        state.upsert_policy(compile_object(pol))  # type: ignore[arg-type]
+        for selector in pcompile.all_selectors(pol):
+            for key, ip, member_labels in universe:
+                if selector.matches(member_labels):
+                    state.upsert_membership(selector.uid, key, [ip])
+    state.upsert_endpoint(LocalEndpoint(local_key, kind, iface, (LOCAL_IP,)))
+    desired = state.desired()
+    arranged = pcompile.arrange(tiers, pols)
+    endpoint = pverdict.Endpoint(kind, labels, LOCAL_IP)
+
+    for dst, proto, port in packets:
+        label_sets = tuple(lab for _k, ip, lab in universe if _contains(ip, dst))
+        expected = pverdict.verdict(
+            endpoint, arranged,
+            pverdict.Packet(proto.upper(), pverdict.Peer(dst, label_sets), port=port),
+        )
+        pkt = render.Packet(LOCAL_IP, dst, proto, dport=port,
+                            in_iface=iface if kind == "workload" else "",
+                            out_iface=iface if kind == "host" else "")
+        start = render.FORWARD_CHAIN if kind == "workload" else render.OUTPUT_CHAIN
+        got = render.simulate(desired.chains, start, pkt, desired.sets)
+        assert (got != "DROP") == expected.allowed, (dst, proto, port, expected.reason)
