@@ -608,7 +608,7 @@ def _read_policy(doc: Mapping[str, Any], check: Checker, default_namespace: str 
 
     ingress = _read_rules(spec.get("ingress"), "spec.ingress", "Ingress", check, is_global)
     egress = _read_rules(spec.get("egress"), "spec.egress", "Egress", check, is_global)
-    types = _read_types(spec.get("types"), "spec.types", check, bool(egress))
+    types = _read_types(spec.get("types"), "spec.types", check, bool(ingress), bool(egress))
     return Policy(
         kind="GlobalNetworkPolicy" if is_global else "NetworkPolicy",
         name=name,
@@ -627,11 +627,11 @@ def _read_policy(doc: Mapping[str, Any], check: Checker, default_namespace: str 
 
 
 def _read_types(
-    value: object, path: str, check: Checker, has_egress: bool
+    value: object, path: str, check: Checker, has_ingress: bool, has_egress: bool
 ) -> tuple[PolicyType, ...]:
     """Calico's default: Ingress, or Egress when there are only egress rules, or both."""
     if value is None:
-        return default_types(has_ingress=False, has_egress=has_egress)
+        return default_types(has_ingress=has_ingress, has_egress=has_egress)
     types: list[PolicyType] = []
     for item_path, text in check.strings(value, path):
         if text not in ("Ingress", "Egress"):
@@ -712,10 +712,6 @@ def _read_rule(
     if icmp is not None and protocol not in ("ICMP", "ICMPv6", 1, 58):
         check.report(
             _join(path, "icmp"), "rules that specify ICMP fields must set protocol to ICMP"
-        )
-    if not_icmp is not None and protocol not in ("ICMP", "ICMPv6", 1, 58):
-        check.report(
-            _join(path, "notICMP"), "rules that specify ICMP fields must set protocol to ICMP"
         )
     for proto, want in (("ICMP", 4), ("ICMPv6", 6)):
         if proto in (protocol, not_protocol) and ip_version is not None and ip_version != want:
