@@ -4,6 +4,7 @@ every topic reported in order, drift reported with a non-zero exit, one-line err
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -33,7 +34,7 @@ def states(lines: list[str], prefix: str) -> list[tuple[str, str]]:
     return rows
 
 
-async def _admin(bootstrap: str, action: str, *args: object) -> object:
+async def _admin(bootstrap: str, action: str, *args: object) -> Any:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -43,14 +44,15 @@ async def _admin(bootstrap: str, action: str, *args: object) -> object:
 
 
 def list_topics(bootstrap: str) -> set[str]:
-    return set(asyncio.run(_admin(bootstrap, "list_topics")))  # type: ignore[call-overload]
+    topics: list[str] = asyncio.run(_admin(bootstrap, "list_topics"))
+    return set(topics)
 
 
 def precreate(bootstrap: str, name: str, partitions: int, configs: dict[str, str]) -> None:
     response = asyncio.run(
         _admin(bootstrap, "create_topics", [NewTopic(name, partitions, 1, topic_configs=configs)])
     )
-    assert [e[1] for e in response.topic_errors] == [0], response  # type: ignore[attr-defined]
+    assert [e[1] for e in response.topic_errors] == [0], response
 
 
 def test_create_twice_creates_then_reports_every_topic_ok_in_order(

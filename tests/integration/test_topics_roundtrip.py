@@ -210,9 +210,9 @@ async def test_global_selectors_reach_every_partition_and_namespaced_ones_one(
     got = await _consume_all(broker.bootstrap, topic, PARTITIONS, 1 + PARTITIONS)
     where: dict[str, set[int]] = {}
     for partition, _key, value in got:
-        record = codec.decode(SelectorRecord, value)
-        assert record is not None
-        where.setdefault(record.uid, set()).add(partition)
+        decoded = codec.decode(SelectorRecord, value)
+        assert decoded is not None
+        where.setdefault(decoded.uid, set()).add(partition)
     assert where == {
         "s:scoped": {partition_for(scoped, PARTITIONS)},
         "s:global": set(range(PARTITIONS)),

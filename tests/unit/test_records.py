@@ -62,7 +62,9 @@ json_values = st.recursive(
 
 @st.composite
 def endpoints(draw: st.DrawFn) -> EndpointRecord:
-    kind = draw(st.sampled_from(["pod", "hostendpoint", "networkset", "globalnetworkset", "vm"]))
+    kind: Any = draw(
+        st.sampled_from(["pod", "hostendpoint", "networkset", "globalnetworkset", "vm"])
+    )
     namespaced = kind in ("pod", "networkset")
     return EndpointRecord(
         kind=kind,
@@ -81,7 +83,7 @@ def endpoints(draw: st.DrawFn) -> EndpointRecord:
 
 @st.composite
 def profiles(draw: st.DrawFn) -> ProfileRecord:
-    kind = draw(st.sampled_from(["namespace", "serviceaccount"]))
+    kind: Any = draw(st.sampled_from(["namespace", "serviceaccount"]))
     return ProfileRecord(
         kind=kind,
         namespace=draw(names),
