@@ -11,8 +11,8 @@ The translation follows libcalico-go's ``K8sNetworkPolicyToCalico`` (backend/k8s
 - ``ipBlock`` becomes ``nets`` and its ``except`` becomes ``notNets``;
 - ports are grouped by protocol (TCP when unset), one rule per protocol and peer, numeric
   ports merged into ranges as Calico's ``SimplifyPorts`` does; ``endPort`` makes a range;
-- ``policyTypes`` absent: Ingress, plus Egress when the policy has an ``egress`` section
-  (the Kubernetes API server's defaulting, since files loaded here never passed through it).
+- ``policyTypes`` absent or empty: Ingress, plus Egress when ``egress`` has rules (the
+  Kubernetes API server's defaulting, since files loaded here never passed through it).
 
 Where Calico logs and drops a rule it cannot convert, we reject the whole policy with the
 field path: a policy that silently allows less (or more) than written is worse than an error.
@@ -90,8 +90,9 @@ def policy_from_document(
         egress += _rules(fields.get("to"), fields.get("ports"), path, "to", check, False)
 
     types: list[PolicyType] = []
-    if spec.get("policyTypes") is None:
-        types = ["Ingress", "Egress"] if spec.get("egress") is not None else ["Ingress"]
+    if not spec.get("policyTypes"):
+        # The API server's SetDefaults_NetworkPolicy: Ingress, plus Egress with egress rules.
+        types = ["Ingress", "Egress"] if spec.get("egress") else ["Ingress"]
     else:
         for item_path, text in check.strings(spec.get("policyTypes"), "spec.policyTypes"):
             if text == "Ingress" or text == "Egress":
