@@ -24,6 +24,14 @@ async def create_topic(
     try:
         resp = await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs)])
         assert [err[1] for err in resp.topic_errors] == [0], resp
+        # Kafka answers CreateTopics before its metadata cache shows the topic: wait for it.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            [desc] = await admin.describe_topics([name])
+            if desc["error_code"] == 0 and len(desc["partitions"]) == partitions:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"topic {name} not visible 10 s after it was created")
     finally:
         await admin.close()
 
