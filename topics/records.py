@@ -49,6 +49,7 @@ __all__ = [
     "profile_key",
     "split_endpoint_key",
     "split_membership_key",
+    "split_profile_key",
 ]
 
 
@@ -279,6 +280,21 @@ def profile_key(namespace: str, serviceaccount: str | None = None) -> str:
     return f"ksa.{namespace}.{serviceaccount}"
 
 
+def split_profile_key(key: str) -> tuple[str, str | None]:
+    """(namespace, service account or None) from ``kns.<ns>`` / ``ksa.<ns>.<sa>``.
+
+    Unambiguous because namespace names are DNS labels (no dots; `ProfileRecord`
+    enforces it), while service-account names may hold dots.
+    """
+    if key.startswith("kns.") and len(key) > 4 and "." not in key[4:]:
+        return key[4:], None
+    if key.startswith("ksa."):
+        namespace, sep, account = key[4:].partition(".")
+        if sep and namespace and account:
+            return namespace, account
+    raise RecordError(f"not a profile key (kns.<ns> or ksa.<ns>.<sa>): {key!r}")
+
+
 def membership_key(selector_uid: str, endpoint_key: str) -> str:
     """``selector-uid|endpoint-key`` (selector uids are base64url, so never contain ``|``)."""
     return f"{selector_uid}|{endpoint_key}"
@@ -385,6 +401,8 @@ class ProfileRecord:
         c = "ProfileRecord"
         _check_choice(c, "kind", self.kind, PROFILE_KINDS)
         _check_key_part(c, "namespace", self.namespace)
+        if "." in self.namespace:
+            raise _fail(c, "namespace", f"a namespace name has no dots: {self.namespace!r}")
         if self.kind == "namespace" and self.name is not None:
             raise _fail(c, "name", "must be null for a namespace profile")
         if self.kind == "serviceaccount":

@@ -21,8 +21,11 @@ class Command:
     def configure(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "action",
+            nargs="?",
+            default="create",
             choices=list(ACTIONS),
-            help="; ".join(f"{name}: {text}" for name, text in ACTIONS.items()),
+            help="; ".join(f"{name}: {text}" for name, text in ACTIONS.items())
+            + " (default: create)",
         )
         parser.add_argument(
             "--timeout",

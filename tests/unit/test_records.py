@@ -24,6 +24,7 @@ from topics.records import (
     canonical_ips,
     split_endpoint_key,
     split_membership_key,
+    split_profile_key,
 )
 
 # ---------------------------------------------------------------------------
@@ -31,6 +32,7 @@ from topics.records import (
 # ---------------------------------------------------------------------------
 
 names = st.from_regex(r"[a-z0-9]([a-z0-9.-]{0,15}[a-z0-9])?", fullmatch=True)
+labels_dns = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,15}[a-z0-9])?", fullmatch=True)  # namespaces
 texts = st.text(max_size=20)
 times = st.floats(min_value=0, max_value=4e9, allow_nan=False, allow_infinity=False)
 labels = st.dictionaries(texts, texts, max_size=5)
@@ -86,7 +88,7 @@ def profiles(draw: st.DrawFn) -> ProfileRecord:
     kind: Any = draw(st.sampled_from(["namespace", "serviceaccount"]))
     return ProfileRecord(
         kind=kind,
-        namespace=draw(names),
+        namespace=draw(labels_dns),
         name=draw(names) if kind == "serviceaccount" else None,
         labels=draw(labels),
         observed_at=draw(times),
@@ -276,6 +278,20 @@ def test_keys_and_partition_keys() -> None:
     assert gnp.partition_key == "deny"
     assert codec.encode_key(pod) == b"pod/shop/web-1"
     assert codec.decode_key(b"pod/shop/web-1") == pod.key
+
+
+@settings(max_examples=100)
+@given(profiles())
+def test_profile_keys_split_back_into_namespace_and_account(profile: ProfileRecord) -> None:
+    assert split_profile_key(profile.key) == (profile.namespace, profile.name)
+
+
+def test_profile_keys_that_are_not_profile_keys_are_rejected() -> None:
+    for bad in ("kns.", "ksa.shop", "ksa..x", "pod/shop/x", "kns.a.b"):
+        with pytest.raises(RecordError, match="not a profile key"):
+            split_profile_key(bad)
+    with pytest.raises(RecordError, match="has no dots"):
+        ProfileRecord("namespace", "a.b", None, {}, 1.0)
 
 
 def test_labels_are_an_immutable_mapping() -> None:
