@@ -7,11 +7,12 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from portcullis.brokers import Broker
 from portcullis.topics_admin import check_topics
 from topics import codec
-from topics.partitioner import partition_for, partitions_for
+from topics.partitioner import partition_for, partition_for_key, partitions_for
 from topics.records import (
     DeadLetterRecord,
     EndpointRecord,
@@ -217,6 +218,34 @@ async def test_global_selectors_reach_every_partition_and_namespaced_ones_one(
         "s:scoped": {partition_for(scoped, PARTITIONS)},
         "s:global": set(range(PARTITIONS)),
     }
+
+
+async def test_a_producer_keyed_by_namespace_agrees_with_the_partitioner(
+    broker: Broker, topic_prefix: str
+) -> None:
+    """Every producer agrees: a client that lets its default (Java-compatible) partitioner
+    place messages keyed by namespace puts them where `partition_for_key` says."""
+    topic = topic_prefix + "agree"
+    partitions = 5
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+    namespaces = [f"team-{i}" for i in range(40)]
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        for ns in namespaces:
+            meta = await producer.send_and_wait(topic, b"x", key=ns.encode())
+            assert meta.partition == partition_for_key(ns, partitions), ns
+    finally:
+        await producer.stop()
+    got = await _consume_all(broker.bootstrap, topic, partitions, len(namespaces))
+    assert sorted((p, k) for p, k, _v in got) == sorted(
+        (partition_for_key(ns, partitions), ns.encode()) for ns in namespaces
+    )
 
 
 def test_samples_cover_every_record_type() -> None:
