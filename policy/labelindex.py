@@ -2,39 +2,49 @@
 
 The match stage of the streams asks this for every endpoint change, against thousands of
 selectors; evaluating them all would cost milliseconds per endpoint. Like Calico's label
-index, each selector is filed under ONE label restriction that every match must satisfy:
+index, each selector is filed under a label restriction that every match must satisfy:
 
-* ``key in {v1, v2, …}`` (from a top-level ``==`` / ``in`` term, or an ``||`` group whose
-  branches all pin ``key``): filed under each ``(key, v)``;
-* ``key`` must be present (``has(key)``, ``contains``, ``starts with``, ``ends with``):
-  filed under ``key``;
+* ``label in {v1, v2, …}`` (from a top-level ``==`` / ``in`` term, or an ``||`` group
+  whose branches all pin ``label``): filed under each ``(label, v)``;
+* ``label`` must be present (``has(label)``, ``contains``, ``starts with``,
+  ``ends with``): filed under ``label``;
+* a top-level ``||`` whose every branch has such a restriction (``app == "a" ||
+  team == "t"``): filed under one restriction per branch (a small step beyond Calico);
 * nothing (only ``!=``, ``not in``, ``!…``, ``all()``, ``global()``): kept in an unindexed
   list that is evaluated for every lookup.
 
-A lookup gathers the candidates filed under the label set's own keys and values and
-evaluates only those, so the result always equals brute-force evaluation.
+A lookup gathers the candidates filed under the label set's own labels and values and
+evaluates only those (each with its compiled matcher), so the result always equals
+brute-force evaluation.
 
-Choosing the restriction: a finite value set beats mere presence; among those, the one
-whose buckets are currently emptiest wins. A value that many selectors name (``env ==
-"prod"``) is usually one that many endpoints carry too, so spreading selectors over rare
-buckets keeps the number of candidates per lookup low.
+Choosing the restriction: we estimate the chance that an endpoint satisfies it. Without
+endpoint statistics, the number of distinct values the registered selectors name for a
+label stands in for how many values endpoints carry: ``tier == "web"`` (one of six tiers)
+is a far worse filter than ``app == "checkout"`` (one of hundreds of apps), and mere
+presence is worst of all. Ties go to the emptier bucket, then to the label name. The first
+selectors are placed on thin statistics, so every time the index doubles in size all
+placements are re-chosen (amortised O(1) per add; lookups never see a partial state).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
-from policy.selectors import Matcher, Selector
+from policy.selectors import Matcher, Or, Selector, label_restrictions
 
 __all__ = ["IndexStats", "SelectorIndex"]
 
 K = TypeVar("K", bound=Hashable)
 
-# A presence-only restriction is picked only when no finite value set exists: a label key
-# is carried by far more endpoints than any one of its values.
-_PRESENCE_PENALTY = 1_000_000
+# Any finite value set, even one naming every value seen, beats mere presence: endpoints
+# may carry values no selector names.
+_PRESENCE_CHANCE = 1.01
+
+# (label, values): the values the label must take, or None for "must be present".
+Restriction: TypeAlias = tuple[str, frozenset[str] | None]
 
 
 @dataclass(frozen=True)
@@ -42,15 +52,20 @@ class IndexStats:
     """How the registered selectors are filed (for benchmarks and diagnostics)."""
 
     by_value: int
-    by_key: int
+    by_presence: int
+    by_branches: int
     unindexed: int
     never: int
 
 
 @dataclass(frozen=True, slots=True)
 class _Placement:
-    key: str | None  # None: unindexed (or never, when values is the empty set)
-    values: frozenset[str] | None  # None with a key: filed under the key's presence
+    filed: tuple[Restriction, ...]  # empty: unindexed (or never)
+    never: bool = False  # contradictory restrictions: the selector matches nothing
+
+
+_UNINDEXED = _Placement(())
+_NEVER = _Placement((), never=True)
 
 
 class SelectorIndex(Generic[K]):
@@ -59,10 +74,13 @@ class SelectorIndex(Generic[K]):
     def __init__(self) -> None:
         self._selectors: dict[K, Selector] = {}
         self._placements: dict[K, _Placement] = {}
-        self._by_value: dict[str, dict[str, dict[K, Matcher]]] = {}
-        self._by_key: dict[str, dict[K, Matcher]] = {}
+        # label -> (value -> {key: matcher}, {key: matcher} filed under the label's presence):
+        # one dict lookup per label of the looked-up set finds both kinds of candidates.
+        self._buckets: dict[str, tuple[dict[str, dict[K, Matcher]], dict[K, Matcher]]] = {}
         self._unindexed: dict[K, Matcher] = {}
-        self._never: set[K] = set()
+        # label -> how many registered selectors require each value (the selectivity model)
+        self._named: dict[str, Counter[str]] = {}
+        self._rebalance_at = 1
 
     # ------------------------------------------------------------------ registration
 
@@ -70,95 +88,164 @@ class SelectorIndex(Generic[K]):
         """Register ``selector`` under ``key``, replacing whatever ``key`` had."""
         if key in self._selectors:
             self.remove(key)
-        placement = self._choose(selector)
+        for label, values in selector.required_keys().items():
+            if values:
+                self._named.setdefault(label, Counter()).update(values)
         self._selectors[key] = selector
+        self._file(key, selector)
+        if len(self._selectors) >= self._rebalance_at:
+            self._rebalance_at = 2 * len(self._selectors)
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Re-choose every placement with the statistics of the whole registered set."""
+        self._buckets.clear()
+        self._unindexed.clear()
+        self._placements.clear()
+        for key, selector in self._selectors.items():
+            self._file(key, selector)
+
+    def _file(self, key: K, selector: Selector) -> None:
+        placement = self._choose(selector)
         self._placements[key] = placement
         matcher = selector.matcher
-        if placement.key is None:
-            if placement.values is not None:  # an empty value set: can never match
-                self._never.add(key)
-            else:
+        if not placement.filed:
+            if not placement.never:
                 self._unindexed[key] = matcher
-        elif placement.values is None:
-            self._by_key.setdefault(placement.key, {})[key] = matcher
-        else:
-            by_value = self._by_value.setdefault(placement.key, {})
-            for value in placement.values:
-                by_value.setdefault(value, {})[key] = matcher
+            return
+        for label, values in placement.filed:
+            by_value, present = self._buckets.setdefault(label, ({}, {}))
+            if values is None:
+                present[key] = matcher
+            else:
+                for value in values:
+                    by_value.setdefault(value, {})[key] = matcher
 
     def remove(self, key: K) -> None:
         """Forget ``key``; a no-op when it is not registered."""
-        if self._selectors.pop(key, None) is None:
+        selector = self._selectors.pop(key, None)
+        if selector is None:
             return
+        for label, values in selector.required_keys().items():
+            if values:
+                named = self._named[label]
+                named.subtract(values)
+                for value in values:
+                    if named[value] <= 0:
+                        del named[value]
+                if not named:
+                    del self._named[label]
         placement = self._placements.pop(key)
-        if placement.key is None:
-            self._never.discard(key)
+        if not placement.filed:
             self._unindexed.pop(key, None)
-        elif placement.values is None:
-            bucket = self._by_key[placement.key]
-            del bucket[key]
-            if not bucket:
-                del self._by_key[placement.key]
-        else:
-            by_value = self._by_value[placement.key]
-            for value in placement.values:
-                bucket = by_value[value]
-                del bucket[key]
-                if not bucket:
-                    del by_value[value]
-            if not by_value:
-                del self._by_value[placement.key]
+            return
+        for label, values in placement.filed:
+            entry = self._buckets.get(label)
+            if entry is None:  # an earlier branch's restriction emptied this label already
+                continue
+            by_value, present = entry
+            if values is None:
+                present.pop(key, None)
+            else:
+                for value in values:
+                    bucket = by_value.get(value)
+                    if bucket is not None:
+                        bucket.pop(key, None)
+                        if not bucket:
+                            del by_value[value]
+            if not by_value and not present:
+                del self._buckets[label]
 
     def _choose(self, selector: Selector) -> _Placement:
-        best = _Placement(None, None)
-        best_rank: tuple[int, str] | None = None
-        for label, values in selector.required_keys().items():
-            if values is not None and not values:
-                return _Placement(None, frozenset())  # contradictory: matches nothing
+        required = selector.required_keys()
+        if any(values is not None and not values for values in required.values()):
+            return _NEVER
+        best = self._best(required)
+        if best is not None:
+            return _Placement((best,))
+        root = selector.root
+        if isinstance(root, Or):
+            filed: list[Restriction] = []
+            for branch in root.operands:
+                restrictions = label_restrictions(branch)
+                choice = self._best(
+                    {k: v for k, v in restrictions.items() if v is None or v}
+                )
+                if choice is None:
+                    return _UNINDEXED  # one unrestricted branch can match anything
+                filed.append(choice)
+            return _Placement(tuple(dict.fromkeys(filed)))
+        return _UNINDEXED
+
+    def _best(self, required: Mapping[str, frozenset[str] | None]) -> Restriction | None:
+        best: Restriction | None = None
+        best_rank: tuple[float, int, str] | None = None
+        for label, values in required.items():
+            by_value, present = self._buckets.get(label, ({}, {}))
             if values is None:
-                cost = _PRESENCE_PENALTY + len(self._by_key.get(label, ()))
+                chance, crowd = _PRESENCE_CHANCE, len(present)
             else:
-                buckets = self._by_value.get(label, {})
-                cost = sum(1 + len(buckets.get(v, ())) for v in values)
-            rank = (cost, label)  # the label breaks ties, so placement is deterministic
+                chance = len(values) / max(len(values), len(self._named.get(label, ())))
+                crowd = sum(len(by_value.get(v, ())) for v in values)
+            rank = (chance, crowd, label)
             if best_rank is None or rank < best_rank:
-                best, best_rank = _Placement(label, values), rank
+                best, best_rank = (label, values), rank
         return best
 
     # ------------------------------------------------------------------ queries
 
     def matching(self, labels: Mapping[str, str]) -> set[K]:
         """Keys of every registered selector that matches ``labels``."""
-        result: set[K] = set()
-        add = result.add
-        for key, matcher in self._unindexed.items():
-            if matcher(labels):
-                add(key)
-        by_value = self._by_value
-        by_key = self._by_key
+        result = [key for key, matcher in self._unindexed.items() if matcher(labels)]
+        extend = result.extend
+        buckets = self._buckets
         for label, value in labels.items():
-            values = by_value.get(label)
-            if values is not None:
-                bucket = values.get(value)
-                if bucket is not None:
-                    for key, matcher in bucket.items():
-                        if matcher(labels):
-                            add(key)
-            present = by_key.get(label)
-            if present is not None:
-                for key, matcher in present.items():
-                    if matcher(labels):
-                        add(key)
-        return result
+            entry = buckets.get(label)
+            if entry is None:
+                continue
+            bucket = entry[0].get(value)
+            if bucket:
+                extend([key for key, matcher in bucket.items() if matcher(labels)])
+            if entry[1]:
+                extend([key for key, matcher in entry[1].items() if matcher(labels)])
+        return set(result)
+
+    def candidate_count(self, labels: Mapping[str, str]) -> int:
+        """How many evaluations :meth:`matching` does for ``labels`` (for diagnostics)."""
+        total = len(self._unindexed)
+        for label, value in labels.items():
+            entry = self._buckets.get(label)
+            if entry is not None:
+                total += len(entry[0].get(value, ())) + len(entry[1])
+        return total
+
+    def placement(self, key: K) -> tuple[Restriction, ...] | None:
+        """The restrictions ``key`` is filed under; ``()`` when unindexed, ``None`` when it
+        can never match. KeyError when ``key`` is not registered."""
+        placement = self._placements[key]
+        return None if placement.never else placement.filed
 
     def get(self, key: K) -> Selector | None:
         """The selector registered under ``key``, if any."""
         return self._selectors.get(key)
 
     def stats(self) -> IndexStats:
-        by_value = sum(1 for p in self._placements.values() if p.key and p.values is not None)
-        by_key = sum(len(bucket) for bucket in self._by_key.values())
-        return IndexStats(by_value, by_key, len(self._unindexed), len(self._never))
+        counts = {"value": 0, "presence": 0, "branches": 0, "unindexed": 0, "never": 0}
+        for placement in self._placements.values():
+            if placement.never:
+                counts["never"] += 1
+            elif not placement.filed:
+                counts["unindexed"] += 1
+            elif len(placement.filed) > 1:
+                counts["branches"] += 1
+            elif placement.filed[0][1] is None:
+                counts["presence"] += 1
+            else:
+                counts["value"] += 1
+        return IndexStats(
+            counts["value"], counts["presence"], counts["branches"], counts["unindexed"],
+            counts["never"],
+        )
 
     def __len__(self) -> int:
         return len(self._selectors)

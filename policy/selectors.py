@@ -57,6 +57,7 @@ __all__ = [
     "conjunction",
     "evaluate",
     "from_node",
+    "label_restrictions",
     "parse",
     "uid_of",
 ]
@@ -326,6 +327,11 @@ def _restrictions(node: Node) -> _Restrictions:
             common[key] = union
         return common
     return {}  # !=, not in, !…, all(), global() require no label to be present
+
+
+def label_restrictions(node: Node) -> dict[str, frozenset[str] | None]:
+    """Public view of the restrictions of any subtree (the index files ``||`` branches)."""
+    return dict(_restrictions(node))
 
 
 # --------------------------------------------------------------------------- selector

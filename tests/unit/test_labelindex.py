@@ -36,7 +36,7 @@ def test_lookup_by_value_presence_and_unindexed() -> None:
     }
     assert index.matching({"team": "payments", NS: "ns2"}) == {"has-team", "not-dev", "everything"}
     stats = index.stats()
-    assert (stats.by_value, stats.by_key, stats.unindexed, stats.never) == (3, 1, 2, 1)
+    assert (stats.by_value, stats.by_presence, stats.unindexed, stats.never) == (3, 1, 2, 1)
     assert len(index) == 7
     assert "never" in index
     assert index.get("web") == parse("app == 'web'")
@@ -57,19 +57,44 @@ def test_add_replaces_and_remove_forgets() -> None:
     assert 1 not in index
     # Internal buckets are cleaned up, so an index that had everything removed is empty.
     assert index.stats() == SelectorIndex[int]().stats()
-    assert not index._by_value and not index._by_key and not index._unindexed
+    assert not index._buckets and not index._unindexed and not index._placements
 
 
-def test_selectors_are_filed_under_the_rarest_value_not_presence() -> None:
+def test_or_branches_are_filed_separately_and_removed_cleanly() -> None:
     index: SelectorIndex[str] = SelectorIndex()
+    index.add("either", parse("app == 'a' || team == 't'"))
+    index.add("overlap", parse("app == 'a' || (app in {'a', 'b'} && has(x))"))
+    index.add("open", parse("app == 'a' || tier != 'db'"))
+    assert index.placement("either") == (("app", frozenset({"a"})), ("team", frozenset({"t"})))
+    assert index.placement("open") == ()
+    assert index.stats().by_branches == 1
+    assert index.matching({"app": "a", "team": "t", "tier": "db"}) == {"either", "overlap", "open"}
+    assert index.matching({"team": "t", "tier": "db"}) == {"either"}
+    assert index.matching({"app": "b", "x": ""}) == {"overlap", "open"}
+    for key in ("either", "overlap", "open"):
+        index.remove(key)
+    assert not index._buckets and not index._unindexed
+
+
+def test_selectors_are_filed_under_the_most_selective_restriction() -> None:
+    index: SelectorIndex[str] = SelectorIndex()
+    for env in ("prod", "dev", "staging"):
+        index.add(env, parse(f"env == '{env}'"))
     for i in range(20):
         index.add(f"prod{i}", parse(f"env == 'prod' && app == 'app{i}'"))
-    # Everyone names env == prod, so each is filed under its own app value.
-    assert max(len(bucket) for bucket in index._by_value["app"].values()) == 1
-    assert "env" not in index._by_value
+    # env takes one of 3 values, app one of 20: each is filed under its own app value.
+    for i in range(20):
+        assert index.placement(f"prod{i}") == (("app", frozenset({f"app{i}"})),)
+    assert index.candidate_count({"env": "prod", "app": "app3"}) == 2
     index.add("team", parse("has(team) && tier in {'a', 'b'}"))
-    assert "team" not in index._by_key
-    assert set(index._by_value["tier"]) == {"a", "b"}
+    assert index.placement("team") == (("tier", frozenset({"a", "b"})),)
+    index.add("canary", parse("has(canary) && tier != 'db'"))
+    assert index.placement("canary") == (("canary", None),)
+    index.add("broad", parse("tier != 'db'"))
+    assert index.placement("broad") == ()
+    index.add("none", parse("a == '1' && a in {'2', '3'}"))
+    assert index.placement("none") is None
+    assert index.matching({"a": "1", "tier": "db"}) == set()
 
 
 def test_or_of_pinned_values_is_indexed() -> None:
