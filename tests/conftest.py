@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,20 +63,35 @@ class BrokerPool:
                 broker.start()
             except BrokerError as exc:
                 self.failures[kind] = f"{kind} broker failed to start: {exc}"
+            if kind in self.failures:
                 pytest.fail(self.failures[kind], pytrace=False)
             self.brokers[kind] = broker
-        self.check(kind)
+        self.check(kind, restart=True)
         return broker
 
-    def check(self, kind: str) -> None:
+    def check(self, kind: str, restart: bool) -> None:
+        """Fail (naming the log) if the broker died; with `restart`, start it again instead.
+
+        The test during which a broker dies fails at teardown; later tests get it restarted on
+        the same port (its data is lost on Tansu), so one crash does not fail the whole session.
+        """
         broker = self.brokers.get(kind)
-        if broker is None:
+        if broker is None or broker.running:
             return
         try:
             broker.check_alive()
+            return
         except BrokerError as exc:
-            self.failures[kind] = f"{kind} broker died during the session: {exc}"
-            pytest.fail(self.failures[kind], pytrace=False)
+            died = f"{kind} broker died during the session: {exc}"
+        if restart:
+            warnings.warn(f"{died}\nrestarting it on {broker.bootstrap}", stacklevel=1)
+            try:
+                broker.stop()
+                broker.start()
+                return
+            except BrokerError as exc:
+                self.failures[kind] = f"{died}\nand restarting it failed: {exc}"
+        pytest.fail(self.failures.get(kind, died), pytrace=False)
 
     def close(self) -> None:
         for broker in self.brokers.values():
@@ -111,12 +127,17 @@ def broker(request: pytest.FixtureRequest, broker_pool: BrokerPool) -> Broker:
 
 @pytest.fixture(autouse=True)
 def _brokers_still_alive(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Fail with the broker's log path (not a timeout) when a session broker has died."""
-    yield
-    if BROKER_FIXTURES & set(request.fixturenames):
-        pool: BrokerPool = request.getfixturevalue("broker_pool")
+    """A broker that died fails the test it died in (naming its log), and is restarted before
+    the next test that uses one, rather than leaving every later test to time out."""
+    uses_broker = bool(BROKER_FIXTURES & set(request.fixturenames))
+    pool: BrokerPool | None = request.getfixturevalue("broker_pool") if uses_broker else None
+    if pool is not None:
         for kind in list(pool.brokers):
-            pool.check(kind)
+            pool.check(kind, restart=True)
+    yield
+    if pool is not None:
+        for kind in list(pool.brokers):
+            pool.check(kind, restart=False)
 
 
 @pytest.fixture

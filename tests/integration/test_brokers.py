@@ -179,6 +179,7 @@ async def test_tansu_rejects_the_idempotent_producer(
         await producer.stop()
 
 
+@pytest.mark.broker
 def test_stopped_broker_frees_its_port_and_a_dead_one_names_its_log() -> None:
     port = free_port()
     broker = TansuBroker(port=port)
