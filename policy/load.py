@@ -101,6 +101,8 @@ PORT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 PROTOCOL_NAMES = {
     name.lower(): name for name in ("TCP", "UDP", "ICMP", "ICMPv6", "SCTP", "UDPLite")
 }
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
 PORT_PROTOCOLS = frozenset({"TCP", "UDP", "SCTP", "UDPLite", 6, 17, 132, 136})
 """Protocols that have ports (Calico's ``Protocol.SupportsPorts``)."""
 
@@ -980,6 +982,31 @@ _CALICO_READERS: dict[str, _Reader] = {
 # -- text -------------------------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1 base-60 numbers: ``ports: [5000:5010]`` must stay the
+    range the user wrote (PyYAML would read it as the integer 3235 for 53:55), as Kubernetes'
+    YAML reader keeps it."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _INT_TAG,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
 def _parse_documents(text: str, source: str) -> list[object]:
     stripped = text.lstrip()
     if stripped.startswith(("{", "[")):
@@ -995,7 +1022,7 @@ def _parse_documents(text: str, source: str) -> list[object]:
             return list(data["items"] or [])
         return [data]
     try:
-        return list(yaml.safe_load_all(text))
+        return list(yaml.load_all(text, Loader=_Loader))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         problem = getattr(error, "problem", None) or str(error)

@@ -516,3 +516,11 @@ spec: {order: 100, defaultAction: Pass}
     assert load(dump(objects)) == objects
     for obj in objects:
         assert load_document(obj.to_document()) == obj
+
+
+def test_unquoted_port_ranges_are_not_base_60_numbers() -> None:
+    (policy,) = load(
+        _policy("egress:\n- action: Allow\n  protocol: TCP\n  destination:\n    ports: [53:55]\n")
+    )
+    assert isinstance(policy, Policy)
+    assert policy.egress[0].destination.ports == (Port(53, 55),)
