@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -300,11 +301,31 @@ def kafka_libs(version: str | None = None) -> Path:
     return cache / "kafka" / (version or kafka_version()) / "libs"
 
 
+def java_major_version(java: str = "java") -> int | None:
+    """The major version of `java` (8 for "1.8.0_x", 17 for "17.0.15"), None if unknown."""
+    try:
+        out = subprocess.run(
+            [java, "-version"], capture_output=True, text=True, timeout=30
+        ).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if match is None:
+        return None
+    major = int(match.group(1))
+    return int(match.group(2) or 0) if major == 1 else major
+
+
 def missing_kafka_tools() -> list[str]:
     """What this machine lacks to run the Apache Kafka tier ([] when it can)."""
     missing = []
-    if shutil.which("java") is None:
-        missing.append("java (Debian: openjdk-17-jre-headless)")
+    java = shutil.which("java")
+    if java is None:
+        missing.append("java 17+ (Debian: openjdk-17-jre-headless)")
+    else:
+        major = java_major_version(java)
+        if major is not None and major < 17:
+            missing.append(f"java 17+ (found Java {major} at {java})")
     if not (kafka_libs() / ".complete").exists() and shutil.which("mvn") is None:
         missing.append("mvn (Debian: maven), to resolve the Kafka jars")
     return missing
