@@ -30,6 +30,7 @@ Choices where Calico leaves room (documented so operators are not surprised):
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import math
@@ -410,36 +411,55 @@ class Checker:
 def load(text: str, source: str = "<stdin>", *, default_namespace: str | None = None) -> list[Any]:
     """Every object in multi-document YAML (or JSON) text, or PolicyError listing all problems.
 
-    Objects are returned in document order; the same object twice is an error.
+    Objects are returned in document order; the same object twice is an error. A ``List``
+    document (as ``kubectl get -o yaml`` writes) contributes its ``items``; their problems
+    are located as ``items[i].<path>`` within that document.
     """
     documents = _parse_documents(text, source)
     objects: list[Any] = []
     problems: list[Problem] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}
     for index, document in enumerate(documents, start=1):
         if document is None:
             continue
-        try:
-            obj = load_document(document, source, index, default_namespace=default_namespace)
-        except PolicyError as error:
-            problems.extend(error.problems)
-            continue
-        key = obj.key
-        if key in seen:
-            problems.append(
-                Problem(
-                    source,
-                    index,
-                    "metadata.name",
-                    f"{key} is already defined in doc {seen[key]}",
+        for prefix, item in _expand_lists(document):
+            where = f"doc {index}" + (f" {prefix.rstrip('.')}" if prefix else "")
+            try:
+                obj = load_document(item, source, index, default_namespace=default_namespace)
+            except PolicyError as error:
+                problems.extend(
+                    dataclasses.replace(p, path=prefix + p.path if p.path else prefix.rstrip("."))
+                    for p in error.problems
                 )
-            )
-            continue
-        seen[key] = index
-        objects.append(obj)
+                continue
+            key = obj.key
+            if key in seen:
+                problems.append(
+                    Problem(
+                        source,
+                        index,
+                        prefix + "metadata.name",
+                        f"{key} is already defined in {seen[key]}",
+                    )
+                )
+                continue
+            seen[key] = where
+            objects.append(obj)
     if problems:
         raise PolicyError(problems)
     return objects
+
+
+def _expand_lists(document: object) -> list[tuple[str, object]]:
+    """(path prefix, object) pairs: a ``kind: List`` document yields its items."""
+    if (
+        isinstance(document, Mapping)
+        and isinstance(document.get("kind"), str)
+        and document["kind"].endswith("List")
+        and isinstance(document.get("items"), list)
+    ):
+        return [(f"items[{i}].", item) for i, item in enumerate(document["items"])]
+    return [("", document)]
 
 
 def dump(objects: Iterable[PolicyObject]) -> str:
@@ -1018,8 +1038,6 @@ def _parse_documents(text: str, source: str) -> list[object]:
             ) from None
         if isinstance(data, list):
             return list(data)
-        if isinstance(data, Mapping) and data.get("kind", "").endswith("List") and "items" in data:
-            return list(data["items"] or [])
         return [data]
     try:
         return list(yaml.load_all(text, Loader=_Loader))

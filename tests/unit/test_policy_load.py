@@ -524,3 +524,17 @@ def test_unquoted_port_ranges_are_not_base_60_numbers() -> None:
     )
     assert isinstance(policy, Policy)
     assert policy.egress[0].destination.ports == (Port(53, 55),)
+
+
+def test_list_documents_contribute_their_items() -> None:
+    tier = "{apiVersion: projectcalico.org/v3, kind: Tier, metadata: {name: %s}}"
+    text = f"apiVersion: v1\nkind: List\nitems:\n- {tier % 't'}\n- {tier % 'u'}\n"
+    assert load(text) == [Tier("t"), Tier("u")]
+    bad = f"apiVersion: v1\nkind: List\nitems:\n- {tier % 't'}\n- {tier % 'A_B'}\n"
+    with pytest.raises(PolicyError) as caught:
+        load(bad + "---\n" + tier % "t", "list.yaml")
+    assert [(p.document, p.path) for p in caught.value.problems] == [
+        (1, "items[1].metadata.name"),
+        (2, "metadata.name"),
+    ]
+    assert "already defined in doc 1 items[0]" in caught.value.problems[1].message
