@@ -29,11 +29,11 @@ placements are re-chosen (amortised O(1) per add; lookups never see a partial st
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeAlias, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar, cast
 
-from policy.selectors import Matcher, Or, Selector, label_restrictions
+from policy.selectors import Or, Selector, label_restrictions, python_expression
 
 __all__ = ["IndexStats", "SelectorIndex"]
 
@@ -67,6 +67,71 @@ class _Placement:
 _UNINDEXED = _Placement(())
 _NEVER = _Placement((), never=True)
 
+# A bucket unchanged for this many lookups is compiled into one generated function.
+COMPILE_AFTER_LOOKUPS = 8
+_NEVER_COMPILE = -(2**62)
+
+_BucketFn: TypeAlias = Callable[[Mapping[str, str]], list[Any]]
+
+
+class _Bucket(Generic[K]):
+    """Selectors filed under one restriction, evaluated together.
+
+    Until it settles, a bucket calls each member's compiled matcher. Once it has gone
+    ``COMPILE_AFTER_LOOKUPS`` lookups without a change, its members are compiled into ONE
+    function (one ``if`` per selector, sharing ``L.get``), which saves a Python call per
+    candidate; any change drops that function again, so churn never waits on compile().
+    """
+
+    __slots__ = ("fn", "hits", "members")
+
+    def __init__(self) -> None:
+        self.members: dict[K, Selector] = {}
+        self.fn: _BucketFn | None = None
+        self.hits = 0
+
+    def put(self, key: K, selector: Selector) -> None:
+        self.members[key] = selector
+        self._changed()
+
+    def drop(self, key: K) -> None:
+        if self.members.pop(key, None) is not None:
+            self._changed()
+
+    def _changed(self) -> None:
+        self.fn = None
+        if self.hits > 0:
+            self.hits = 0
+
+    def matching(self, labels: Mapping[str, str]) -> list[K]:
+        fn = self.fn
+        if fn is not None:
+            return fn(labels)
+        self.hits += 1
+        if self.hits >= COMPILE_AFTER_LOOKUPS and len(self.members) > 1:
+            fn = self.fn = self._compile()
+            if fn is not None:
+                return fn(labels)
+            self.hits = _NEVER_COMPILE
+        return [key for key, selector in self.members.items() if selector.matcher(labels)]
+
+    def _compile(self) -> _BucketFn | None:
+        consts: dict[str, object] = {}
+        lines = ["def _bucket(L):", "    g = L.get", "    r = []", "    a = r.append"]
+        for number, (key, selector) in enumerate(self.members.items()):
+            consts[f"_k{number}"] = key
+            lines.append(f"    if {python_expression(selector.root, consts)}: a(_k{number})")
+        lines.append("    return r")
+        namespace: dict[str, object] = {"__builtins__": {}, **consts}
+        try:
+            exec(compile("\n".join(lines) + "\n", "<selector bucket>", "exec"), namespace)
+        except (SyntaxError, RecursionError, MemoryError, ValueError):  # pragma: no cover
+            return None
+        return cast(_BucketFn, namespace["_bucket"])
+
+    def __len__(self) -> int:
+        return len(self.members)
+
 
 class SelectorIndex(Generic[K]):
     """Selectors registered under keys of type ``K``; answers "which match these labels?"."""
@@ -74,10 +139,10 @@ class SelectorIndex(Generic[K]):
     def __init__(self) -> None:
         self._selectors: dict[K, Selector] = {}
         self._placements: dict[K, _Placement] = {}
-        # label -> (value -> {key: matcher}, {key: matcher} filed under the label's presence):
-        # one dict lookup per label of the looked-up set finds both kinds of candidates.
-        self._buckets: dict[str, tuple[dict[str, dict[K, Matcher]], dict[K, Matcher]]] = {}
-        self._unindexed: dict[K, Matcher] = {}
+        # label -> (value -> bucket, bucket filed under the label's presence): one dict
+        # lookup per label of the looked-up set finds both kinds of candidates.
+        self._buckets: dict[str, tuple[dict[str, _Bucket[K]], _Bucket[K]]] = {}
+        self._unindexed: _Bucket[K] = _Bucket()
         # label -> how many registered selectors require each value (the selectivity model)
         self._named: dict[str, Counter[str]] = {}
         self._rebalance_at = 1
@@ -100,7 +165,7 @@ class SelectorIndex(Generic[K]):
     def _rebalance(self) -> None:
         """Re-choose every placement with the statistics of the whole registered set."""
         self._buckets.clear()
-        self._unindexed.clear()
+        self._unindexed = _Bucket()
         self._placements.clear()
         for key, selector in self._selectors.items():
             self._file(key, selector)
@@ -108,18 +173,20 @@ class SelectorIndex(Generic[K]):
     def _file(self, key: K, selector: Selector) -> None:
         placement = self._choose(selector)
         self._placements[key] = placement
-        matcher = selector.matcher
         if not placement.filed:
             if not placement.never:
-                self._unindexed[key] = matcher
+                self._unindexed.put(key, selector)
             return
         for label, values in placement.filed:
-            by_value, present = self._buckets.setdefault(label, ({}, {}))
+            by_value, present = self._buckets.setdefault(label, ({}, _Bucket()))
             if values is None:
-                present[key] = matcher
+                present.put(key, selector)
             else:
                 for value in values:
-                    by_value.setdefault(value, {})[key] = matcher
+                    bucket = by_value.get(value)
+                    if bucket is None:
+                        bucket = by_value[value] = _Bucket()
+                    bucket.put(key, selector)
 
     def remove(self, key: K) -> None:
         """Forget ``key``; a no-op when it is not registered."""
@@ -137,7 +204,7 @@ class SelectorIndex(Generic[K]):
                     del self._named[label]
         placement = self._placements.pop(key)
         if not placement.filed:
-            self._unindexed.pop(key, None)
+            self._unindexed.drop(key)
             return
         for label, values in placement.filed:
             entry = self._buckets.get(label)
@@ -145,12 +212,12 @@ class SelectorIndex(Generic[K]):
                 continue
             by_value, present = entry
             if values is None:
-                present.pop(key, None)
+                present.drop(key)
             else:
                 for value in values:
                     bucket = by_value.get(value)
                     if bucket is not None:
-                        bucket.pop(key, None)
+                        bucket.drop(key)
                         if not bucket:
                             del by_value[value]
             if not by_value and not present:
@@ -196,7 +263,7 @@ class SelectorIndex(Generic[K]):
 
     def matching(self, labels: Mapping[str, str]) -> set[K]:
         """Keys of every registered selector that matches ``labels``."""
-        result = [key for key, matcher in self._unindexed.items() if matcher(labels)]
+        result = self._unindexed.matching(labels) if self._unindexed.members else []
         extend = result.extend
         buckets = self._buckets
         for label, value in labels.items():
@@ -204,14 +271,14 @@ class SelectorIndex(Generic[K]):
             if entry is None:
                 continue
             bucket = entry[0].get(value)
-            if bucket:
-                extend([key for key, matcher in bucket.items() if matcher(labels)])
-            if entry[1]:
-                extend([key for key, matcher in entry[1].items() if matcher(labels)])
+            if bucket is not None:
+                extend(bucket.matching(labels))
+            if entry[1].members:
+                extend(entry[1].matching(labels))
         return set(result)
 
     def candidate_count(self, labels: Mapping[str, str]) -> int:
-        """How many evaluations :meth:`matching` does for ``labels`` (for diagnostics)."""
+        """How many selectors :meth:`matching` tests for ``labels`` (for diagnostics)."""
         total = len(self._unindexed)
         for label, value in labels.items():
             entry = self._buckets.get(label)

@@ -59,6 +59,7 @@ __all__ = [
     "from_node",
     "label_restrictions",
     "parse",
+    "python_expression",
     "uid_of",
 ]
 
@@ -266,6 +267,15 @@ def _python_expr(node: Node, consts: dict[str, object]) -> str:
         return "not " + _python_expr(node.operand, consts)
     joiner = " and " if isinstance(node, And) else " or "
     return "(" + joiner.join(_python_expr(op, consts) for op in node.operands) + ")"
+
+
+def python_expression(node: Node, consts: dict[str, object]) -> str:
+    """Python source testing ``node`` against ``L`` (the labels) with ``g = L.get`` bound.
+
+    Constants it needs are added to ``consts`` under fresh ``_c<n>`` names, so several
+    selectors can share one namespace (the label index compiles a bucket into one function).
+    """
+    return _python_expr(node, consts)
 
 
 def _compile(node: Node) -> Matcher:

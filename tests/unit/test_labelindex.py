@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_selector_properties import label_sets, rendered, trees  # shared strategies
 
+from policy import labelindex
 from policy.labelindex import SelectorIndex
 from policy.selectors import Selector, parse
 
@@ -124,32 +125,74 @@ def test_lookup_evaluates_only_candidates() -> None:
 # ----------------------------------------------------------------------------- properties
 
 operations = st.lists(
-    st.tuples(st.sampled_from(["add", "add", "add", "remove"]), st.integers(0, 15), trees),
-    max_size=40,
+    st.one_of(
+        st.tuples(st.sampled_from(["add", "add", "remove"]), st.integers(0, 15), trees),
+        st.tuples(st.just("lookup"), st.integers(0, 0), label_sets),
+    ),
+    max_size=50,
 )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(operations, st.lists(label_sets, min_size=1, max_size=10), st.data())
-def test_index_equals_brute_force_under_add_and_remove(
-    ops: list[tuple[str, int, Any]], labelsets: list[dict[str, str]], data: st.DataObject
+@given(
+    operations,
+    st.lists(label_sets, min_size=1, max_size=10),
+    st.sampled_from([1, 2, 1000]),
+    st.data(),
+)
+def test_index_equals_brute_force_under_add_remove_and_lookup(
+    ops: list[tuple[str, int, Any]],
+    labelsets: list[dict[str, str]],
+    compile_after: int,
+    data: st.DataObject,
 ) -> None:
-    index: SelectorIndex[str] = SelectorIndex()
-    registered: dict[str, Selector] = {}
-    for op, number, tree in ops:
-        key = f"k{number}"
-        if op == "add":
-            selector = parse(data.draw(rendered(tree)))
-            index.add(key, selector)
-            registered[key] = selector
-        else:
+    """Interleaved changes and lookups, with buckets compiled eagerly, soon, or never."""
+    saved = labelindex.COMPILE_AFTER_LOOKUPS
+    labelindex.COMPILE_AFTER_LOOKUPS = compile_after
+    try:
+        index: SelectorIndex[str] = SelectorIndex()
+        registered: dict[str, Selector] = {}
+        for op, number, arg in ops:
+            key = f"k{number}"
+            if op == "add":
+                selector = parse(data.draw(rendered(arg)))
+                index.add(key, selector)
+                registered[key] = selector
+            elif op == "remove":
+                index.remove(key)
+                registered.pop(key, None)
+            else:
+                assert index.matching(arg) == brute_force(registered, arg)
+            assert len(index) == len(registered)
+        for _ in range(2):  # the second pass runs compiled buckets when compile_after <= 2
+            for labels in labelsets:
+                assert index.matching(labels) == brute_force(registered, labels)
+        for key in list(registered):
             index.remove(key)
-            registered.pop(key, None)
-        assert len(index) == len(registered)
-    for labels in labelsets:
-        assert index.matching(labels) == brute_force(registered, labels)
-    for key in list(registered):
-        index.remove(key)
-    assert len(index) == 0
-    for labels in labelsets:
-        assert index.matching(labels) == set()
+        assert len(index) == 0
+        for labels in labelsets:
+            assert index.matching(labels) == set()
+    finally:
+        labelindex.COMPILE_AFTER_LOOKUPS = saved
+
+
+def test_buckets_compile_after_settling_and_recompile_after_changes() -> None:
+    index: SelectorIndex[int] = SelectorIndex()
+    for i in range(10):
+        index.add(i, parse(f"app == 'web' && version != 'v{i}'"))
+    bucket = index._buckets["app"][0]["web"]
+    assert len(bucket) == 10
+    labels = {"app": "web", "version": "v3"}
+    everyone_but_3 = set(range(10)) - {3}
+    for _ in range(labelindex.COMPILE_AFTER_LOOKUPS):
+        assert bucket.fn is None
+        assert index.matching(labels) == everyone_but_3
+    assert bucket.fn is not None
+    assert index.matching(labels) == everyone_but_3
+    index.add(99, parse("app == 'web' && has(version)"))
+    assert bucket.fn is None
+    assert index.matching(labels) == everyone_but_3 | {99}
+    index.remove(4)
+    for _ in range(labelindex.COMPILE_AFTER_LOOKUPS + 1):
+        assert index.matching(labels) == everyone_but_3 - {4} | {99}
+    assert bucket.fn is not None
