@@ -18,9 +18,9 @@ for text, so our selector uids equal Felix's:
   namespace term is added as soon as any of selector, notSelector or namespaceSelector is
   used. ``notSelector`` itself is used as written (Calico does not scope it).
 - order (``felix/calc/policy_sorter.go``): tiers by order (none last), then name; tiers
-  that have policies but no Tier object after every defined tier. Policies by order (none
-  = +inf), then by Felix's policy key name (``<namespace>/<name>``, or ``<name>`` for
-  global policies).
+  that have policies but no Tier object after every defined tier (current Felix still
+  applies them, with the zero default action, which drops). Policies by order (none =
+  +inf), then by ``"<name>/<namespace>/<kind>"`` as current Felix breaks ties.
 """
 
 from __future__ import annotations
@@ -266,8 +266,9 @@ class TierPolicies:
 
 
 def policy_sort_name(policy: Policy) -> str:
-    """Felix's policy key name, the tie-break between policies of equal order."""
-    return f"{policy.namespace}/{policy.name}" if policy.namespace is not None else policy.name
+    """The tie-break between policies of equal order: current Felix compares
+    ``"<name>/<namespace>/<kind>"`` (``PolKVLess``), most specific part first."""
+    return f"{policy.name}/{policy.namespace or ''}/{policy.kind}"
 
 
 def _policy_key(policy: Policy) -> tuple[float, str]:

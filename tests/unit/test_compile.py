@@ -250,21 +250,23 @@ def test_sort_tiers_order_then_name_none_last() -> None:
     assert [t.name for t in sort_tiers(tiers)] == ["c", "a", "b", "y", "z"]
 
 
-def test_sort_policies_order_then_felix_key_name() -> None:
+def test_sort_policies_order_then_felix_tie_break() -> None:
     policies = [
         Policy("GlobalNetworkPolicy", "zeta", order=None),
         Policy("NetworkPolicy", "b", "ns1", order=5.0),
-        Policy("GlobalNetworkPolicy", "ns1", order=5.0),
+        Policy("GlobalNetworkPolicy", "b", order=5.0),
+        Policy("NetworkPolicy", "b", "ns0", order=5.0),
         Policy("NetworkPolicy", "a", "ns2", order=5.0),
         Policy("GlobalNetworkPolicy", "alpha", order=None),
         Policy("GlobalNetworkPolicy", "first", order=-1.5),
     ]
-    # Global keys are bare names, namespaced keys "namespace/name": "ns1" < "ns1/b" < "ns2/a".
+    # Ties compare "name/namespace/kind": "a/ns2/…" < "b//Global…" < "b/ns0/…" < "b/ns1/…".
     assert [(p.namespace, p.name) for p in sort_policies(policies)] == [
         (None, "first"),
-        (None, "ns1"),
-        ("ns1", "b"),
         ("ns2", "a"),
+        (None, "b"),
+        ("ns0", "b"),
+        ("ns1", "b"),
         (None, "alpha"),
         (None, "zeta"),
     ]
