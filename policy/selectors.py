@@ -388,6 +388,10 @@ class Selector:
     def __str__(self) -> str:
         return self.canonical
 
+    def __reduce__(self) -> tuple[Callable[[str], Selector], tuple[str]]:
+        """Pickle (and deepcopy) as the canonical text: generated code does not pickle."""
+        return parse, (self.canonical,)
+
 
 def _make(root: Node) -> Selector:
     canonical = _canonical(root)

@@ -4,7 +4,9 @@ canonical forms and uids (Calico's own test vectors), errors with columns."""
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
+import pickle
 
 import pytest
 
@@ -267,6 +269,32 @@ def test_equality_and_hash_follow_canonical_text() -> None:
     assert len({a, b}) == 1
     assert isinstance(a, Selector)
     assert str(a) == a.canonical
+
+
+def test_pickles_and_copies_as_canonical_text() -> None:
+    selector = parse("app in {'b', 'a'} && !has(x)")
+    for clone in (pickle.loads(pickle.dumps(selector)), copy.deepcopy(selector)):
+        assert clone == selector
+        assert clone.uid == selector.uid
+        assert clone.matches({"app": "a"}) and not clone.matches({"app": "a", "x": ""})
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical", "labels"),
+    [
+        ("a == 'x\\y'", 'a == "x\\y"', {"a": "x\\y"}),
+        ("a == '{}()!&|,'", 'a == "{}()!&|,"', {"a": "{}()!&|,"}),
+        ('a in {"\'", "it\'s"}', "a in {\"'\", \"it's\"}", {"a": "it's"}),
+        ("a == '  '", 'a == "  "', {"a": "  "}),
+        ("a == 'line\nbreak'", 'a == "line\nbreak"', {"a": "line\nbreak"}),
+    ],
+)
+def test_values_are_taken_literally(text: str, canonical: str, labels: dict[str, str]) -> None:
+    selector = parse(text)
+    assert selector.canonical == canonical
+    assert selector.matches(labels)
+    assert parse(canonical).matches(labels)
+    assert not selector.matches({"a": "other"})
 
 
 def test_parse_is_cached() -> None:
