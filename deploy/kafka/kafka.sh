@@ -32,9 +32,12 @@ resolve() {
   mkdir -p "$(dirname "$LIBS")"
   tmp=$(mktemp -d "$(dirname "$LIBS")/.libs.XXXXXX")
   # shellcheck disable=SC2064
-  trap "rm -rf '$tmp'" EXIT
-  if ! mvn -q -B -Dstyle.color=never -f "$HERE/pom.xml" -Dkafka.version="$VERSION" \
-      dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp" >&2; then
+  trap "rm -rf '$tmp'; rmdir '$(dirname "$LIBS")' 2>/dev/null || true" EXIT
+  # (Debian's Maven 3.8 prints colour resets even with -B; sed strips them, pipefail keeps
+  # Maven's exit status.)
+  if ! mvn -q -B -f "$HERE/pom.xml" -Dkafka.version="$VERSION" \
+      dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp" 2>&1 \
+      | sed -e 's/\x1b\[[0-9;]*m//g' >&2; then
     die "Maven could not resolve org.apache.kafka:kafka_2.13:$VERSION (see the messages above)"
   fi
   ls "$tmp"/kafka_2.13-"$VERSION".jar >/dev/null 2>&1 || die "kafka_2.13-$VERSION.jar missing after resolve"
