@@ -193,7 +193,7 @@ def _rules(
     for i, item in enumerate(port_items):
         where = f"{path}.ports[{i}]"
         fields = check.mapping(item, where, {"protocol", "port", "endPort"})
-        protocol = check.choice(fields.get("protocol", "TCP"), f"{where}.protocol", _PROTOCOLS)
+        protocol = check.choice(fields.get("protocol") or "TCP", f"{where}.protocol", _PROTOCOLS)
         port = _port(fields, where, check)
         if protocol is None:
             continue

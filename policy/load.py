@@ -163,7 +163,8 @@ class Checker:
     # -- structure ---------------------------------------------------------------------------
 
     def mapping(self, value: object, path: str, allowed: Iterable[str]) -> dict[str, Any]:
-        """A mapping whose keys are all in ``allowed``; unknown fields are reported."""
+        """A mapping whose keys are all in ``allowed``; unknown fields are reported and
+        fields set to null are left out (the Kubernetes API writes ``"ipBlock": null``)."""
         if value is None:
             return {}
         if not isinstance(value, Mapping):
@@ -178,7 +179,7 @@ class Checker:
                 hint = _closest(key, allowed_set)
                 where = _join(path, key)
                 self.report(where, "unknown field" + (f" (did you mean {hint!r}?)" if hint else ""))
-            else:
+            elif item is not None:  # null is absent, as when Go decodes JSON
                 result[key] = item
         return result
 

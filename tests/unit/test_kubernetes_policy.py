@@ -347,3 +347,30 @@ def test_simplify_ports_like_calico() -> None:
         [Port(82, 82), Port(80, 80), Port(81, 81), Port(9090, 9090), Port.named("foo")]
     ) == [Port.named("foo"), Port(80, 82), Port(9090, 9090)]
     assert simplify_ports([Port(10, 20), Port(15, 30), Port(31, 31)]) == [Port(10, 31)]
+
+
+def test_api_server_nulls_are_absent_fields() -> None:
+    """Objects read from the API server spell unset fields as null."""
+    policy = _np(
+        {
+            "podSelector": {"matchLabels": None, "matchExpressions": None},
+            "ingress": None,
+            "egress": [
+                {
+                    "to": [
+                        {
+                            "ipBlock": None,
+                            "namespaceSelector": None,
+                            "podSelector": {"matchLabels": {"app": "db"}},
+                        }
+                    ],
+                    "ports": [{"protocol": None, "port": 5432, "endPort": None}],
+                }
+            ],
+            "policyTypes": ["Egress"],
+        }
+    )
+    (rule,) = policy.egress
+    assert rule.protocol == "TCP" and rule.destination.ports == (Port(5432, 5432),)
+    assert rule.destination.selector == f"{ORCH} && app == 'db'"
+    assert rule.destination.namespace_selector is None and rule.destination.nets == ()
