@@ -699,7 +699,7 @@ def parse(text: str) -> Selector:
     return _parse_cached(text)
 
 
-@functools.lru_cache(maxsize=16384)
+@functools.lru_cache(maxsize=8192)
 def _parse_cached(text: str) -> Selector:
     return _make(_parse_root(text))
 
