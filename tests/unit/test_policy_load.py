@@ -6,6 +6,8 @@ import json
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policy import HostEndpoint, NetworkSet, Policy, PolicyError, Port, Tier, dump, load
 from policy.load import load_document
@@ -538,3 +540,134 @@ def test_list_documents_contribute_their_items() -> None:
         (2, "metadata.name"),
     ]
     assert "already defined in doc 1 items[0]" in caught.value.problems[1].message
+
+
+# -- fuzz: only PolicyError escapes, whatever the document ------------------------------------
+
+_FIELDS = [
+    "apiVersion",
+    "kind",
+    "metadata",
+    "spec",
+    "name",
+    "namespace",
+    "labels",
+    "selector",
+    "namespaceSelector",
+    "serviceAccountSelector",
+    "types",
+    "ingress",
+    "egress",
+    "action",
+    "protocol",
+    "notProtocol",
+    "icmp",
+    "notICMP",
+    "type",
+    "code",
+    "ipVersion",
+    "source",
+    "destination",
+    "nets",
+    "notNets",
+    "notSelector",
+    "ports",
+    "notPorts",
+    "serviceAccounts",
+    "names",
+    "services",
+    "domains",
+    "order",
+    "tier",
+    "defaultAction",
+    "node",
+    "interfaceName",
+    "expectedIPs",
+    "profiles",
+    "allowedEgressDomains",
+    "podSelector",
+    "policyTypes",
+    "from",
+    "to",
+    "ipBlock",
+    "cidr",
+    "except",
+    "port",
+    "endPort",
+    "matchLabels",
+    "matchExpressions",
+    "key",
+    "operator",
+    "values",
+    "items",
+    "metadata",
+    "annotations",
+]
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 70000),
+    st.floats(allow_nan=True),
+    st.sampled_from(
+        [
+            "",
+            "TCP",
+            "Allow",
+            "Egress",
+            "10.0.0.0/8",
+            "a == 'b'",
+            "*.x.com",
+            "80:90",
+            "projectcalico.org/v3",
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+            "GlobalNetworkPolicy",
+            "Tier",
+            "HostEndpoint",
+            "GlobalNetworkSet",
+            "In",
+            "global()",
+            "x",
+            "List",
+        ]
+    ),
+    st.text(max_size=6),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(
+            st.one_of(st.sampled_from(_FIELDS), st.text(max_size=3)), inner, max_size=5
+        ),
+    ),
+    max_leaves=25,
+)
+_DOCUMENTS = st.fixed_dictionaries(
+    {
+        "apiVersion": st.sampled_from(["projectcalico.org/v3", "networking.k8s.io/v1"]),
+        "kind": st.sampled_from(
+            [
+                "NetworkPolicy",
+                "GlobalNetworkPolicy",
+                "NetworkSet",
+                "GlobalNetworkSet",
+                "HostEndpoint",
+                "Tier",
+            ]
+        ),
+        "metadata": st.one_of(_VALUES, st.just({"name": "x", "namespace": "y"})),
+        "spec": _VALUES,
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=st.one_of(_DOCUMENTS, _VALUES))
+def test_only_policy_error_escapes(document: object) -> None:
+    try:
+        obj = load_document(document, "fuzz", 1)
+    except PolicyError as error:
+        assert error.problems and all(str(p).startswith("fuzz") for p in error.problems)
+    else:
+        assert load_document(obj.to_document()) == obj
