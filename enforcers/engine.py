@@ -17,6 +17,7 @@ Two layers:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -267,11 +268,12 @@ class Enforcer:
         self._need_restart = False
         self.topics = {s.name(topic_prefix): s.suffix for s in (POLICIES, MEMBERSHIPS, ENDPOINTS)}
 
-    async def _consumer(self) -> Any:
+    async def _consumer(self, stop: asyncio.Event) -> Any:
+        """A started consumer assigned every partition, or None if stopped while retrying."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         backoff = 0.2
-        while True:
+        while not stop.is_set():
             consumer = AIOKafkaConsumer(
                 **self.kafka_kwargs, group_id=None, enable_auto_commit=False,
                 auto_offset_reset="earliest", max_poll_records=10_000,
@@ -279,16 +281,18 @@ class Enforcer:
             )
             try:
                 await consumer.start()
-                known = await consumer.topics()
-                missing = sorted(set(self.topics) - known)
+                # the consumer's own cluster view only tracks subscribed topics: ask for all
+                cluster = await consumer._client.fetch_all_metadata()
+                missing = sorted(t for t in self.topics if not cluster.partitions_for_topic(t))
                 if missing:
                     raise RuntimeError(
-                        f"topics {', '.join(missing)} do not exist; run `portcullis topics create`"
+                        f"topics {', '.join(missing)} do not exist (yet); "
+                        "run `portcullis topics create`"
                     )
                 parts = [
                     TopicPartition(t, p)
                     for t in self.topics
-                    for p in sorted(consumer.partitions_for_topic(t) or ())
+                    for p in sorted(cluster.partitions_for_topic(t) or ())
                 ]
                 consumer.assign(parts)
                 await consumer.seek_to_beginning(*parts)
@@ -296,10 +300,12 @@ class Enforcer:
                 return consumer
             except Exception as exc:
                 self.metrics.connected.set(0)
-                await consumer.stop()
+                await _close(consumer)
                 log.warning("brokers not usable yet (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 10.0)
+        return None
 
     def _take(self, batch: Mapping[Any, Iterable[Any]]) -> int:
         n = 0
@@ -373,7 +379,9 @@ class Enforcer:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
         self._need_restart = False
-        consumer = await self._consumer()
+        consumer = await self._consumer(stop)
+        if consumer is None:
+            return
         try:
             n = await self._read_to_end(consumer)
             log.info("read %d records to the end of the topics; programming", n)
@@ -407,7 +415,7 @@ class Enforcer:
                         self.metrics.errors.inc()
                         log.exception("resync failed; will retry")
         finally:
-            await consumer.stop()
+            await _close(consumer)
 
     async def _check_brokers(self, consumer: Any) -> None:
         try:
@@ -417,3 +425,14 @@ class Enforcer:
             if self.metrics.connected.value:
                 log.warning("brokers unreachable; keeping the programmed dataplane (fail static)")
             self.metrics.connected.set(0)
+
+
+async def _close(consumer: Any) -> None:
+    """Stop the consumer; with the brokers gone aiokafka's fetcher may raise while closing."""
+    try:
+        await asyncio.wait_for(consumer.stop(), 5)
+    except (Exception, asyncio.CancelledError) as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.debug("consumer did not close cleanly: %r", exc)

@@ -3,17 +3,87 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
 
-from portcullis.cli import CommandError, command
+from portcullis.cli import CommandError, command, run_async
 from portcullis.settings import Settings
+
+log = logging.getLogger("portcullis.enforce")
 
 
 @command("enforce", "Program this node's ipsets and iptables chains from the topics.")
 class Command:
     @staticmethod
     def configure(parser: argparse.ArgumentParser) -> None:
-        pass
+        parser.add_argument("--node", required=True, help="this node's name (as on endpoints)")
+        parser.add_argument(
+            "--netns", metavar="NAME",
+            help="program the dataplane of this named network namespace instead of the host's",
+        )
+        parser.add_argument(
+            "--dry-run", action="store_true",
+            help="record ipset and iptables operations instead of touching the kernel",
+        )
+        parser.add_argument(
+            "--metrics-port", type=int, metavar="PORT",
+            help="serve Prometheus metrics on this port (GET /metrics)",
+        )
+        parser.add_argument(
+            "--resync-interval", type=float, default=30.0, metavar="SECONDS",
+            help="how often to compare the kernel with what we programmed (default 30)",
+        )
+        parser.add_argument(
+            "--batch-window", type=float, default=0.003, metavar="SECONDS",
+            help="how long to wait for more changes before one transaction (default 0.003)",
+        )
 
     @staticmethod
     def run(args: argparse.Namespace, settings: Settings) -> int:
-        raise CommandError("not built yet (issue 5); nothing was done")
+        from enforcers import netns as netns_mod
+
+        if args.resync_interval <= 0:
+            raise CommandError(f"--resync-interval must be positive, got {args.resync_interval}")
+        if args.netns and not netns_mod.exists(args.netns):
+            raise CommandError(f"network namespace {args.netns!r} does not exist")
+        run_async(_main(args, settings))
+        return 0
+
+
+async def _main(args: argparse.Namespace, settings: Settings) -> None:
+    from enforcers.engine import DryRunIptables, Enforcer, Programmer
+    from enforcers.ipsets import DryRunIpsets, NetlinkIpsets, set_name
+    from enforcers.iptables import Iptables
+    from enforcers.metrics import EnforcerMetrics, serve
+    from enforcers.state import EnforcerState
+
+    if args.dry_run:
+        programmer = Programmer(DryRunIpsets(), DryRunIptables())
+    else:
+        try:
+            programmer = Programmer(NetlinkIpsets(netns=args.netns), Iptables(args.netns))
+        except OSError as exc:
+            raise CommandError(
+                f"cannot open the ipset netlink socket (root needed?): {exc}"
+            ) from None
+    metrics = EnforcerMetrics()
+    enforcer = Enforcer(
+        EnforcerState(args.node, set_name), programmer, settings.kafka.aiokafka_kwargs(),
+        settings.topic_prefix, metrics, batch_window=args.batch_window,
+        resync_interval=args.resync_interval,
+    )
+    server = await serve(metrics, args.metrics_port) if args.metrics_port else None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("enforcing node %s%s%s", args.node,
+             f" in netns {args.netns}" if args.netns else "", " (dry run)" if args.dry_run else "")
+    try:
+        await enforcer.run(stop)
+    finally:
+        if server is not None:
+            server.close()
+        # Fail static: what is programmed stays programmed when we stop.
+        log.info("stopped; the programmed dataplane stays as it is")
