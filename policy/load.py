@@ -497,7 +497,7 @@ def load_document(
         from policy.kubernetes import policy_from_document
 
         result: PolicyObject = policy_from_document(doc, check, default_namespace)
-    elif api_version in CALICO_API_VERSIONS:
+    elif isinstance(api_version, str) and api_version in CALICO_API_VERSIONS:
         reader = _CALICO_READERS.get(kind) if isinstance(kind, str) else None
         if reader is None:
             check.report(
@@ -505,8 +505,7 @@ def load_document(
                 f"unsupported kind {kind!r} (expected one of {', '.join(sorted(_CALICO_READERS))})",
             )
             check.raise_if_problems()
-        assert reader is not None
-        result = reader(doc, check, default_namespace)
+        result = cast(_Reader, reader)(doc, check, default_namespace)
     else:
         check.report(
             "apiVersion",

@@ -645,16 +645,21 @@ _VALUES = st.recursive(
 )
 _DOCUMENTS = st.fixed_dictionaries(
     {
-        "apiVersion": st.sampled_from(["projectcalico.org/v3", "networking.k8s.io/v1"]),
-        "kind": st.sampled_from(
-            [
-                "NetworkPolicy",
-                "GlobalNetworkPolicy",
-                "NetworkSet",
-                "GlobalNetworkSet",
-                "HostEndpoint",
-                "Tier",
-            ]
+        "apiVersion": st.one_of(
+            st.sampled_from(["projectcalico.org/v3", "networking.k8s.io/v1"]), _VALUES
+        ),
+        "kind": st.one_of(
+            st.sampled_from(
+                [
+                    "NetworkPolicy",
+                    "GlobalNetworkPolicy",
+                    "NetworkSet",
+                    "GlobalNetworkSet",
+                    "HostEndpoint",
+                    "Tier",
+                ]
+            ),
+            _VALUES,
         ),
         "metadata": st.one_of(_VALUES, st.just({"name": "x", "namespace": "y"})),
         "spec": _VALUES,
@@ -671,3 +676,9 @@ def test_only_policy_error_escapes(document: object) -> None:
         assert error.problems and all(str(p).startswith("fuzz") for p in error.problems)
     else:
         assert load_document(obj.to_document()) == obj
+
+
+def test_unhashable_api_version_is_a_problem_not_a_crash() -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_document({"apiVersion": ["projectcalico.org/v3"], "kind": {"a": 1}})
+    assert caught.value.problems[0].path == "apiVersion"
