@@ -30,6 +30,7 @@ from policy.load import (
     Checker,
     PolicyError,
     read_metadata,
+    valid_port_name,
 )
 from policy.model import (
     DEFAULT_TIER_NAME,
@@ -279,11 +280,17 @@ def _port(fields: Mapping[str, Any], path: str, check: Checker) -> Port | None:
         if end is not None:
             check.report(f"{path}.endPort", "needs a numeric port")
         return None
-    if isinstance(raw, str) and not raw.isdigit():
-        port = check.port(raw, f"{path}.port")
+    if isinstance(raw, str) and not (raw.isascii() and raw.isdigit()):
+        if not valid_port_name(raw):
+            check.report(
+                f"{path}.port",
+                f"invalid port {raw!r} (expected a number or a port name of up to 15 lowercase "
+                "letters, digits and '-')",
+            )
+            return None
         if end is not None:
             check.report(f"{path}.endPort", "cannot be used with a named port")
-        return port
+        return Port.named(raw)
     number = check.integer(int(raw) if isinstance(raw, str) else raw, f"{path}.port", 1, 65535)
     if number is None:
         return None

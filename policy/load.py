@@ -371,7 +371,7 @@ class Checker:
         if not isinstance(value, str):
             self.report(path, f"expected a port number, range or name, got {_type_name(value)}")
             return None
-        if re.fullmatch(r"\d+(:\d+)?", value):
+        if re.fullmatch(r"[0-9]+(:[0-9]+)?", value):
             first_text, _, last_text = value.partition(":")
             first = int(first_text)
             last = int(last_text) if last_text else first
@@ -382,7 +382,7 @@ class Checker:
                 self.report(path, f"port range {value!r} starts after it ends")
                 return None
             return Port(first, last)
-        if not _valid_port_name(value):
+        if not valid_port_name(value):
             self.report(
                 path,
                 f"invalid port {value!r} (expected a number, a range like 8000:8080, or a "
@@ -940,7 +940,7 @@ def _read_host_endpoint(
         where = f"spec.ports[{i}]"
         fields = check.mapping(item, where, {"name", "protocol", "port"})
         port_name = check.string(fields.get("name"), _join(where, "name"), required=True)
-        if port_name and not _valid_port_name(port_name):
+        if port_name and not valid_port_name(port_name):
             check.report(_join(where, "name"), f"invalid port name {port_name!r}")
         protocol = check.protocol(fields.get("protocol"), _join(where, "protocol"))
         if fields.get("protocol") is None:
@@ -1089,7 +1089,7 @@ def _valid_label_key(key: str) -> bool:
     return 0 < len(name) <= 63 and bool(_QUALIFIED_PART.match(name))
 
 
-def _valid_port_name(name: str) -> bool:
+def valid_port_name(name: str) -> bool:
     """IANA service name rules, as Kubernetes applies them to named ports."""
     return (
         0 < len(name) <= 15

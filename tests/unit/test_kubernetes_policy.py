@@ -374,3 +374,9 @@ def test_api_server_nulls_are_absent_fields() -> None:
     assert rule.protocol == "TCP" and rule.destination.ports == (Port(5432, 5432),)
     assert rule.destination.selector == f"{ORCH} && app == 'db'"
     assert rule.destination.namespace_selector is None and rule.destination.nets == ()
+
+
+def test_odd_port_strings_are_problems_not_crashes() -> None:
+    for port in ("²", "٨٠", "80:90"):
+        with pytest.raises(PolicyError):
+            _np({"podSelector": {}, "ingress": [{"ports": [{"port": port}]}]})
