@@ -87,8 +87,12 @@ class Programmer:
         self.iptables = iptables
         self.actual: Actual | None = None
         self.chains: dict[str, Chain] = {}
+        self._source: Mapping[str, Chain] | None = None
 
     def _apply_chains(self, chains: Mapping[str, Chain]) -> int:
+        if chains is self._source and self.actual is not None:
+            return 0  # the very ruleset programmed last time (state reuses it when unchanged)
+        self._source = chains
         if self.actual is None:
             self.actual = self.iptables.save()
         result = self.iptables.apply(chains, self.actual)
@@ -134,6 +138,7 @@ class Programmer:
                     self.ipsets.add(name, members)
                 ops += len(members)
         self.actual = self.iptables.save()
+        self._source = None
         written = self._apply_chains(plan.chains)
         for name in existing:
             if (name.startswith((SET_PREFIX, TEMP_PREFIX))) and name not in plan.create_sets:
@@ -337,8 +342,8 @@ class Enforcer:
             else:
                 plan = self.state.plan()
                 observed = plan.observed_at
-                if not plan.member_ops and plan.chains == self.programmer.chains and not (
-                    plan.destroy_sets
+                if not plan.member_ops and not plan.destroy_sets and (
+                    plan.chains is self.programmer._source
                 ):
                     self._observe(observed)
                     return

@@ -159,12 +159,19 @@ class EnforcerState:
         self._uid_of_set: dict[str, str] = {}
         self._dirty_members: dict[str, set[str]] = defaultdict(set)
         self._observed: list[float] = []
+        # chains and sets in use only change with policies, tiers, local endpoints and
+        # the memberships of local endpoints: other membership changes reuse them
+        self._rules_dirty = True
+        self._chains: dict[str, Chain] = {}
+        self._in_use: dict[str, str] = {}
 
     # ------------------------------------------------------------------ updates
 
-    def _note(self, observed_at: float | None) -> None:
+    def _note(self, observed_at: float | None, rules_changed: bool = True) -> None:
         if observed_at is not None:
             self._observed.append(observed_at)
+        if rules_changed:
+            self._rules_dirty = True
 
     def upsert_policy(self, policy: CompiledPolicy, observed_at: float | None = None) -> None:
         self.delete_policy(policy.key)
@@ -207,7 +214,7 @@ class EnforcerState:
         self.memberships[(uid, endpoint_key)] = new
         self.uids_of_endpoint[endpoint_key].add(uid)
         self._recount(uid, old or (), new)
-        self._note(observed_at)
+        self._note(observed_at, old is None and endpoint_key in self.endpoints)
 
     def delete_membership(
         self, uid: str, endpoint_key: str, observed_at: float | None = None
@@ -220,7 +227,7 @@ class EnforcerState:
         if not uids:
             del self.uids_of_endpoint[endpoint_key]
         self._recount(uid, old, ())
-        self._note(observed_at)
+        self._note(observed_at, endpoint_key in self.endpoints)
 
     def _recount(self, uid: str, old: Iterable[str], new: Iterable[str]) -> None:
         counter = self.contents[uid]
@@ -313,8 +320,11 @@ class EnforcerState:
 
     def plan(self) -> Plan:
         """The changes since the previous plan (the first plan programs everything)."""
-        chains = render.render(self.endpoint_specs(), self.family)
-        in_use = {self.set_name(uid): uid for uid in self.uids_in_use()}
+        if self._rules_dirty:
+            self._chains = render.render(self.endpoint_specs(), self.family)
+            self._in_use = {self.set_name(uid): uid for uid in self.uids_in_use()}
+            self._rules_dirty = False
+        chains, in_use = self._chains, self._in_use
         plan = Plan(chains=chains, observed_at=self._observed)
         self._observed = []
         for name, uid in in_use.items():
@@ -347,6 +357,7 @@ class EnforcerState:
 
     def forget_programmed(self) -> None:
         """Make the next plan program every set from scratch (after a restart or a loss)."""
+        self._rules_dirty = True
         self._programmed_sets.clear()
         self._uid_of_set.clear()
         self._dirty_members = defaultdict(set)
