@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     n, n1 = args.members, args.one_by_one_members
+    load_before = os.getloadavg()  # a shared machine: say how busy it was
     members = v4_members(n)
     ns = f"pc-ipsb-{secrets.token_hex(4)}"
     netns.create(ns)
@@ -244,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             "pyroute2": pyroute2.__version__,
             "ipset": tool_version(["ipset", "--version"]),
             "cpus": os.cpu_count(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
         },
         "batched_messages_per_add": messages,
         "python_encoding_share_of_batched": encode_share,
