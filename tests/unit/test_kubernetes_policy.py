@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policy import Policy, PolicyError, Port, dump, load
 from policy.compile import arrange, policy_selectors
@@ -380,3 +382,70 @@ def test_odd_port_strings_are_problems_not_crashes() -> None:
     for port in ("²", "٨٠", "80:90"):
         with pytest.raises(PolicyError):
             _np({"podSelector": {}, "ingress": [{"ports": [{"port": port}]}]})
+
+
+_K8S_FIELDS = [
+    "podSelector",
+    "ingress",
+    "egress",
+    "policyTypes",
+    "from",
+    "to",
+    "ports",
+    "ipBlock",
+    "cidr",
+    "except",
+    "port",
+    "endPort",
+    "protocol",
+    "namespaceSelector",
+    "matchLabels",
+    "matchExpressions",
+    "key",
+    "operator",
+    "values",
+    "app",
+]
+_K8S_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 70000),
+    st.sampled_from(
+        [
+            "",
+            "TCP",
+            "UDP",
+            "In",
+            "NotIn",
+            "Exists",
+            "Egress",
+            "Ingress",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "http",
+            "80",
+            "a",
+            "²",
+        ]
+    ),
+    st.text(max_size=4),
+)
+_K8S_VALUES = st.recursive(
+    _K8S_SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(_K8S_FIELDS), inner, max_size=4),
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=_K8S_VALUES)
+def test_translation_raises_only_policy_error(spec: object) -> None:
+    try:
+        policy = _np(spec)  # type: ignore[arg-type]
+    except PolicyError:
+        return
+    assert policy.name.startswith("knp.default.")
+    assert load(dump([policy])) == [policy]
