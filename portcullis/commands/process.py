@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from portcullis.cli import CommandError, command
 from portcullis.settings import Settings
@@ -12,8 +13,64 @@ from portcullis.settings import Settings
 class Command:
     @staticmethod
     def configure(parser: argparse.ArgumentParser) -> None:
-        pass
+        parser.add_argument(
+            "--store",
+            choices=["rocksdb", "memory"],
+            default=os.environ.get("PORTCULLIS_STREAMS_STORE", "rocksdb"),
+            help="table store: rocksdb (default; local state survives restarts) or memory "
+            "(tables are rebuilt from their changelogs on every start)",
+        )
+        parser.add_argument(
+            "--data-dir",
+            default=os.environ.get("PORTCULLIS_STREAMS_DATA_DIR", "/var/lib/portcullis/streams"),
+            metavar="DIR",
+            help="where rocksdb tables live (default /var/lib/portcullis/streams)",
+        )
+        parser.add_argument(
+            "--group",
+            default=None,
+            metavar="ID",
+            help="consumer group / Faust app id (default <topic-prefix>streams); workers "
+            "with the same group share the partitions",
+        )
 
     @staticmethod
     def run(args: argparse.Namespace, settings: Settings) -> int:
-        raise CommandError("not built yet (issue 4); nothing was done")
+        import faust
+
+        from streams.app import Processor, StreamsConfig
+
+        kafka = settings.kafka
+        ssl_context = None
+        if kafka.security_protocol in ("SSL", "SASL_SSL"):
+            ssl_context = kafka.aiokafka_kwargs()["ssl_context"]
+        if args.store == "rocksdb":
+            try:
+                os.makedirs(args.data_dir, exist_ok=True)
+            except OSError as exc:
+                raise CommandError(
+                    f"--data-dir {args.data_dir}: cannot create: {exc.strerror}"
+                ) from None
+        config = StreamsConfig(
+            bootstrap=kafka.bootstrap,
+            topic_prefix=settings.topic_prefix,
+            partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+            store=f"{args.store}://",
+            data_dir=args.data_dir,
+            security_protocol=kafka.security_protocol,
+            ssl_context=ssl_context,
+            sasl_mechanism=kafka.sasl_mechanism,
+            sasl_username=kafka.sasl_username,
+            sasl_password=kafka.sasl_password,
+            app_id=args.group,
+        )
+        processor = Processor(config)
+        worker = faust.Worker(
+            processor.app,
+            loglevel=settings.log_level,
+            quiet=True,
+            override_logging=False,
+        )
+        worker.execute_from_commandline()
+        return 0

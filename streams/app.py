@@ -1,0 +1,359 @@
+"""The Faust application: thin adapters around the pure compile and match cores.
+
+Two agents, both without concurrency (faust-streaming can commit past an in-flight
+message with ``concurrency > 1``):
+
+* *compile* reads ``policies``; per partition a `CompileState` (restored from the
+  ``policy-refs`` table) turns a policy change into selector registrations, sent with an
+  explicit partition to ``selectors`` and acknowledged by the broker *before* the table is
+  updated, so a crash can only make it redo work, never forget a withdrawal.
+* *match* reads ``endpoints``, ``profiles`` and ``selectors`` (co-partitioned: one agent
+  over the three topics, so one worker owns a namespace's whole stream). Per partition a
+  `PartitionState` is restored from the ``endpoints``, ``profiles`` and ``selectors``
+  tables plus the ``members`` table, then resynced. The ``members`` table's changelog
+  IS the ``memberships`` topic: writing a member is publishing it, and recovering the
+  table is reading what was published, so the two can never disagree.
+
+Partition states are rebuilt lazily, on the first event of a partition after every
+rebalance; rebuilding resyncs desired members (from the inputs) against the published
+ones, which repairs anything a crash left half-done. Malformed records go to the
+dead-letter topic and processing continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+import orjson
+from faust.types import TP
+
+from policy.load import PolicyError
+from streams.compile import (
+    CompileState,
+    SelectorRef,
+    split_selector_message_key,
+)
+from streams.membership import Delta, PartitionState
+from topics.codec import dead_letter, decode_as, decode_key, encode
+from topics.partitioner import partition_for_key
+from topics.records import (
+    EndpointRecord,
+    MembershipRecord,
+    PolicyRecord,
+    ProfileRecord,
+    RecordError,
+    SelectorRecord,
+    split_endpoint_key,
+    split_membership_key,
+)
+from topics.specs import DEADLETTER, ENDPOINTS, MEMBERSHIPS, POLICIES, PROFILES, SELECTORS
+
+__all__ = ["StreamsConfig", "create_app"]
+
+log = logging.getLogger("portcullis.streams")
+
+
+@dataclass(frozen=True)
+class StreamsConfig:
+    """What the processor needs to know; built from `portcullis.settings` by the CLI."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    topic_prefix: str = "portcullis."
+    partitions: int = 8
+    replication_factor: int = 1
+    store: str = "rocksdb://"  # memory:// in tests
+    data_dir: str = "/var/lib/portcullis/streams"
+    security_protocol: str = "PLAINTEXT"
+    ssl_context: ssl.SSLContext | None = None
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    app_id: str | None = None  # consumer group; default <prefix>streams
+
+    def broker_credentials(self) -> Any:
+        """Faust credentials for the configured security protocol (None: plaintext)."""
+        if self.security_protocol == "PLAINTEXT":
+            return None
+        if self.security_protocol == "SSL":
+            return faust.SSLCredentials(self.ssl_context or ssl.create_default_context())
+        if self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+            context = None
+            if self.security_protocol == "SASL_SSL":
+                context = self.ssl_context or ssl.create_default_context()
+            return faust.SASLCredentials(
+                username=self.sasl_username,
+                password=self.sasl_password,
+                ssl_context=context,
+                mechanism=self.sasl_mechanism or "PLAIN",
+            )
+        raise ValueError(f"unsupported security protocol {self.security_protocol!r}")
+
+
+def _partition_of_endpoint_key(key: str, partitions: int) -> int:
+    _kind, namespace, name = split_endpoint_key(key)
+    return partition_for_key(namespace if namespace is not None else name, partitions)
+
+
+def _partition_of_profile_key(key: str, partitions: int) -> int:
+    return partition_for_key(key[4:].partition(".")[0], partitions)
+
+
+class Processor:
+    """Owns the Faust app, its topics and tables, and the per-partition pure states."""
+
+    def __init__(self, config: StreamsConfig) -> None:
+        self.config = config
+        prefix = config.topic_prefix
+        self.partitions = config.partitions
+        self.app = faust.App(
+            config.app_id or f"{prefix}streams",
+            broker=[f"kafka://{host.strip()}" for host in config.bootstrap.split(",")],
+            broker_credentials=config.broker_credentials(),
+            store=config.store,
+            datadir=config.data_dir,
+            topic_partitions=config.partitions,
+            topic_replication_factor=config.replication_factor,
+            key_serializer="raw",
+            value_serializer="raw",
+            web_enabled=False,
+            consumer_auto_offset_reset="earliest",
+            table_standby_replicas=0,
+            topic_allow_declare=True,
+            producer_acks=-1,
+        )
+        app = self.app
+
+        def topic(name: str, compact: bool = False) -> Any:
+            return app.topic(
+                name,
+                key_type=bytes,
+                value_type=bytes,
+                partitions=config.partitions,
+                compacting=compact or None,
+                internal=False,
+            )
+
+        self.policies_name = POLICIES.name(prefix)
+        self.endpoints_name = ENDPOINTS.name(prefix)
+        self.profiles_name = PROFILES.name(prefix)
+        self.selectors_name = SELECTORS.name(prefix)
+        self.memberships_name = MEMBERSHIPS.name(prefix)
+        self.policies_topic = topic(self.policies_name)
+        self.selectors_topic = topic(self.selectors_name)
+        self.match_topic = app.topic(
+            self.endpoints_name,
+            self.profiles_name,
+            self.selectors_name,
+            key_type=bytes,
+            value_type=bytes,
+        )
+        self.deadletter_topic = app.topic(
+            DEADLETTER.name(prefix), key_type=bytes, value_type=bytes, partitions=1
+        )
+
+        def table(name: str, **kwargs: Any) -> Any:
+            return app.Table(
+                name,
+                key_type=bytes,
+                value_type=bytes,
+                partitions=config.partitions,
+                **kwargs,
+            )
+
+        self.policy_refs = table("policy-refs")
+        self.endpoints = table("endpoints")
+        self.profiles = table("profiles")
+        self.selectors = table("selectors")
+        self.members = table(
+            "members",
+            changelog_topic=app.topic(
+                self.memberships_name,
+                key_type=bytes,
+                value_type=bytes,
+                partitions=config.partitions,
+                compacting=True,
+                internal=False,
+            ),
+        )
+        self._compile_states: dict[int, CompileState] = {}
+        self._match_states: dict[int, PartitionState] = {}
+        self.processed = 0
+
+        app.agent(self.policies_topic, name="compile")(self._compile_agent)
+        app.agent(self.match_topic, name="match")(self._match_agent)
+
+        @app.on_partitions_revoked.connect  # type: ignore[misc]
+        async def _revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+            self._forget(revoked)
+
+        @app.on_partitions_assigned.connect  # type: ignore[misc]
+        async def _assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
+            self._forget(assigned)
+
+    def _forget(self, tps: Iterable[TP]) -> None:
+        """Drop cached states of these partitions: they are rebuilt from the tables."""
+        for tp in tps:
+            if tp.topic == self.policies_name:
+                self._compile_states.pop(tp.partition, None)
+            elif tp.topic in (self.endpoints_name, self.profiles_name, self.selectors_name):
+                self._match_states.pop(tp.partition, None)
+
+    # ------------------------------------------------------------------ dead letters
+
+    async def _reject(self, event: Any, error: BaseException, agent: str) -> None:
+        msg = event.message
+        log.warning("%s[%d]@%d rejected: %s", msg.topic, msg.partition, msg.offset, error)
+        record = dead_letter(
+            msg.topic, msg.partition, msg.offset, msg.key, msg.value, error, f"streams.{agent}"
+        )
+        await self.deadletter_topic.send(key=msg.key, value=encode(record), partition=0)
+
+    # ------------------------------------------------------------------ compile
+
+    def _compile_state(self, partition: int) -> CompileState:
+        state = self._compile_states.get(partition)
+        if state is None:
+            state = CompileState(partition, self.partitions)
+            refs: dict[str, list[SelectorRef]] = {}
+            for raw_key, raw in self.policy_refs.items():
+                key = raw_key.decode()
+                if _partition_of_endpoint_key(key, self.partitions) == partition:
+                    refs[key] = [SelectorRef.from_json(item) for item in orjson.loads(raw)]
+            state.restore(refs)
+            self._compile_states[partition] = state
+            log.info("compile partition %d: restored %d policies", partition, len(refs))
+        return state
+
+    async def _compile_agent(self, stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            try:
+                key = decode_key(msg.key)
+                record = decode_as(PolicyRecord, msg.value)
+                state = self._compile_state(msg.partition)
+                observed_at = record.observed_at if record is not None else time.time()
+                regs = state.apply_policy(key, record, observed_at)
+            except (RecordError, PolicyError) as exc:
+                await self._reject(event, exc, "compile")
+                continue
+            pending = []
+            for reg in regs:
+                value = encode(reg.record) if reg.record is not None else None
+                pending.append(
+                    await self.selectors_topic.send(
+                        key=reg.key.encode(), value=value, partition=reg.partition, force=True
+                    )
+                )
+            for fut in pending:
+                await fut  # acknowledged before the table says it was done
+            if key in state.refs:
+                refs = [ref.to_json() for ref in state.refs[key]]
+                self.policy_refs[key.encode()] = orjson.dumps(refs)
+            elif key.encode() in self.policy_refs:
+                del self.policy_refs[key.encode()]
+            self.processed += 1
+
+    # ------------------------------------------------------------------ match
+
+    def _match_state(self, partition: int) -> tuple[PartitionState, list[Delta]]:
+        state = self._match_states.get(partition)
+        if state is not None:
+            return state, []
+        n = self.partitions
+        state = PartitionState()
+        endpoints = [
+            rec
+            for k, v in self.endpoints.items()
+            if _partition_of_endpoint_key(k.decode(), n) == partition
+            and (rec := decode_as(EndpointRecord, v)) is not None
+        ]
+        profiles = [
+            rec
+            for k, v in self.profiles.items()
+            if _partition_of_profile_key(k.decode(), n) == partition
+            and (rec := decode_as(ProfileRecord, v)) is not None
+        ]
+        selectors = []
+        for k, v in self.selectors.items():
+            stored = k.decode()
+            target, _, selector_key = stored.partition("/")
+            if int(target) != partition:
+                continue
+            uid, source = split_selector_message_key(selector_key)
+            selectors.append((uid, source, v.decode()))
+        members = []
+        for k, v in self.members.items():
+            _uid, endpoint_key = split_membership_key(k.decode())
+            if _partition_of_endpoint_key(endpoint_key, n) == partition:
+                member = decode_as(MembershipRecord, v)
+                if member is not None:
+                    members.append(member)
+        state.restore(endpoints, profiles, selectors, members)
+        deltas = state.resync(time.time())
+        self._match_states[partition] = state
+        log.info(
+            "match partition %d: restored %d endpoints, %d profiles, %d selectors, %d members;"
+            " resync changed %d",
+            partition, len(endpoints), len(profiles), len(selectors), len(members), len(deltas),
+        )
+        return state, deltas
+
+    async def _match_agent(self, stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            partition = msg.partition
+            try:
+                key = decode_key(msg.key)
+                state, deltas = self._match_state(partition)
+                self._write_members(deltas)
+                if msg.topic == self.endpoints_name:
+                    endpoint = decode_as(EndpointRecord, msg.value)
+                    if _partition_of_endpoint_key(key, self.partitions) != partition:
+                        raise RecordError(f"endpoint {key!r} is on the wrong partition")
+                    deltas = state.apply_endpoint(key, endpoint)
+                    self._write_input(self.endpoints, key.encode(), msg.value)
+                elif msg.topic == self.profiles_name:
+                    profile = decode_as(ProfileRecord, msg.value)
+                    if _partition_of_profile_key(key, self.partitions) != partition:
+                        raise RecordError(f"profile {key!r} is on the wrong partition")
+                    deltas = state.apply_profile(key, profile)
+                    self._write_input(self.profiles, key.encode(), msg.value)
+                else:
+                    selector = decode_as(SelectorRecord, msg.value)
+                    uid, source = split_selector_message_key(key)
+                    deltas = state.apply_selector(uid, source, selector)
+                    stored = f"{partition}/{key}".encode()
+                    text = selector.selector.encode() if selector and selector.active else None
+                    self._write_input(self.selectors, stored, text)
+            except RecordError as exc:
+                await self._reject(event, exc, "match")
+                continue
+            self._write_members(deltas)
+            self.processed += 1
+
+    @staticmethod
+    def _write_input(table: Any, key: bytes, value: bytes | None) -> None:
+        if value is not None:
+            table[key] = value
+        elif key in table:
+            del table[key]
+
+    def _write_members(self, deltas: Iterable[Delta]) -> None:
+        members = self.members
+        for delta in deltas:
+            key = delta.key.encode()
+            if delta.record is not None:
+                members[key] = encode(delta.record)
+            elif key in members:
+                del members[key]
+
+
+def create_app(config: StreamsConfig) -> faust.App:
+    """The Faust app for `config` (call ``.main()`` or run a worker on it)."""
+    return Processor(config).app
