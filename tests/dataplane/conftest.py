@@ -15,7 +15,7 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
@@ -29,7 +29,6 @@ class Netns:
     """A named network namespace and a way to run commands in it."""
 
     name: str
-    _created: bool = field(default=False, repr=False)
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 30.0,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
