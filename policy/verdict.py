@@ -30,7 +30,17 @@ from typing import Literal
 
 from policy.compile import CompiledEntity, CompiledPolicy, TierPolicies, policy_selectors
 from policy.domains import matches as domain_matches
-from policy.model import EndpointPort, EntityRule, Policy, PolicyType, Port, Protocol, Rule
+from policy.labels import network_set_labels
+from policy.model import (
+    EndpointPort,
+    EntityRule,
+    NetworkSet,
+    Policy,
+    PolicyType,
+    Port,
+    Protocol,
+    Rule,
+)
 
 EndpointKind = Literal["workload", "host"]
 Decision = Literal["allow", "deny"]
@@ -99,6 +109,47 @@ class Peer:
     domains: tuple[str, ...] = ()
     named_ports: tuple[EndpointPort, ...] = ()
     services: frozenset[str] = frozenset()
+
+
+def peer_of(
+    ip: str | None,
+    *,
+    labels: Iterable[Mapping[str, str]] = (),
+    network_sets: Iterable[NetworkSet] = (),
+    domains: Iterable[str] = (),
+    namespace_labels: Mapping[str, Mapping[str, str]] | None = None,
+    named_ports: tuple[EndpointPort, ...] = (),
+    services: frozenset[str] = frozenset(),
+) -> Peer:
+    """A Peer whose label sets come from the endpoints holding ``ip`` (``labels``, already
+    built with ``policy.labels``) and from the network sets that contain it, by CIDR or,
+    for egress Allow rules only, by one of ``domains`` matching ``allowedEgressDomains``.
+
+    ``namespace_labels`` maps namespace name to its labels, for namespaced sets' ``pcns.``
+    inheritance.
+    """
+    names = tuple(domains)
+    by_ip: list[Mapping[str, str]] = list(labels)
+    by_domain: list[Mapping[str, str]] = []
+    for network_set in network_sets:
+        inherited = (namespace_labels or {}).get(network_set.namespace or "")
+        set_labels = network_set_labels(dict(network_set.labels), network_set.namespace, inherited)
+        if ip is not None and _in_nets(ip, network_set.nets):
+            by_ip.append(set_labels)
+        elif any(
+            domain_matches(pattern, name)
+            for pattern in network_set.allowed_egress_domains
+            for name in names
+        ):
+            by_domain.append(set_labels)
+    return Peer(
+        ip=ip,
+        label_sets=tuple(by_ip),
+        domain_label_sets=tuple(by_domain),
+        domains=names,
+        named_ports=named_ports,
+        services=services,
+    )
 
 
 @dataclass(frozen=True, slots=True)

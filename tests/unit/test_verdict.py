@@ -389,3 +389,35 @@ def test_allow_only_policies_never_deny_a_packet_one_of_them_allows(
         assert not result.allowed and result.tier == "default"
     else:
         assert result.allowed and result.policy is None
+
+
+def test_peer_of_network_sets_by_cidr_and_by_domain() -> None:
+    from policy import NetworkSet
+    from policy.verdict import peer_of
+
+    saas = NetworkSet(
+        "GlobalNetworkSet",
+        "saas",
+        labels=(("role", "saas"),),
+        nets=("203.0.113.0/24",),
+        allowed_egress_domains=("*.saas.example",),
+    )
+    local = NetworkSet("NetworkSet", "db", "prod", labels=(("role", "db"),), nets=("10.9.0.0/16",))
+    by_ip = peer_of("203.0.113.7", network_sets=[saas, local])
+    assert by_ip.label_sets == ({"role": "saas"},) and by_ip.domain_label_sets == ()
+    by_name = peer_of("192.0.2.1", network_sets=[saas], domains=["api.saas.example"])
+    assert by_name.label_sets == () and by_name.domain_label_sets == ({"role": "saas"},)
+    assert (
+        peer_of("192.0.2.1", network_sets=[saas], domains=["saas.example"]).domain_label_sets == ()
+    )
+    namespaced = peer_of("10.9.1.1", network_sets=[local], namespace_labels={"prod": {"t": "a"}})
+    assert namespaced.label_sets == (
+        {
+            "role": "db",
+            "projectcalico.org/namespace": "prod",
+            "pcns.t": "a",
+            "pcns.projectcalico.org/name": "prod",
+        },
+    )
+    allow = _gnp("a", Rule("Allow", destination=EntityRule(selector="role == 'saas'")))
+    assert _decide(allow, packet=Packet("TCP", by_name, port=443))[0] == "allow"
