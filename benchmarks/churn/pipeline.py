@@ -1,0 +1,144 @@
+"""The pipelines the harness drives without a broker: ours (pure core) and the naive baseline.
+
+`PurePipeline` is Portcullis' own processing with the transport taken out: the streams'
+in-memory processor (`streams.local.LocalProcessor`: compile and match per partition, the
+same code the Faust agents run) feeding a `Fleet` of dry-run enforcers. It is what the
+unit tests check against the oracle and what the baseline is compared with, event for
+event.
+
+`NaivePipeline` is the baseline the issue asks for: after every event, every selector is
+recomputed against every endpoint (the oracle, no index, no increments), and every node
+rewrites every set it uses in full, `ipset restore`-style (a temporary set filled and
+swapped in), in dry run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from benchmarks.churn import checker
+from benchmarks.churn.cluster import ChurnEvent, Cluster
+from benchmarks.churn.fleet import Fleet
+from enforcers.ipsets import DryRunIpsets, replace_contents
+from streams.local import LocalProcessor
+from streams.membership import Delta
+from topics.records import EndpointRecord, PolicyRecord, ProfileRecord
+
+__all__ = ["CollectingProcessor", "NaivePipeline", "PurePipeline", "initial_records"]
+
+
+class CollectingProcessor(LocalProcessor):
+    """The streams' in-memory processor, keeping the deltas it emits for the caller."""
+
+    def __init__(self, partitions: int) -> None:
+        super().__init__(partitions)
+        self.out: list[Delta] = []
+
+    def _emit(self, deltas: Iterable[Delta]) -> None:
+        deltas = list(deltas)
+        self.out.extend(deltas)
+        super()._emit(deltas)
+
+    def take(self) -> list[Delta]:
+        out, self.out = self.out, []
+        return out
+
+
+def initial_records(cluster: Cluster, observed_at: float = 1.0) -> tuple[
+        list[ProfileRecord], list[PolicyRecord], list[EndpointRecord]]:
+    """Profiles, policy records and every endpoint (sets, host endpoints, pods) to publish."""
+    pods = [p.record(observed_at) for p in cluster.pods.values()]
+    return list(cluster.profiles), list(cluster.policy_records), [*cluster.endpoint_records, *pods]
+
+
+class PurePipeline:
+    """Ours, in one process: LocalProcessor → Fleet, no broker."""
+
+    def __init__(self, cluster: Cluster, partitions: int = 8) -> None:
+        self.cluster = cluster
+        self.processor = CollectingProcessor(partitions)
+        self.fleet = Fleet.of(cluster.nodes)
+        self.events: set[float] = set()
+
+    def load(self) -> None:
+        profiles, policies, endpoints = initial_records(self.cluster)
+        for prof in profiles:
+            self.processor.publish_profile(prof.key, prof)
+        for pol in policies:
+            self.processor.publish_policy(pol.key, pol)
+            self.fleet.policy(pol.key, pol, 0.0)
+        for ep in endpoints:
+            self.processor.publish_endpoint(ep.key, ep)
+            self.fleet.endpoint(ep.key, ep, 0.0)
+        self.settle()
+
+    def publish_event(self, event: ChurnEvent, at: float) -> None:
+        rec = event.record(at)
+        self.events.add(at)
+        self.fleet.cause[event.key] = at
+        self.processor.publish_endpoint(event.key, rec)
+        self.fleet.endpoint(event.key, rec, at)
+
+    def publish_policy(self, rec: PolicyRecord) -> None:
+        self.events.add(rec.observed_at)
+        self.processor.publish_policy(rec.key, rec)
+        self.fleet.policy(rec.key, rec, rec.observed_at)
+
+    def publish_endpoint(self, rec: EndpointRecord) -> None:
+        self.events.add(rec.observed_at)
+        self.fleet.cause[rec.key] = rec.observed_at
+        self.processor.publish_endpoint(rec.key, rec)
+        self.fleet.endpoint(rec.key, rec, rec.observed_at)
+
+    def settle(self) -> None:
+        """Process everything queued and program every node that changed."""
+        self.processor.drain()
+        now = time.time()
+        for delta in self.processor.take():
+            self.fleet.membership(delta.key, delta.record, now)
+        self.fleet.program(self.events)
+
+    def inputs(self) -> tuple[list[EndpointRecord], list[ProfileRecord], list[PolicyRecord]]:
+        """The final state of the inputs (what the compacted topics hold)."""
+        return (list(self.fleet.endpoints.values()), list(self.cluster.profiles),
+                list(self.fleet.policies.values()))
+
+
+class NaivePipeline:
+    """The baseline: full recomputation of every selector and full set rewrites per event."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        profiles, policies, endpoints = initial_records(cluster)
+        self.profiles = profiles
+        self.policies = {p.key: p for p in policies}
+        self.endpoints = {e.key: e for e in endpoints}
+        self.ipsets = {n: DryRunIpsets() for n in cluster.nodes}
+        self.member_ops = 0
+
+    def apply(self, key: str, rec: EndpointRecord | None) -> None:
+        if rec is None:
+            self.endpoints.pop(key, None)
+        else:
+            self.endpoints[key] = rec
+        self.recompute()
+
+    def apply_policy(self, rec: PolicyRecord) -> None:
+        self.policies[rec.key] = rec
+        self.recompute()
+
+    def recompute(self) -> None:
+        expected = checker.expected_state(
+            self.endpoints.values(), self.profiles, self.policies.values(), self.cluster.nodes)
+        for node, sets in expected.sets.items():
+            backend = self.ipsets[node]
+            for name, members in sets.items():
+                replace_contents(backend, name, members)
+                self.member_ops += len(members)
+            for name in list(backend.sets):
+                if name not in sets:
+                    backend.destroy(name)
+
+    def programmed_sets(self) -> dict[str, dict[str, set[str]]]:
+        return {n: b.list_sets() for n, b in self.ipsets.items()}
