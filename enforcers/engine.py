@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
+
 from enforcers import state as state_mod
 from enforcers.ipsets import IpsetBackend, replace_contents
 from enforcers.iptables import Actual, ApplyResult, Iptables
@@ -40,6 +42,8 @@ from topics.records import (
 from topics.specs import ENDPOINTS, MEMBERSHIPS, POLICIES
 
 log = logging.getLogger(__name__)
+
+_MEMBERSHIP_FIELDS = {"v", *MembershipRecord.__dataclass_fields_order__}  # type: ignore[attr-defined]
 
 SET_PREFIX = "pc-"
 TEMP_PREFIX = "pt-"
@@ -209,6 +213,45 @@ class RecordSink:
                 rec.selector_uid, rec.endpoint_key, rec.ips, rec.observed_at
             )
 
+    def _fast_membership(self, value: bytes) -> bool:
+        """Apply a well-formed membership without building the record (the cold-start path).
+
+        Anything unusual returns False, and the full decoder judges it (and names the
+        problem); IPs are validated when they become set members.
+        """
+        try:
+            data = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return False
+        if (
+            not isinstance(data, dict)
+            or data.keys() != _MEMBERSHIP_FIELDS
+            or data["v"] != MembershipRecord.VERSION
+        ):
+            return False
+        uid, endpoint, ips, at = (
+            data["selector_uid"], data["endpoint_key"], data["ips"], data["observed_at"]
+        )
+        if not (
+            isinstance(uid, str) and uid and isinstance(endpoint, str) and endpoint.count("/") == 2
+            and isinstance(ips, list) and all(isinstance(i, str) for i in ips)
+            and isinstance(at, int | float) and not isinstance(at, bool)
+        ):
+            return False
+        self.state.upsert_membership(uid, endpoint, ips, float(at))
+        return True
+
+    def _elsewhere(self, value: bytes) -> bool:
+        """True for a well-formed record of an endpoint on another node (or none)."""
+        try:
+            data = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return False
+        return (
+            isinstance(data, dict) and data.get("v") == EndpointRecord.VERSION
+            and "node" in data and data["node"] != self.state.node
+        )
+
     def policy(self, key: str, rec: PolicyRecord | None) -> None:
         from policy.load import load_document
 
@@ -235,8 +278,14 @@ class RecordSink:
         try:
             key = codec.decode_key(key_raw)
             if suffix == MEMBERSHIPS.suffix:
+                if value is not None and self._fast_membership(value):
+                    return
                 self.membership(key, codec.decode_as(MembershipRecord, value))
             elif suffix == ENDPOINTS.suffix:
+                if value is not None and key not in self.state.endpoints and (
+                    self._elsewhere(value)
+                ):
+                    return  # another node's endpoint: nothing to enforce here
                 self.endpoint(key, codec.decode_as(EndpointRecord, value))
             elif suffix == POLICIES.suffix:
                 self.policy(key, codec.decode_as(PolicyRecord, value))

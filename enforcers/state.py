@@ -19,6 +19,7 @@ to are programmed.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -116,10 +117,38 @@ class Plan:
             dp.sets.pop(name, None)
 
 
+def _fast_v4(text: str) -> str | None:
+    """Canonical member text for plain IPv4 input without ipaddress' cost (None: not sure).
+
+    ``inet_pton`` accepts only canonical dotted quads (no leading zeros, no short forms).
+    """
+    addr, slash, plen = text.partition("/")
+    try:
+        raw = socket.inet_pton(socket.AF_INET, addr)
+    except OSError:
+        return None
+    if not slash:
+        return addr
+    if not (plen.isascii() and plen.isdigit()) or not 1 <= int(plen) <= 32:
+        return None  # /0 and nonsense take the slow path
+    prefix = int(plen)
+    if prefix == 32:
+        return addr
+    value = int.from_bytes(raw, "big") & (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
+    return f"{socket.inet_ntop(socket.AF_INET, value.to_bytes(4, 'big'))}/{prefix}"
+
+
 def set_members(ips: Iterable[str], family: int = 4) -> set[str]:
     """Canonical ``hash:net`` members of one family: hosts bare, ``/0`` as two ``/1``."""
     out: set[str] = set()
     for text in ips:
+        if family == 4:
+            if ":" in text:
+                continue
+            fast = _fast_v4(text)
+            if fast is not None:
+                out.add(fast)
+                continue
         net = ipaddress.ip_network(text, strict=False)
         if net.version != family:
             continue

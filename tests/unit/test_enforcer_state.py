@@ -162,6 +162,22 @@ def test_sets_are_only_programmed_for_policies_applying_here() -> None:
     assert state.plan().create_sets == {}
 
 
+@given(st.integers(0, 2**32 - 1), st.integers(0, 32), st.booleans())
+def test_fast_member_parsing_equals_ipaddress(value: int, prefix: int, bare: bool) -> None:
+    import ipaddress
+
+    addr = str(ipaddress.IPv4Address(value))
+    text = addr if bare else f"{addr}/{prefix}"
+    net = ipaddress.ip_network(text, strict=False)
+    if net.prefixlen == 0:
+        want = {"0.0.0.0/1", "128.0.0.0/1"}
+    elif net.prefixlen == 32:
+        want = {str(net.network_address)}
+    else:
+        want = {str(net)}
+    assert set_members([text]) == want
+
+
 def test_members_of_one_family_with_zero_prefix_split() -> None:
     assert set_members(["0.0.0.0/0", "fd00::/8", "10.0.0.1/32", "10.1.2.3/16"]) == {
         "0.0.0.0/1", "128.0.0.0/1", "10.0.0.1", "10.1.0.0/16"}
@@ -225,3 +241,40 @@ def test_compiled_model_policies_order_across_tiers_and_use_compile_uids() -> No
     (spec,) = state.endpoint_specs()
     assert [t.name for t in spec.tiers] == ["security", "default"]
     assert spec.tiers[0].default_action == "Pass"
+
+
+def test_record_sink_fast_paths_agree_with_full_decoding_and_reject_bad_records() -> None:
+    import orjson
+
+    from enforcers.engine import RecordSink
+    from enforcers.metrics import EnforcerMetrics
+    from topics import codec
+    from topics.records import EndpointRecord, MembershipRecord
+
+    rec = MembershipRecord("s:abc", "pod/ns/a", "ns", "n1", "vetha", ("10.0.0.1",), 5.0)
+    fast = EnforcerState("n1", namer)
+    slow = EnforcerState("n1", namer)
+    fast_sink = RecordSink(fast, EnforcerMetrics())
+    fast_sink.message("memberships", rec.key.encode(), codec.encode(rec))
+    RecordSink(slow, EnforcerMetrics()).membership(rec.key, rec)
+    assert fast.memberships == slow.memberships and fast._observed == slow._observed
+    fast_sink.message("memberships", rec.key.encode(), None)  # tombstone
+    assert fast.memberships == {}
+
+    bad = dict(rec.to_dict(), ips=["10.0.0.300"])
+    fast_sink.message("memberships", rec.key.encode(), orjson.dumps(bad))
+    assert fast_sink.metrics.rejected.value == 1 and fast.memberships == {}
+    fast_sink.message("memberships", rec.key.encode(), orjson.dumps({"v": 99}))
+    assert fast_sink.metrics.rejected.value == 2
+
+    here = EndpointRecord("pod", "ns", "a", "n1", "vetha", ("10.0.0.1",), {}, None,
+                          "kubernetes", 1.0)
+    there = EndpointRecord("pod", "ns", "b", "n2", "vethb", ("10.0.0.2",), {}, None,
+                           "kubernetes", 1.0)
+    for ep in (here, there):
+        fast_sink.message("endpoints", ep.key.encode(), codec.encode(ep))
+    assert set(fast.endpoints) == {"pod/ns/a"}
+    moved = EndpointRecord("pod", "ns", "a", "n2", "vetha", ("10.0.0.1",), {}, None,
+                           "kubernetes", 2.0)
+    fast_sink.message("endpoints", moved.key.encode(), codec.encode(moved))
+    assert fast.endpoints == {}
