@@ -75,6 +75,9 @@ class StreamsConfig:
     sasl_username: str | None = None
     sasl_password: str | None = None
     app_id: str | None = None  # consumer group; default <prefix>streams
+    #: Group session timeout (s). Faust's 60 s default also makes joins slow on Tansu, which
+    #: completes a JoinGroup only after about half of it; tests use 2 s.
+    session_timeout: float = 60.0
 
     def broker_credentials(self) -> Any:
         """Faust credentials for the configured security protocol (None: plaintext)."""
@@ -126,6 +129,8 @@ class Processor:
             table_standby_replicas=0,
             topic_allow_declare=True,
             producer_acks=-1,
+            broker_session_timeout=config.session_timeout,
+            broker_heartbeat_interval=max(0.3, min(3.0, config.session_timeout / 5)),
         )
         app = self.app
 

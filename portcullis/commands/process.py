@@ -34,12 +34,23 @@ class Command:
             "with the same group share the partitions",
         )
 
+        parser.add_argument(
+            "--session-timeout",
+            type=float,
+            default=60.0,
+            metavar="SECONDS",
+            help="consumer group session timeout: how long a dead worker keeps its partitions "
+            "(default 60)",
+        )
+
     @staticmethod
     def run(args: argparse.Namespace, settings: Settings) -> int:
         import faust
 
         from streams.app import Processor, StreamsConfig
 
+        if args.session_timeout <= 0:
+            raise CommandError(f"--session-timeout must be positive, got {args.session_timeout:g}")
         kafka = settings.kafka
         ssl_context = None
         if kafka.security_protocol in ("SSL", "SASL_SSL"):
@@ -64,6 +75,7 @@ class Command:
             sasl_username=kafka.sasl_username,
             sasl_password=kafka.sasl_password,
             app_id=args.group,
+            session_timeout=args.session_timeout,
         )
         processor = Processor(config)
         worker = faust.Worker(

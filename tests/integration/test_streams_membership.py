@@ -26,6 +26,7 @@ from streams.oracle import Payload, oracle_memberships, payload
 from topics.codec import decode_as, encode
 from topics.partitioner import partition_for_key
 from topics.records import (
+    DeadLetterRecord,
     EndpointRecord,
     MembershipRecord,
     PolicyRecord,
@@ -233,6 +234,7 @@ class Worker:
             "process", "--store", "memory",
             "--bootstrap", bootstrap, "--topic-prefix", prefix,
             "--partitions", str(PARTITIONS), "--data-dir", str(log_dir / name),
+            "--session-timeout", "2",
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -293,3 +295,134 @@ async def test_memberships_equal_oracle(broker: Any, topic_prefix: str, tmp_path
     assert len(expected) > 20  # the workload makes real memberships
     got = await wait_for(broker.bootstrap, topic_prefix, expected)
     assert got == expected, diff(expected, got) + "\n" + worker.log_tail()
+
+
+async def test_replay_gives_identical_memberships(broker: Any, topic_prefix: str,
+                                                  tmp_path: Path, workers: list[Worker]) -> None:
+    """A second consumer group replays every input from the start over the same output:
+    the compacted memberships end up identical to the first run's (and to the oracle)."""
+    await create_topics(broker.bootstrap, topic_prefix)
+    events = random_workload(seed=2, size=200)
+    await publish(broker.bootstrap, topic_prefix, events)
+    expected = expected_for(events)
+    first = Worker(broker.bootstrap, topic_prefix, tmp_path, "first").start()
+    workers.append(first)
+    got = await wait_for(broker.bootstrap, topic_prefix, expected)
+    assert got == expected, diff(expected, got) + "\n" + first.log_tail()
+    before = await read_memberships(broker.bootstrap, topic_prefix)
+    first.stop()
+    replay = Worker(broker.bootstrap, topic_prefix, tmp_path, "replay")
+    replay.args += ["--group", topic_prefix + "replay"]
+    workers.append(replay.start())
+    # the replay rebuilds from scratch: wait until it has read every input, then compare
+    await wait_until_idle(replay)
+    got = await wait_for(broker.bootstrap, topic_prefix, expected)
+    assert got == expected, diff(expected, got) + "\n" + replay.log_tail()
+    after = await read_memberships(broker.bootstrap, topic_prefix)
+    assert {k: payload(v) for k, v in after.items()} == {
+        k: payload(v) for k, v in before.items()
+    }
+
+
+async def wait_until_idle(worker: Worker, timeout: float = 60.0) -> None:
+    """Until the worker has logged a restored partition state for every match partition."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = worker.log_path.read_text(errors="replace")
+        if sum(f"match partition {p}: restored" in text for p in range(PARTITIONS)) == PARTITIONS:
+            await asyncio.sleep(1.0)
+            return
+        await asyncio.sleep(0.3)
+    raise AssertionError("worker did not start every match partition:\n" + worker.log_tail())
+
+
+async def test_sigkill_and_restart(broker: Any, topic_prefix: str, tmp_path: Path,
+                                   workers: list[Worker]) -> None:
+    """Workers SIGKILLed at random points mid-stream and restarted lose and leave nothing."""
+    await create_topics(broker.bootstrap, topic_prefix)
+    events = random_workload(seed=3, size=1500)
+    rng = random.Random(3)
+    chunks = [events[:600], events[600:1100], events[1100:]]
+    for round_, chunk in enumerate(chunks):
+        worker = Worker(broker.bootstrap, topic_prefix, tmp_path, f"w{round_}").start()
+        workers.append(worker)
+        await publish(broker.bootstrap, topic_prefix, chunk)
+        if round_ < len(chunks) - 1:
+            await asyncio.sleep(rng.uniform(2.0, 5.0))
+            worker.kill()
+    expected = expected_for(events)
+    got = await wait_for(broker.bootstrap, topic_prefix, expected, timeout=90)
+    assert got == expected, diff(expected, got) + "\n" + workers[-1].log_tail()
+
+
+async def test_two_workers_one_leaves(broker: Any, topic_prefix: str, tmp_path: Path,
+                                      workers: list[Worker]) -> None:
+    """Two workers share the partitions; one leaves mid-stream; the other takes over."""
+    await create_topics(broker.bootstrap, topic_prefix)
+    events = random_workload(seed=4, size=900)
+    a = Worker(broker.bootstrap, topic_prefix, tmp_path, "a").start()
+    b = Worker(broker.bootstrap, topic_prefix, tmp_path, "b").start()
+    workers.extend([a, b])
+    await publish(broker.bootstrap, topic_prefix, events[:500])
+    await asyncio.sleep(4.0)
+    b.stop()
+    await publish(broker.bootstrap, topic_prefix, events[500:])
+    expected = expected_for(events)
+    got = await wait_for(broker.bootstrap, topic_prefix, expected, timeout=90)
+    assert got == expected, diff(expected, got) + "\n" + a.log_tail()
+    text = b.log_path.read_text(errors="replace")
+    assert "match partition" in text, "worker b never owned a partition:\n" + b.log_tail()
+
+
+async def test_malformed_records_are_dead_lettered(broker: Any, topic_prefix: str,
+                                                   tmp_path: Path,
+                                                   workers: list[Worker]) -> None:
+    """Bad JSON, a wrong record and an invalid policy go to deadletter; the rest is processed."""
+    await create_topics(broker.bootstrap, topic_prefix)
+    good = [
+        ("profiles", "kns.ns1", namespace("ns1", {"team": "a"})),
+        ("endpoints", "pod/ns1/p1", pod("ns1", "p1", "10.0.0.1", {"app": "web"})),
+        ("policies", "GlobalNetworkPolicy//g1", policy("g1", None, "app == 'web'", "all()")),
+    ]
+    bad_policy = policy("g2", None, "app == 'web'", "all()")
+    bad_doc = dict(bad_policy.document)
+    bad_doc["spec"] = {**bad_doc["spec"], "selector": "app === 'web'"}
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        p_ns1 = partition_for_key("ns1", PARTITIONS)
+        await producer.send_and_wait(topic_name(topic_prefix, "endpoints"), key=b"pod/ns1/bad",
+                                     value=b"{not json", partition=p_ns1)
+        await producer.send_and_wait(topic_name(topic_prefix, "endpoints"), key=b"pod/ns1/p9",
+                                     value=encode(namespace("ns1", {})), partition=p_ns1)
+        bad = PolicyRecord(kind=bad_policy.kind, namespace=None, name="g2", document=bad_doc,
+                           actor="t", applied_at=1.0, observed_at=1.0)
+        await producer.send_and_wait(topic_name(topic_prefix, "policies"),
+                                     key=b"GlobalNetworkPolicy//g2", value=encode(bad),
+                                     partition=partition_for_key("g2", PARTITIONS))
+    finally:
+        await producer.stop()
+    await publish(broker.bootstrap, topic_prefix, good)
+    workers.append(Worker(broker.bootstrap, topic_prefix, tmp_path).start())
+    expected = expected_for(good)
+    assert len(expected) == 2  # the applies-to selector and the all() peer
+    got = await wait_for(broker.bootstrap, topic_prefix, expected)
+    assert got == expected
+    consumer = AIOKafkaConsumer(topic_name(topic_prefix, "deadletter"),
+                                bootstrap_servers=broker.bootstrap,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        letters: list[Any] = []
+        deadline = time.monotonic() + 20
+        while len(letters) < 3 and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for messages in batch.values():
+                letters.extend(decode_as(DeadLetterRecord, m.value) for m in messages)
+    finally:
+        await consumer.stop()
+    by_key = {letter.key: letter for letter in letters}
+    assert set(by_key) == {"pod/ns1/bad", "pod/ns1/p9", "GlobalNetworkPolicy//g2"}
+    assert "not valid JSON" in by_key["pod/ns1/bad"].reason
+    assert by_key["GlobalNetworkPolicy//g2"].rejected_by == "streams.compile"
+    assert "selector" in by_key["GlobalNetworkPolicy//g2"].reason
