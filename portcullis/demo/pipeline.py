@@ -154,6 +154,7 @@ class TopicReader:
     suffixes: tuple[str, ...]
     latest: dict[str, dict[str, bytes | None]] = field(default_factory=dict)
     arrived: dict[str, float] = field(default_factory=dict)  # "suffix|key" -> time.time()
+    stamped: dict[str, float] = field(default_factory=dict)  # "suffix|key" -> record timestamp
     consumer: Any = None
     count: int = 0
 
@@ -164,7 +165,7 @@ class TopicReader:
 
         self.consumer = AIOKafkaConsumer(
             **self.kafka, enable_auto_commit=False, auto_offset_reset="earliest",
-            client_id="portcullis-demo-reader",
+            client_id="portcullis-demo-reader", fetch_max_wait_ms=20,
         )
         await self.consumer.start()
         # the consumer's own cluster view tracks only subscribed topics: ask for all
@@ -193,6 +194,7 @@ class TopicReader:
                 key = (msg.key or b"").decode("utf-8", "replace")
                 self.latest.setdefault(suffix, {})[key] = msg.value
                 self.arrived[f"{suffix}|{key}"] = now
+                self.stamped[f"{suffix}|{key}"] = msg.timestamp / 1000.0
                 got.append((suffix, key, msg.value))
         self.count += len(got)
         return got

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -38,6 +39,7 @@ from portcullis.demo.pipeline import (
 from portcullis.demo.scenario import Case, Cluster, World
 from portcullis.demo.table import Row, Style, render, summary
 
+_COMMENT = re.compile(r' -m comment --comment "pc:[^"]*"')
 #: How long the processor and the enforcer may take to catch up before we give up.
 SETTLE_TIMEOUT = 60.0
 #: How long a label change may take to reach the dataplane before we say it did not.
@@ -183,14 +185,15 @@ class Demo:
             self.step("Starting the membership stream processor (`portcullis process`)")
             self.start_service("processor", ["process", "--store", "memory",
                                              "--data-dir", str(self.workdir / "streams"),
-                                             "--group", f"{self.prefix}streams"])
+                                             "--group", f"{self.prefix}streams",
+                                             # one worker: a short session joins in ~1 s
+                                             "--session-timeout", "2"])
             reader = TopicReader(kafka, self.prefix, ("policies", "endpoints", "memberships"))
             await reader.start()
             try:
                 took = await self.wait_memberships(reader, world)
                 self.detail(f"memberships computed in {took:.1f}s:")
-                texts = selector_texts(world.objects[k] for k in world.objects
-                                       if k.split("/", 1)[0].endswith("Policy"))
+                texts = policy_selector_texts(world)
                 for line in membership_lines(reader.current("memberships"), texts):
                     self.say("    " + line)
                 probe = await self.enforce(reader, world, cases, hep)
@@ -289,7 +292,7 @@ class Demo:
                       "from the topics")
             sim = Simulated(reader, str(hep.interface_name), str(hep.expected_ips[0]), world)
             await reader.poll(0.1)
-            for line in sim.rules_text().splitlines():
+            for line in sim.rules_text(policy_selector_texts(world)):
                 self.say("    " + line)
 
             async def observe_sim(cs: Sequence[Case]) -> list[bool | None]:
@@ -388,7 +391,9 @@ class Demo:
         flips = [c for c in cases if world.verdict(c.source.key, c.server).allowed != before[c]]
         want_members = set(oracle.oracle_memberships(
             world.endpoints.values(), world.profiles.values(), world.policies.values()))
+        before_members = set(reader.current("memberships"))
         began = time.monotonic()
+        began_wall = time.time()
         await publishing.publish([publication])
         published = time.monotonic() - began
         member_at: float | None = None
@@ -409,8 +414,15 @@ class Demo:
                         flip_at = time.monotonic() - began
             if member_at is not None and flip_at is not None:
                 break
+        written = [reader.stamped.get(f"memberships|{k}")
+                   for k in before_members ^ want_members]
+        produced = (max(w for w in written if w is not None) - began_wall
+                    if written and all(w is not None for w in written) else None)
         self.say(self.style("  propagation: ", "bold")
-                 + f"published in {published * 1000:.0f} ms; memberships updated after "
+                 + f"label published in {published * 1000:.0f} ms; "
+                 + (f"processor wrote the memberships after {produced * 1000:.0f} ms, "
+                    if produced is not None else "")
+                 + "seen on the topic after "
                  + (f"{member_at * 1000:.0f} ms" if member_at is not None else "— (not seen)")
                  + ("; connection flipped after "
                     + (f"{flip_at * 1000:.0f} ms" if flip_at is not None else
@@ -419,6 +431,12 @@ class Demo:
                     if flips else "; no connection changes"))
         await self.show(world, cases, observe, "Connections after the label change "
                         "(→ marks what changed)", set(flips))
+
+
+def policy_selector_texts(world: World) -> dict[str, str]:
+    from policy.model import Policy
+
+    return selector_texts(o for o in world.objects.values() if isinstance(o, Policy))
 
 
 def interface_of(world: World, pod_key: str) -> str:
@@ -465,13 +483,31 @@ class Simulated:
                 sink.message(suffix, key.encode(), value)
         return state
 
-    def rules_text(self) -> str:
+    def rules_text(self, selector_text: Mapping[str, str]) -> list[str]:
+        """The ipsets and the policy chains the enforcer would program, readably."""
         render = require("enforcers.render", "the dry-run enforcer")
+        from enforcers.ipsets import set_name
+
         desired = self.state().desired()
-        lines = [f"ipset {name}: {', '.join(sorted(members)) or '(empty)'}"
-                 for name, members in sorted(desired.sets.items())]
-        chains = [desired.chains[name] for name in sorted(desired.chains)]
-        return "\n".join(lines) + "\n" + str(render.restore_text(chains))
+        by_set = {set_name(uid): text for uid, text in selector_text.items()}
+        lines = ["ipsets (one per selector a rule refers to):"]
+        for name, members in sorted(desired.sets.items()):
+            lines.append(f"  {name}  {{{', '.join(sorted(members))}}}  ← {by_set.get(name, '?')}")
+        policies = {render.policy_chain(k): k for k in self.world.objects}
+        ours = [n for n in sorted(desired.chains) if n in policies]
+        endpoints = len(desired.chains) - len(ours) - 2
+        fwd = desired.chains.get(render.FORWARD_CHAIN)
+        out = desired.chains.get(render.OUTPUT_CHAIN)
+        lines.append(
+            f"iptables: {render.FORWARD_CHAIN} dispatches {len(fwd.rules) if fwd else 0} pod "
+            f"interfaces, {render.OUTPUT_CHAIN} {len(out.rules) if out else 0} host interface(s) "
+            f"to {endpoints} endpoint chains, which jump to the policy chains:"
+        )
+        for name in ours:
+            lines.append(f"  {name}  ({policies[name]})")
+            lines += [f"    {_COMMENT.sub('', line)}"
+                      for line in render.chain_lines(desired.chains[name])]
+        return lines
 
     def outcomes(self, cases: Sequence[Case]) -> list[bool | None]:
         render = require("enforcers.render", "the dry-run enforcer")
