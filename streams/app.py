@@ -78,6 +78,8 @@ class StreamsConfig:
     #: Group session timeout (s). Faust's 60 s default also makes joins slow on Tansu, which
     #: completes a JoinGroup only after about half of it; tests use 2 s.
     session_timeout: float = 60.0
+    #: Evaluate every selector for every endpoint (no label index): the benchmark baseline.
+    brute_force: bool = False
 
     def broker_credentials(self) -> Any:
         """Faust credentials for the configured security protocol (None: plaintext)."""
@@ -193,11 +195,11 @@ class Processor:
         app.agent(self.policies_topic, name="compile")(self._compile_agent)
         app.agent(self.match_topic, name="match")(self._match_agent)
 
-        @app.on_partitions_revoked.connect  # type: ignore[misc]
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def _revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
             self._forget(revoked)
 
-        @app.on_partitions_assigned.connect  # type: ignore[misc]
+        @app.on_partitions_assigned.connect  # type: ignore[arg-type]
         async def _assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
             self._forget(assigned)
 
@@ -271,7 +273,7 @@ class Processor:
         if state is not None:
             return state, []
         n = self.partitions
-        state = PartitionState()
+        state = PartitionState(brute_force=self.config.brute_force)
         endpoints = [
             rec
             for k, v in self.endpoints.items()
@@ -279,10 +281,10 @@ class Processor:
             and (rec := decode_as(EndpointRecord, v)) is not None
         ]
         profiles = [
-            rec
+            prof
             for k, v in self.profiles.items()
             if _partition_of_profile_key(k.decode(), n) == partition
-            and (rec := decode_as(ProfileRecord, v)) is not None
+            and (prof := decode_as(ProfileRecord, v)) is not None
         ]
         selectors = []
         for k, v in self.selectors.items():
@@ -318,19 +320,19 @@ class Processor:
                 state, deltas = self._match_state(partition)
                 self._write_members(deltas)
                 if msg.topic == self.endpoints_name:
-                    endpoint = decode_as(EndpointRecord, msg.value)
+                    endpoint: EndpointRecord | None = decode_as(EndpointRecord, msg.value)
                     if _partition_of_endpoint_key(key, self.partitions) != partition:
                         raise RecordError(f"endpoint {key!r} is on the wrong partition")
                     deltas = state.apply_endpoint(key, endpoint)
                     self._write_input(self.endpoints, key.encode(), msg.value)
                 elif msg.topic == self.profiles_name:
-                    profile = decode_as(ProfileRecord, msg.value)
+                    profile: ProfileRecord | None = decode_as(ProfileRecord, msg.value)
                     if _partition_of_profile_key(key, self.partitions) != partition:
                         raise RecordError(f"profile {key!r} is on the wrong partition")
                     deltas = state.apply_profile(key, profile)
                     self._write_input(self.profiles, key.encode(), msg.value)
                 else:
-                    selector = decode_as(SelectorRecord, msg.value)
+                    selector: SelectorRecord | None = decode_as(SelectorRecord, msg.value)
                     uid, source = split_selector_message_key(key)
                     deltas = state.apply_selector(uid, source, selector)
                     stored = f"{partition}/{key}".encode()

@@ -43,10 +43,10 @@ class _Queues:
 class LocalProcessor:
     """Compile and match for every partition, fed from in-memory queues."""
 
-    def __init__(self, partitions: int) -> None:
+    def __init__(self, partitions: int, *, brute_force: bool = False) -> None:
         self.partitions = partitions
         self.compile = [CompileState(p, partitions) for p in range(partitions)]
-        self.match = [PartitionState() for _ in range(partitions)]
+        self.match = [PartitionState(brute_force=brute_force) for _ in range(partitions)]
         self.memberships: dict[str, MembershipRecord] = {}
         self.rejected: list[tuple[str, str]] = []  # (key, reason) of dead-lettered records
         self.emitted = 0

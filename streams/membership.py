@@ -18,7 +18,7 @@ costs the few selectors filed under its labels, not all of them.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -39,6 +39,7 @@ _K = TypeVar("_K", bound=Hashable)
 _V = TypeVar("_V", bound=Hashable)
 
 __all__ = [
+    "BruteForceIndex",
     "Delta",
     "PartitionState",
     "effective_labels",
@@ -113,16 +114,37 @@ def same_member(a: MembershipRecord, b: MembershipRecord) -> bool:
     )
 
 
+class BruteForceIndex:
+    """`SelectorIndex`'s interface without the index: every selector evaluated per lookup.
+
+    The baseline the benchmarks measure the index against; never used in production.
+    """
+
+    def __init__(self) -> None:
+        self._matchers: dict[str, Callable[[Mapping[str, str]], bool]] = {}
+
+    def add(self, key: str, selector: Selector) -> None:
+        self._matchers[key] = selector.matcher
+
+    def remove(self, key: str) -> None:
+        self._matchers.pop(key, None)
+
+    def matching(self, labels: Mapping[str, str]) -> set[str]:
+        return {key for key, matcher in self._matchers.items() if matcher(labels)}
+
+
 class PartitionState:
     """Endpoints, profiles, selectors and members of one match partition."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, brute_force: bool = False) -> None:
         self.endpoints: dict[str, EndpointRecord] = {}
         self.profiles: dict[str, ProfileRecord] = {}
         # uid -> (selector, compile partitions that hold a reference to it)
         self.selectors: dict[str, tuple[Selector, set[int]]] = {}
         self.members: dict[str, MembershipRecord] = {}
-        self._index: SelectorIndex[str] = SelectorIndex()
+        self._index: SelectorIndex[str] | BruteForceIndex = (
+            BruteForceIndex() if brute_force else SelectorIndex()
+        )
         self._labels: dict[str, dict[str, str]] = {}  # endpoint key -> effective labels
         self._by_namespace: dict[str, set[str]] = {}  # namespace -> endpoint keys
         self._by_account: dict[tuple[str, str], set[str]] = {}  # (ns, sa) -> pod keys

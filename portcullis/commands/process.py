@@ -43,6 +43,13 @@ class Command:
             "(default 60)",
         )
 
+        parser.add_argument(
+            "--brute-force",
+            action="store_true",
+            help="evaluate every selector for every endpoint change, without the label index "
+            "(the benchmark baseline; never in production)",
+        )
+
     @staticmethod
     def run(args: argparse.Namespace, settings: Settings) -> int:
         import faust
@@ -76,6 +83,7 @@ class Command:
             sasl_password=kafka.sasl_password,
             app_id=args.group,
             session_timeout=args.session_timeout,
+            brute_force=args.brute_force,
         )
         processor = Processor(config)
         worker = faust.Worker(
