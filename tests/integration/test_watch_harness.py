@@ -1,0 +1,290 @@
+"""What kmock's KubernetesEmulator lacks, scripted with kmock reactions (not another mock).
+
+The emulator stores the objects (created, patched and deleted through its HTTP
+API) and serves fetches. Reactions added here give it what a watcher needs:
+
+* lists with a real ``metadata.resourceVersion`` and ``limit``/``continue`` pages
+  (from a consistent snapshot);
+* watch streams (kubernetes-asyncio sends ``watch=True``, which the emulator
+  does not recognise) that start *after* the requested resourceVersion, honour
+  ``timeoutSeconds``, and send BOOKMARK events when idle;
+* faults on demand: 410 Gone (the history before now is compacted), dropped
+  connections (mid-line), paused streams, slow lists and stalled streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import copy
+import itertools
+from typing import Any
+
+import kmock
+from kmock._internal import parsing
+
+_parse_path = parsing.parse_path
+
+
+def _parse_path_with_namespaces(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 reads ``/api/v1/namespaces[/NAME]`` as a namespace prefix and fails; the
+    Namespace resource itself lives there. (Its parser runs before any reaction can help.)"""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (3, 4):
+        return parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4
+                                  else None, None)
+    return _parse_path(path)
+
+
+parsing.parse_path = _parse_path_with_namespaces
+
+
+class ScriptedKubernetes:
+    def __init__(self, server: kmock.KubernetesEmulator, resources: list[tuple[str, str, str]]):
+        self.kmock = server
+        self.rv = 0
+        self.horizon = 0  # watches from a version below this get 410 Gone
+        self.paused = False  # streams deliver nothing (events still happen)
+        self.stalled = False  # new streams send headers and then nothing, ignoring timeouts
+        self.list_delay = 0.0
+        self.bookmark_interval = 0.2
+        self.kinds: dict[str, tuple[str, str]] = {}  # plural -> (apiVersion, kind)
+        self._rvs: dict[str, list[int]] = {}
+        self._events: dict[str, list[dict[str, Any]]] = {}
+        self._changed = asyncio.Condition()
+        self._generation = 0  # bumped to end open streams
+        self._ending: tuple[str, ...] = ()
+        self._snapshots: dict[str, list[dict[str, Any]]] = {}
+        self._tokens = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self.watch_requests: list[dict[str, str]] = []
+        self.list_requests: list[dict[str, str]] = []
+        for api_version, plural, kind in resources:
+            group, _, version = api_version.rpartition("/")
+            res = kmock.resource(group, version, plural)
+            self.kinds[plural] = (api_version, kind)
+            self._rvs[plural] = []
+            self._events[plural] = []
+            is_watch = kmock.resource(group, version, plural)
+            server[is_watch][self._is_watch] << self._watch_handler(plural)
+            server["list", res][self._is_list] << self._list_handler(plural)
+
+    # -- reactions --------------------------------------------------------
+
+    @staticmethod
+    def _is_watch(request: kmock.Request) -> bool:
+        return request.method == "GET" and request.params.get("watch", "").lower() == "true"
+
+    @staticmethod
+    def _is_list(request: kmock.Request) -> bool:
+        return request.params.get("watch", "").lower() != "true"
+
+    def _objects(self, plural: str) -> list[dict[str, Any]]:
+        api_version, kind = self.kinds[plural]
+        out = []
+        for (res, _ns, _name), obj in self.kmock.objects.items():
+            if res.plural == plural and not obj.deleted:
+                item = copy.deepcopy(obj.raw)
+                item.setdefault("apiVersion", api_version)
+                item.setdefault("kind", kind)
+                out.append(item)
+        out.sort(key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"]))
+        return out
+
+    def _list_handler(self, plural: str) -> Any:
+        async def serve(request: kmock.Request) -> dict[str, Any]:
+            self.list_requests.append(dict(request.params))
+            if self.list_delay:
+                await asyncio.sleep(self.list_delay)
+            token = request.params.get("continue")
+            if token:
+                snapshot_rv, offset = token.split(":")
+                items = self._snapshots[snapshot_rv]
+                rv = snapshot_rv
+                start = int(offset)
+            else:
+                async with self._lock:
+                    items = self._objects(plural)
+                    rv = str(self.rv)
+                start = 0
+            limit = int(request.params.get("limit") or 0) or len(items) or 1
+            page = items[start:start + limit]
+            meta: dict[str, Any] = {"resourceVersion": rv}
+            if start + limit < len(items):
+                meta["continue"] = f"{rv}:{start + limit}"
+                self._snapshots[rv] = items
+            api_version, kind = self.kinds[plural]
+            return {"apiVersion": api_version, "kind": kind + "List", "metadata": meta,
+                    "items": page}
+        return serve
+
+    def _watch_handler(self, plural: str) -> Any:
+        def serve(request: kmock.Request) -> Any:
+            self.watch_requests.append(dict(request.params))
+            return self._stream(plural, request)
+        return serve
+
+    async def _stream(self, plural: str, request: kmock.Request) -> Any:
+        loop = asyncio.get_running_loop()
+        since = int(request.params.get("resourceVersion") or 0)
+        timeout = float(request.params.get("timeoutSeconds") or 60)
+        bookmarks = request.params.get("allowWatchBookmarks", "").lower() == "true"
+        deadline = loop.time() + timeout
+        generation = self._generation
+        yield b""  # send the headers now, like the API server does
+        if self.stalled:
+            while self.stalled:  # a server that hangs and ignores its own timeout
+                await asyncio.sleep(0.05)
+            return
+        if since < self.horizon:
+            yield self._gone()
+            return
+        cursor = since
+        while True:
+            if generation != self._generation:
+                ending = self._ending
+                if ending[0] == "gone":
+                    yield self._gone()
+                    return
+                if ending[0] == "drop":
+                    yield b'{"type": "MODIFIED", "object": {"metadata": {"na'
+                    await asyncio.sleep(0.01)
+                    transport = request._raw_request.transport  # type: ignore[union-attr]
+                    if transport is not None:
+                        transport.abort()
+                    return
+            if not self.paused:
+                rvs = self._rvs[plural]
+                start = bisect.bisect_right(rvs, cursor)
+                if start < len(rvs):
+                    for event in self._events[plural][start:]:
+                        yield event
+                    cursor = rvs[-1]
+                    continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return  # the server-side timeout: a clean end of stream
+            woken = await self._wait(min(self.bookmark_interval, remaining))
+            if not woken and bookmarks and not self.paused and generation == self._generation:
+                rvs = self._rvs[plural]
+                if bisect.bisect_right(rvs, cursor) == len(rvs):  # caught up: safe to bookmark
+                    cursor = self.rv
+                    yield self._bookmark(plural, cursor)
+
+    async def _wait(self, timeout: float) -> bool:
+        """Wait for a change (never yield while holding the lock: streams can be abandoned)."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                return False
+            return True
+
+    def _bookmark(self, plural: str, rv: int) -> dict[str, Any]:
+        api_version, kind = self.kinds[plural]
+        return {"type": "BOOKMARK", "object": {
+            "apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": str(rv)},
+        }}
+
+    @staticmethod
+    def _gone() -> dict[str, Any]:
+        return {"type": "ERROR", "object": {
+            "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+            "message": "too old resource version", "reason": "Expired", "code": 410,
+        }}
+
+    # -- faults -----------------------------------------------------------
+
+    async def _end_streams(self, how: str) -> None:
+        async with self._changed:
+            self._ending = (how,)
+            self._generation += 1
+            self._changed.notify_all()
+
+    async def expire(self) -> None:
+        """Compact the history: open and future watches from before now get 410 Gone."""
+        self.horizon = self.rv + 1
+        await self._end_streams("gone")
+
+    async def drop_connections(self) -> None:
+        """Abort every open watch stream's TCP connection, in the middle of a line."""
+        await self._end_streams("drop")
+
+    async def resume(self) -> None:
+        self.paused = False
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- changes through the emulator's HTTP API ---------------------------
+
+    def _path(self, plural: str, namespace: str | None, name: str | None = None) -> str:
+        api_version, _kind = self.kinds[plural]
+        base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        path = f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
+        return f"{path}/{name}" if name else path
+
+    async def _record(self, plural: str, kind: str, obj: dict[str, Any]) -> None:
+        # kmock matches every request against every request it ever recorded (a view's
+        # `in` walks its history), which is quadratic over thousands of requests. Forget
+        # all but the most recent ones (in-flight requests are among those).
+        del self.kmock._requests[:-10]
+        api_version, k = self.kinds[plural]
+        obj = copy.deepcopy(obj)
+        obj.setdefault("apiVersion", api_version)
+        obj.setdefault("kind", k)
+        async with self._changed:
+            self._rvs[plural].append(int(obj["metadata"]["resourceVersion"]))
+            self._events[plural].append({"type": kind, "object": obj})
+            self._changed.notify_all()
+
+    async def create(self, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
+        async with self._lock:
+            self.rv += 1
+            obj = copy.deepcopy(obj)
+            obj["metadata"]["resourceVersion"] = str(self.rv)
+            ns = obj["metadata"].get("namespace")
+            async with self.kmock.post(self._path(plural, ns), json=obj) as resp:
+                assert resp.status in (200, 201), await resp.text()
+                stored = await resp.json()
+            await self._record(plural, "ADDED", stored)
+            return stored
+
+    async def patch(
+        self, plural: str, namespace: str | None, name: str, patch: dict[str, Any]
+    ) -> dict[str, Any]:
+        async with self._lock:
+            self.rv += 1
+            patch = copy.deepcopy(patch)
+            patch.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
+            async with self.kmock.patch(self._path(plural, namespace, name), json=patch) as resp:
+                assert resp.status == 200, await resp.text()
+            stored = copy.deepcopy(self.kmock.objects[self._res(plural), namespace, name].raw)
+            await self._record(plural, "MODIFIED", stored)
+            return stored
+
+    async def delete(self, plural: str, namespace: str | None, name: str) -> None:
+        async with self._lock:
+            self.rv += 1
+            async with self.kmock.delete(self._path(plural, namespace, name)) as resp:
+                assert resp.status == 200, await resp.text()
+                last = await resp.json()
+            last["metadata"]["resourceVersion"] = str(self.rv)
+            await self._record(plural, "DELETED", last)
+
+    def _res(self, plural: str) -> kmock.resource:
+        api_version, _kind = self.kinds[plural]
+        group, _, version = api_version.rpartition("/")
+        return kmock.resource(group, version, plural)
+
+    def live(self, plural: str) -> list[dict[str, Any]]:
+        return self._objects(plural)
+
+
+def pod(namespace: str, name: str, ip: str, labels: dict[str, str] | None = None,
+        phase: str = "Running", node: str = "node-1") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+        "spec": {"nodeName": node, "serviceAccountName": "default", "containers": []},
+        "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]},
+    }

@@ -1,0 +1,88 @@
+"""The one place watchers write to Kafka: explicit partitions, tombstones, history copies.
+
+Every record goes to its compacted state topic on the partition of its
+namespace (else name), computed by `topics.partitioner` so every producer
+agrees; endpoints and policies are also appended to their history topics for
+audit. `publish` returns only when the broker has acknowledged everything, so
+the caller can commit its mirror.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from topics.codec import encode
+from topics.partitioner import partition_for_key
+from topics.specs import topic_name
+from watchers.mirror import Publication
+
+log = logging.getLogger(__name__)
+
+#: State topics whose every change is also appended to a history topic.
+HISTORY = {"endpoints": "endpoints.history", "policies": "policies.history"}
+
+
+class PublishError(RuntimeError):
+    """Kafka did not take a batch; nothing in it may be assumed published."""
+
+
+class Publisher(Protocol):
+    async def publish(self, publications: Sequence[Publication]) -> None: ...
+
+
+class KafkaPublisher:
+    """Publishes `Publication`s with an aiokafka producer (which the caller starts and stops)."""
+
+    def __init__(self, producer: AIOKafkaProducer, prefix: str, *, history: bool = True) -> None:
+        self._producer = producer
+        self._prefix = prefix
+        self._history = history
+        self._partitions: dict[str, int] = {}
+        self.published = 0
+
+    async def partition_count(self, topic: str) -> int:
+        if topic not in self._partitions:
+            parts = await self._producer.partitions_for(topic)
+            if not parts:
+                raise PublishError(f"topic {topic!r} does not exist (run `portcullis topics`)")
+            self._partitions[topic] = len(parts)
+        return self._partitions[topic]
+
+    async def _send(self, suffix: str, pub: Publication) -> Any:
+        topic = topic_name(self._prefix, suffix)
+        partition = partition_for_key(pub.partition_key, await self.partition_count(topic))
+        value = None if pub.value is None else encode(pub.value)
+        return await self._producer.send(
+            topic, value=value, key=pub.key.encode("utf-8"), partition=partition
+        )
+
+    async def publish(self, publications: Sequence[Publication]) -> None:
+        if not publications:
+            return
+        try:
+            futures = []
+            for pub in publications:
+                futures.append(await self._send(pub.topic, pub))
+                if self._history and pub.topic in HISTORY:
+                    futures.append(await self._send(HISTORY[pub.topic], pub))
+            await asyncio.gather(*futures)
+        except KafkaError as exc:
+            raise PublishError(
+                f"Kafka did not accept {len(publications)} record(s): {exc}"
+            ) from exc
+        self.published += len(publications)
+        log.debug("published %d record(s)", len(publications))
+
+
+def producer_for(kafka_kwargs: dict[str, Any], client_id: str) -> AIOKafkaProducer:
+    """A producer that waits for every in-sync replica and batches a few milliseconds."""
+    return AIOKafkaProducer(
+        **kafka_kwargs, client_id=client_id, acks="all", linger_ms=5,
+        request_timeout_ms=30_000,
+    )
