@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -42,6 +43,17 @@ def require(module: str, stage: str) -> ModuleType:
         raise DemoError(
             f"{stage} needs {what} ({module}, {issue}), which is not there yet: {exc}"
         ) from None
+
+
+def require_present(module: str, stage: str) -> None:
+    """Like `require` for a piece that runs in a subprocess: found, but not imported here."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ImportError:
+        found = False
+    if not found:
+        what, issue = PIECES.get(module, (module, "another issue"))
+        raise DemoError(f"{stage} needs {what} ({module}, {issue}), which is not there yet")
 
 
 def tail(path: Path, lines: int = 25) -> str:

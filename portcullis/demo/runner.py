@@ -32,6 +32,7 @@ from portcullis.demo.pipeline import (
     create_topics,
     membership_lines,
     require,
+    require_present,
     selector_texts,
     summarise,
     tail,
@@ -182,6 +183,7 @@ class Demo:
                             f"{len(cluster.pods)} pods, outside network with "
                             f"{len(cluster.servers)} TCP servers")
 
+            require_present("streams.app", "the membership stage")
             self.step("Starting the membership stream processor (`portcullis process`)")
             self.start_service("processor", ["process", "--store", "memory",
                                              "--data-dir", str(self.workdir / "streams"),
@@ -301,6 +303,7 @@ class Demo:
 
             return observe_sim
 
+        require_present("enforcers.engine", "the enforcement stage")
         self.step(f"Starting the enforcer for {scenario.NODE} in its namespace "
                   "(`portcullis enforce`)")
         self.start_service("enforcer", ["enforce", "--node", scenario.NODE,

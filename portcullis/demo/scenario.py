@@ -271,9 +271,7 @@ def why(v: pverdict.Verdict) -> str:
     if v.policy is None:
         if v.tier is not None:
             return f"tier {v.tier}: no rule matched, tier default Deny"
-        if v.reason.startswith("failsafe"):
-            return v.reason
-        return v.reason
+        return v.reason  # failsafe port, or no policy / every tier passed: the profile
     kind, namespace, name = v.policy.split("/", 2)
     where = f"{namespace}/{name}" if namespace else name
     rule = f"egress rule {v.rule_index}" if v.rule_index is not None else "default"
