@@ -71,7 +71,8 @@ def object_id(obj: Mapping[str, Any]) -> str:
 
 def pod_ips(pod: Mapping[str, Any]) -> list[str]:
     status = pod.get("status") or {}
-    ips = [str(p["ip"]) for p in status.get("podIPs") or [] if isinstance(p, Mapping) and p.get("ip")]
+    entries = [p for p in status.get("podIPs") or [] if isinstance(p, Mapping)]
+    ips = [str(p["ip"]) for p in entries if p.get("ip")]
     if not ips and status.get("podIP"):
         ips = [str(status["podIP"])]
     return ips
