@@ -25,8 +25,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from enforcers.engine import DryRunIptables, Programmer, RecordSink
-from enforcers.ipsets import DryRunIpsets, set_name
+from enforcers.engine import DryRunIptables, Programmer, ProgramResult, RecordSink
+from enforcers.ipsets import DryRunIpsets, replace_contents, set_name
 from enforcers.metrics import EnforcerMetrics
 from enforcers.state import EnforcerState, compile_policy
 from policy.load import PolicyError, load_document
@@ -99,6 +99,9 @@ class Fleet:
     rejected: int = 0
     #: how long a node waits for more records before a transaction (the engine's default)
     batch_window: float = 0.003
+    #: the baseline: every transaction renders everything from scratch and rewrites every
+    #: set in full (a temporary set filled and swapped in, as `ipset restore` scripts do)
+    naive: bool = False
 
     @classmethod
     def of(cls, names: Iterable[str]) -> Fleet:
@@ -233,7 +236,11 @@ class Fleet:
 
     def _transaction(self, node: NodeSim, t0: float, start: float,
                      events: set[float] | None) -> int:
-        if not node.started:
+        if self.naive:
+            result = _naive_transaction(node)
+            observed = node.state._observed
+            node.state._observed = []
+        elif not node.started:
             result = node.programmer.start(node.state)
             observed = node.state._observed
             node.state._observed = []
@@ -278,6 +285,21 @@ class Fleet:
         node.state._observed = []
         node.busy_until = max(node.busy_until, arrival)
         self._enqueue(node, arrival, _nothing)
+
+
+def _naive_transaction(node: NodeSim) -> ProgramResult:
+    """Everything from scratch: the desired dataplane rendered, every set rewritten in full."""
+    desired = node.state.desired()
+    node.state.plan()  # only to clear the state's change tracking; its plan is not used
+    ops = 0
+    for name, members in desired.sets.items():
+        replace_contents(node.ipsets, name, members)
+        ops += len(members)
+    for name in list(node.ipsets.sets):
+        if name not in desired.sets:
+            node.ipsets.destroy(name)
+    node.programmer.iptables.apply(desired.chains)
+    return ProgramResult(ops, len(desired.chains))
 
 
 def _nothing() -> None:

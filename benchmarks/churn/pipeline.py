@@ -17,13 +17,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from benchmarks.churn import checker
 from benchmarks.churn.cluster import ChurnEvent, Cluster
 from benchmarks.churn.fleet import Fleet
-from enforcers.ipsets import DryRunIpsets, replace_contents
 from streams.local import LocalProcessor
 from streams.membership import Delta
-from topics.records import EndpointRecord, PolicyRecord, ProfileRecord
+from streams.oracle import oracle_memberships
+from topics.records import (
+    EndpointRecord,
+    MembershipRecord,
+    PolicyRecord,
+    ProfileRecord,
+    split_membership_key,
+)
 
 __all__ = ["CollectingProcessor", "NaivePipeline", "PurePipeline", "initial_records"]
 
@@ -106,39 +111,63 @@ class PurePipeline:
 
 
 class NaivePipeline:
-    """The baseline: full recomputation of every selector and full set rewrites per event."""
+    """The baseline: every selector recomputed and every node rewritten in full, per event."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, nodes: Iterable[str] | None = None) -> None:
         self.cluster = cluster
         profiles, policies, endpoints = initial_records(cluster)
         self.profiles = profiles
         self.policies = {p.key: p for p in policies}
         self.endpoints = {e.key: e for e in endpoints}
-        self.ipsets = {n: DryRunIpsets() for n in cluster.nodes}
-        self.member_ops = 0
+        self.fleet = Fleet.of(cluster.nodes if nodes is None else nodes)
+        self.fleet.naive = True
+        self.memberships: dict[str, MembershipRecord] = {}
+        self.events: set[float] = set()
+        for pol in policies:
+            self.fleet.policy(pol.key, pol, 0.0)
+        for ep in endpoints:
+            self.fleet.endpoint(ep.key, ep, 0.0)
 
-    def apply(self, key: str, rec: EndpointRecord | None) -> None:
+    def apply(self, key: str, rec: EndpointRecord | None, at: float) -> None:
+        self.events.add(at)
+        self.fleet.cause[key] = at
         if rec is None:
             self.endpoints.pop(key, None)
         else:
             self.endpoints[key] = rec
-        self.recompute()
+        self.fleet.endpoint(key, rec, at)
+        self.recompute(at)
 
     def apply_policy(self, rec: PolicyRecord) -> None:
+        self.events.add(rec.observed_at)
         self.policies[rec.key] = rec
-        self.recompute()
+        self.fleet.policy(rec.key, rec, rec.observed_at)
+        self.recompute(rec.observed_at)
 
-    def recompute(self) -> None:
-        expected = checker.expected_state(
-            self.endpoints.values(), self.profiles, self.policies.values(), self.cluster.nodes)
-        for node, sets in expected.sets.items():
-            backend = self.ipsets[node]
-            for name, members in sets.items():
-                replace_contents(backend, name, members)
-                self.member_ops += len(members)
-            for name in list(backend.sets):
-                if name not in sets:
-                    backend.destroy(name)
+    def recompute(self, at: float = 1.0) -> None:
+        """Every selector against every endpoint (the oracle), then every node from scratch."""
+        wanted = oracle_memberships(self.endpoints.values(), self.profiles,
+                                    self.policies.values())
+        now = time.time()
+        for key in [k for k in self.memberships if k not in wanted]:
+            del self.memberships[key]
+            self.fleet.membership(key, None, now)
+        for key, (namespace, node, interface, ips) in wanted.items():
+            uid, ep = split_membership_key(key)
+            old = self.memberships.get(key)
+            if old is None or (old.node, old.interface, old.ips) != (node, interface, ips):
+                rec = MembershipRecord(uid, ep, namespace, node, interface, ips, at)
+                self.memberships[key] = rec
+                self.fleet.membership(key, rec, now)
+        for node in self.fleet.nodes.values():
+            node.dirty = True  # naive: every node redoes everything, changed or not
+            if not node.pending:
+                node.pending.append((now, _nothing, ()))
+        self.fleet.program(self.events)
 
     def programmed_sets(self) -> dict[str, dict[str, set[str]]]:
-        return {n: b.list_sets() for n, b in self.ipsets.items()}
+        return self.fleet.programmed_sets()
+
+
+def _nothing() -> None:
+    """A no-op record, so that every node runs its (naive) transaction."""
