@@ -301,19 +301,22 @@ def kafka_libs(version: str | None = None) -> Path:
     return cache / "kafka" / (version or kafka_version()) / "libs"
 
 
-def java_major_version(java: str = "java") -> int | None:
-    """The major version of `java` (8 for "1.8.0_x", 17 for "17.0.15"), None if unknown."""
-    try:
-        out = subprocess.run(
-            [java, "-version"], capture_output=True, text=True, timeout=30
-        ).stderr
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+def parse_java_major(version_output: str) -> int | None:
+    """The major version in `java -version` output: 8 for "1.8.0_x", 17 for "17.0.15"."""
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', version_output)
     if match is None:
         return None
     major = int(match.group(1))
     return int(match.group(2) or 0) if major == 1 else major
+
+
+def java_major_version(java: str = "java") -> int | None:
+    """The major version of the `java` executable, None if it cannot say."""
+    try:
+        proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_java_major(proc.stderr + proc.stdout)
 
 
 def missing_kafka_tools() -> list[str]:

@@ -6,14 +6,29 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import string
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from portcullis.brokers import Broker, BrokerError, TansuBroker, free_port
+from portcullis.brokers import (
+    Broker,
+    BrokerError,
+    TansuBroker,
+    free_port,
+    kafka_cluster_id,
+    missing_kafka_tools,
+    parse_java_major,
+    render_server_properties,
+)
+from tests.conftest import skip_or_fail
 
 
 async def create_topic(
@@ -198,3 +213,106 @@ def test_stopped_broker_frees_its_port_and_a_dead_one_names_its_log() -> None:
             broker.check_alive()
     finally:
         broker.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("output", "major"),
+    [
+        ('openjdk version "17.0.15" 2025-04-15\nOpenJDK Runtime Environment', 17),
+        ('java version "1.8.0_402"\nJava(TM) SE Runtime Environment', 8),
+        ('openjdk version "21" 2023-09-19', 21),
+        ("no java here", None),
+    ],
+)
+def test_java_version_is_read_from_its_banner(output: str, major: int | None) -> None:
+    assert parse_java_major(output) == major
+
+
+def test_server_properties_are_fully_filled_in(tmp_path: Path) -> None:
+    text = render_server_properties(19001, 19002, tmp_path / "data")
+    assert "@" not in text.replace("1@127.0.0.1", "")  # only the quorum voter's node@host
+    props = dict(
+        line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:19001,CONTROLLER://127.0.0.1:19002"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:19002"
+    assert props["log.dirs"] == str(tmp_path / "data")
+    assert props["log.cleaner.enable"] == "true"
+    cluster_id = kafka_cluster_id()
+    assert len(cluster_id) == 22 and set(cluster_id) <= set(string.ascii_letters + "0123456789-_")
+
+
+@pytest.mark.broker
+def test_portcullis_broker_command_serves_until_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from portcullis.cli import main; sys.exit(main())",
+         "broker", "--port", str(port),
+         "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert f"ready at 127.0.0.1:{port}" in first, first
+        assert str(tmp_path / "tansu.log") in first
+
+        async def produce() -> int:
+            producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{port}")
+            await producer.start()
+            try:
+                return (await producer.send_and_wait("cmdtest", b"x", partition=0)).offset
+            finally:
+                await producer.stop()
+
+        assert asyncio.run(produce()) == 0
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0, out
+        assert "stopped" in out
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # the broker is gone: its port is free again
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.broker
+def test_kafka_script_starts_reports_and_stops(tmp_path: Path) -> None:
+    missing = missing_kafka_tools()
+    if missing:
+        skip_or_fail("Apache Kafka tier needs " + " and ".join(missing))
+    script = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "kafka.sh"
+    port, cport = free_port(), free_port()
+    args = ["--port", str(port), "--controller-port", str(cport), "--data-dir", str(tmp_path)]
+    try:
+        started = subprocess.run(
+            [str(script), "start", *args], capture_output=True, text=True, timeout=180
+        )
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.strip() == f"127.0.0.1:{port}"
+        status = subprocess.run([str(script), "status", *args], capture_output=True, text=True)
+        assert status.returncode == 0 and "running" in status.stdout
+        pid = int((tmp_path / "kafka.pid").read_text())
+
+        async def answers() -> list[int]:
+            admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+            await admin.start()
+            try:
+                return [b["port"] for b in (await admin.describe_cluster())["brokers"]]
+            finally:
+                await admin.close()
+
+        assert asyncio.run(answers()) == [port]
+        again = subprocess.run([str(script), "start", *args], capture_output=True, text=True)
+        assert again.returncode != 0 and "already running" in again.stderr
+    finally:
+        stopped = subprocess.run(
+            [str(script), "stop", *args], capture_output=True, text=True, timeout=60
+        )
+    assert stopped.returncode == 0, stopped.stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    status = subprocess.run([str(script), "status", *args], capture_output=True, text=True)
+    assert status.returncode == 1 and "not running" in status.stdout
