@@ -193,10 +193,25 @@ class Network:
                 time.sleep(probe)
         return None
 
-    def iptables_save(self) -> str:
-        proc = subprocess.run(["ip", "netns", "exec", self.namespaces["node"], "iptables-save"],
+    def _in_node(self, *cmd: str) -> str:
+        proc = subprocess.run(["ip", "netns", "exec", self.namespaces["node"], *cmd],
                               capture_output=True, text=True, timeout=30)
         return proc.stdout
+
+    def dataplane_summary(self) -> str:
+        """What the enforcer programmed in the node namespace, read back from the kernel."""
+        rules = [line for line in self._in_node("iptables-save", "-t", "filter").splitlines()
+                 if line.startswith("-A pc-")]
+        sets: dict[str, str] = {}
+        current = ""
+        for line in self._in_node("ipset", "list", "-t").splitlines():
+            if line.startswith("Name: "):
+                current = line[6:].strip()
+            elif line.startswith("Number of entries: ") and current:
+                sets[current] = line.split(":", 1)[1].strip()
+        listing = ", ".join(f"{name} ({n} members)" for name, n in sorted(sets.items()))
+        return (f"in {self.namespaces['node']}: {len(rules)} iptables rules in pc- chains; "
+                f"ipsets: {listing or 'none'}")
 
     def close(self) -> list[str]:
         """Stop the servers and remove every namespace made; returns what could not be removed."""

@@ -260,7 +260,11 @@ class Demo:
             self.workdir / f"{name}.log",
         )
         self.services.append(service)
-        service.start(dict(os.environ, PYTHONUNBUFFERED="1"))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.broker is not None:
+            # the embedded broker is plaintext on loopback: no settings from the environment
+            env = {k: v for k, v in env.items() if not k.startswith("PORTCULLIS_")}
+        service.start(env)
         self.detail(f"{name} pid {service.process.pid if service.process else '?'}, "
                     f"log {service.log_path}")
         return service
@@ -322,6 +326,7 @@ class Demo:
             if got == expected:
                 self.detail(f"dataplane programmed: every connection as policy says after "
                             f"{time.monotonic() - began:.1f}s")
+                self.detail(self.network.dataplane_summary())
                 break
             if time.monotonic() - began > SETTLE_TIMEOUT:
                 self.detail(f"after {SETTLE_TIMEOUT:.0f}s some connections still disagree "
