@@ -58,16 +58,23 @@ class BrokerPool:
                 skip_or_fail("Apache Kafka tier needs " + " and ".join(missing))
         broker = self.brokers.get(kind)
         if broker is None:
-            broker = BROKERS[kind]()
-            try:
-                broker.start()
-            except BrokerError as exc:
-                self.failures[kind] = f"{kind} broker failed to start: {exc}"
-            if kind in self.failures:
-                pytest.fail(self.failures[kind], pytrace=False)
+            broker = self._start(kind)
             self.brokers[kind] = broker
         self.check(kind, restart=True)
         return broker
+
+    def _start(self, kind: str, attempts: int = 2) -> Broker:
+        """Start on free ports; a second try covers a port taken between choosing and binding."""
+        errors = []
+        for _ in range(attempts):
+            broker = BROKERS[kind]()
+            try:
+                return broker.start()
+            except BrokerError as exc:
+                errors.append(str(exc))
+                broker.stop()
+        self.failures[kind] = f"{kind} broker failed to start: " + "\nthen: ".join(errors)
+        pytest.fail(self.failures[kind], pytrace=False)
 
     def check(self, kind: str, restart: bool) -> None:
         """Fail (naming the log) if the broker died; with `restart`, start it again instead.
