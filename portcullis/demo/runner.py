@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from portcullis.demo import DemoError, scenario
-from portcullis.demo.netsim import Network, missing_requirements
+from portcullis.demo.netsim import Network, leftover_namespaces, missing_requirements
 from portcullis.demo.pipeline import (
     Publishing,
     Service,
@@ -341,8 +341,8 @@ class Demo:
         observed = await observe(cases)
         rows = [
             Row(c.source.display, c.server.display,
-                (v := world.verdict(c.source.key, c.server)).allowed, o, scenario.why(v),
-                c in (changed or set()))
+                world.verdict(c.source.key, c.server).allowed, o,
+                world.why(c.source.key, c.server), c in (changed or set()))
             for c, o in zip(cases, observed, strict=True)
         ]
         self.say()
@@ -550,4 +550,12 @@ def run(options: Options, kafka: Mapping[str, Any] | None = None) -> int:
                   "the enforcer's rules computed but not installed.\n"
                   "  For real connections run it as root: sudo ./dev demo\n", flush=True)
             options.dry_run = True
+        else:
+            stale = leftover_namespaces()
+            if stale:
+                # not removed: they may belong to a demo running right now
+                print(f"portcullis demo: note: {len(stale)} network namespace(s) from another "
+                      f"demo run exist ({', '.join(stale[:4])}{'…' if len(stale) > 4 else ''}); "
+                      "if no other demo is running, remove them with `ip netns del NAME`",
+                      flush=True)
     return Demo(options, kafka).run()

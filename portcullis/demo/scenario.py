@@ -233,6 +233,23 @@ class World:
         policies = [o for o in self.objects.values() if isinstance(o, Policy)]
         return pcompile.arrange(tiers, policies)
 
+    def applied(self, source_key: str, tier: str) -> list[str]:
+        """The policies of `tier` that apply to an endpoint's egress, in order."""
+        labels = self.labels_of(self.endpoints[source_key])
+        for tier_policies in self.arranged():
+            if tier_policies.tier.name != tier:
+                continue
+            return [
+                p.name for p in tier_policies.policies
+                if "Egress" in p.types and pverdict.compiled(p).applies_to.matches(labels)
+            ]
+        return []
+
+    def why(self, source_key: str, server: Server) -> str:
+        v = self.verdict(source_key, server)
+        applied = self.applied(source_key, v.tier) if v.tier and v.policy is None else []
+        return why(v, applied)
+
     def verdict(self, source_key: str, server: Server) -> pverdict.Verdict:
         """What policy decides for the first packet of a TCP connection to `server`."""
         src = self.endpoints[source_key]
@@ -266,11 +283,17 @@ def cases(cluster: Cluster, hep: HostEndpoint) -> list[Case]:
     return out
 
 
-def why(v: pverdict.Verdict) -> str:
-    """tier / policy / rule, in words a reader of the YAML recognises."""
+def why(v: pverdict.Verdict, applied: Iterable[str] = ()) -> str:
+    """tier / policy / rule, in words a reader of the YAML recognises.
+
+    `applied` names the policies of the deciding tier that applied to the endpoint, for a
+    tier that ends in its default Deny (which `policy.verdict` reports without a policy).
+    """
     if v.policy is None:
         if v.tier is not None:
-            return f"tier {v.tier}: no rule matched, tier default Deny"
+            names = ", ".join(applied)
+            return (f"tier {v.tier}: no rule of {names or 'its policies'} matched; "
+                    "the tier ends in Deny")
         return v.reason  # failsafe port, or no policy / every tier passed: the profile
     kind, namespace, name = v.policy.split("/", 2)
     where = f"{namespace}/{name}" if namespace else name

@@ -61,12 +61,16 @@ def test_pods_get_the_interfaces_the_watcher_reports_and_distinct_links() -> Non
 
 def test_why_names_tier_policy_and_rule() -> None:
     _cluster, w, cases = world()
-    texts = {(c.source.display, c.server.port): scenario.why(w.verdict(c.source.key, c.server))
-             for c in cases}
+    texts = {(c.source.display, c.server.port): w.why(c.source.key, c.server) for c in cases}
     assert texts[("prod/billing", 443)] == (
         "tier default · NetworkPolicy prod/billing-to-saas · egress rule 0 (Allow)"
     )
-    assert texts[("prod/billing", 5432)] == "tier default: no rule matched, tier default Deny"
+    assert texts[("prod/billing", 5432)] == (
+        "tier default: no rule of billing-to-saas, default-deny matched; the tier ends in Deny"
+    )
+    assert texts[("prod/reports", 443)] == (
+        "tier default: no rule of default-deny matched; the tier ends in Deny"
+    )
     assert texts[("node1 (host)", 5432)].startswith("tier platform · GlobalNetworkPolicy")
     assert texts[("node1 (host)", 6443)].startswith("failsafe")
 
