@@ -17,16 +17,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, ClassVar, TypeVar
@@ -35,6 +37,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 KAFKA_DEPLOY = REPO_ROOT / "deploy" / "kafka"
 #: The Apache Kafka version we test against (see deploy/README.md for why); KAFKA_VERSION overrides.
 KAFKA_VERSION = "4.0.0"
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 T = TypeVar("T")
 
@@ -97,6 +101,29 @@ async def _answers_metadata(bootstrap: str, timeout: float) -> bool:
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(admin.close(), timeout)
+
+
+def _die_with_parent_fn() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the broker when we die, however we die.
+
+    Without it a test run killed by `timeout` or SIGKILL leaves brokers running forever. The
+    signal follows the *thread* that started the child, so only the main thread asks for it
+    (a broker started from a short-lived worker thread must not die with that thread).
+    """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_parent_death_signal
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -175,6 +202,7 @@ class Broker:
             cwd=self.workdir,
             env=self._env(),
             start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop it in order
+            preexec_fn=_die_with_parent_fn(),
         )
         try:
             self.wait_ready(timeout if timeout is not None else self.start_timeout)
