@@ -152,13 +152,19 @@ class Demo:
             signal.SIGTERM, self._on_sigterm, task
         )
         translate = require("watchers.translate", "publishing the cluster as the watcher does")
+        apply = require("watchers.apply", "applying the example policies")
         require("streams.membership", "computing what policy says")
         cluster = scenario.default_cluster()
-        objects = scenario.load_examples()
+        try:
+            objects = apply.load_all(apply.read_sources(
+                [str(scenario.EXAMPLES_DIR / name) for name in scenario.EXAMPLES]))
+        except apply.ApplyError as exc:
+            raise DemoError(f"the example policies do not load:\n{exc}") from None
         hep = scenario.host_endpoint(objects)
         world = World()
         world.add_objects(objects)
-        publications = initial_publications(cluster, objects, translate, time.time())
+        publications, outcomes = initial_publications(cluster, objects, translate, apply,
+                                                      time.time())
         world.take(publications)
         cases = scenario.cases(cluster, hep)
 
@@ -172,6 +178,10 @@ class Demo:
             self.step(f"Publishing the cluster as the Kubernetes watcher would "
                       f"({len(publications)} records) and applying the example policies")
             await publishing.publish(publications)
+            self.detail("portcullis apply -f " + " -f ".join(
+                f"examples/{name}" for name in scenario.EXAMPLES) + ":")
+            for outcome in outcomes:
+                self.say("    " + outcome.line())
             await self.read_back(kafka, publications)
 
             if not self.dry_run:
@@ -455,18 +465,17 @@ def interface_of(world: World, pod_key: str) -> str:
     return str(rec.interface)
 
 
-def initial_publications(cluster: Cluster, objects: Sequence[Any], translate: Any,
-                         now: float) -> list[Any]:
-    """Namespaces, pods and the example policies, as the watcher and `apply` publish them."""
+def initial_publications(cluster: Cluster, objects: Sequence[Any], translate: Any, apply: Any,
+                         now: float) -> tuple[list[Any], list[Any]]:
+    """Namespaces and pods as the Kubernetes watcher publishes them, and the example
+    policies as `portcullis apply` does on fresh topics; plus apply's outcomes."""
     pubs: list[Any] = [
         translate.namespace_profile(scenario.namespace_object(ns), now)
         for ns in cluster.namespaces
     ]
     pubs += [translate.pod_endpoint(scenario.pod_object(pod), now) for pod in cluster.pods]
-    for obj in objects:
-        pubs += translate.policy_publications(
-            obj, actor=scenario.ACTOR, applied_at=now, observed_at=now, source="apply")
-    return pubs
+    outcomes, applied = apply.plan_apply(objects, {}, actor=scenario.ACTOR, now=now)
+    return pubs + list(applied), list(outcomes)
 
 
 class Simulated:

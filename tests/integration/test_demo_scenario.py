@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from portcullis.demo import scenario
 from portcullis.demo.runner import initial_publications, interface_of
 from portcullis.demo.table import Row, Style, render, summary, width
-from watchers import translate
+from watchers import apply, translate
 
 
 def world() -> tuple[scenario.Cluster, scenario.World, list[scenario.Case]]:
@@ -22,7 +22,9 @@ def world() -> tuple[scenario.Cluster, scenario.World, list[scenario.Case]]:
     objects = scenario.load_examples()
     w = scenario.World()
     w.add_objects(objects)
-    w.take(initial_publications(cluster, objects, translate, time.time()))
+    pubs, outcomes = initial_publications(cluster, objects, translate, apply, time.time())
+    assert {o.verb for o in outcomes} == {"created"}
+    w.take(pubs)
     return cluster, w, scenario.cases(cluster, scenario.host_endpoint(objects))
 
 
