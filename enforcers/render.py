@@ -8,7 +8,8 @@ the same verdict as ``policy.verdict`` without a kernel.
 Layout (Calico's, egress only):
 
 * ``FORWARD -j pc-fwd``: traffic from a local pod arrives on the host end of its
-  veth, so ``pc-fwd`` dispatches ``-i <iface> -g pc-tw-<h>``.
+  veth, so ``pc-fwd`` dispatches ``-i <iface> -g pc-tw-<h>``; ``INPUT -j pc-in`` does
+  the same for pod traffic to the host's own addresses.
 * ``OUTPUT -j pc-out``: traffic the host itself sends, ``-o <iface> -g pc-th-<h>``
   per host endpoint (``*`` last, skipping workload interfaces and ``lo``).
 * An endpoint chain accepts established flows, then for each tier in order
@@ -38,8 +39,11 @@ from typing import Literal, TypeAlias
 
 CHAIN_PREFIX = "pc-"
 FORWARD_CHAIN = "pc-fwd"
+INPUT_CHAIN = "pc-in"
 OUTPUT_CHAIN = "pc-out"
-HOOKS: tuple[tuple[str, str], ...] = (("FORWARD", FORWARD_CHAIN), ("OUTPUT", OUTPUT_CHAIN))
+HOOKS: tuple[tuple[str, str], ...] = (
+    ("FORWARD", FORWARD_CHAIN), ("INPUT", INPUT_CHAIN), ("OUTPUT", OUTPUT_CHAIN),
+)
 HOOK_COMMENT = "pc:hook"
 MAX_CHAIN_NAME = 28
 
@@ -489,8 +493,9 @@ def render_endpoint(endpoint: EndpointSpec) -> Chain:
     return Chain.build(name, rules)
 
 
-def render_dispatch(endpoints: Iterable[EndpointSpec]) -> tuple[Chain, Chain]:
-    """``pc-fwd`` (from workloads) and ``pc-out`` (host egress) dispatch chains."""
+def render_dispatch(endpoints: Iterable[EndpointSpec]) -> tuple[Chain, Chain, Chain]:
+    """Dispatch chains: ``pc-fwd`` and ``pc-in`` (from workloads, forwarded or to the host
+    itself: a pod's egress policy covers both, as in Calico) and ``pc-out`` (host egress)."""
     eps = sorted(endpoints, key=lambda e: (e.interface, e.key))
     fwd = [
         IptRule((Iface("in", e.interface),), Jump(workload_chain(e.interface), goto=True))
@@ -510,7 +515,10 @@ def render_dispatch(endpoints: Iterable[EndpointSpec]) -> tuple[Chain, Chain]:
         out.append(IptRule((Iface("out", "lo"),), RETURN))
         out += [IptRule((Iface("out", e.interface),), RETURN) for e in eps if e.kind == "workload"]
         out.append(IptRule((), Jump(host_chain(wildcard[0].key), goto=True)))
-    return Chain.build(FORWARD_CHAIN, fwd), Chain.build(OUTPUT_CHAIN, out)
+    return (
+        Chain.build(FORWARD_CHAIN, fwd), Chain.build(INPUT_CHAIN, fwd),
+        Chain.build(OUTPUT_CHAIN, out),
+    )
 
 
 def render(endpoints: Iterable[EndpointSpec], family: int = 4) -> Ruleset:
@@ -525,9 +533,8 @@ def render(endpoints: Iterable[EndpointSpec], family: int = 4) -> Ruleset:
                 name = policy_chain(pol.key)
                 if name not in chains:
                     chains[name] = render_policy(pol, family)
-    fwd, out = render_dispatch(endpoints)
-    chains[fwd.name] = fwd
-    chains[out.name] = out
+    for chain in render_dispatch(endpoints):
+        chains[chain.name] = chain
     return chains
 
 

@@ -36,7 +36,7 @@ def test_apply_writes_only_changed_chains_and_keeps_foreign_rules(netns: Netns) 
         nets=("10.1.0.0/16", "10.2.0.0/16"), not_nets=("10.1.1.0/24", "10.1.2.0/24")))))
     result = ipt.apply(first)
     assert set(result.written) == set(first)
-    assert len(result.hooks_added) == 2
+    assert len(result.hooks_added) == 3
     assert not ipt.apply(first).changed  # idempotent: nothing rewritten
 
     second = render.render(endpoints(RuleSpec("Deny")))
@@ -46,6 +46,7 @@ def test_apply_writes_only_changed_chains_and_keeps_foreign_rules(netns: Netns) 
     saved = netns.run("iptables-save", "-t", "filter").stdout
     assert "-A FORWARD -s 192.0.2.1/32 -j DROP" in saved
     assert saved.count("-j pc-fwd") == 1 and saved.count("-j pc-out") == 1
+    assert saved.count("-j pc-in") == 1
     actual = parse_save(saved)
     assert actual.chains == {name: list(c.hashes) for name, c in second.items()}
     assert host_rules() == host_before  # the host's own firewall is untouched

@@ -6,6 +6,7 @@ Topology (all namespaces created and removed by the test, names ``pc-tr-*``)::
                               node (forwarding) ──to-out── outside 10.66.0.2, 10.66.1.1,
     pod B 10.65.2.2 ──veth-b──┘    10.66.0.1                10.66.2.1, 10.66.3.1
                                                             TCP servers on 80, 443, 6443
+    (and a server on the node itself, port 8080)
 
 The test plays the stream processor (``World`` computes memberships from endpoints and
 policies with ``policy.compile`` selectors), feeds the records through the enforcer's
@@ -45,6 +46,8 @@ NODE = "node-1"
 PORTS = (80, 443, 6443)
 OUTSIDE_IPS = ("10.66.0.2", "10.66.1.1", "10.66.2.1", "10.66.3.1")
 CONNECT_TIMEOUT = 0.5
+NODE_IP = "10.65.1.1"  # the node's end of pod A's veth
+NODE_PORT = 8080  # a server on the node itself (pods reach it through INPUT, not FORWARD)
 
 
 # --------------------------------------------------------------------------- the world
@@ -213,8 +216,8 @@ def build_topology(make_netns: Callable[[], Netns]) -> Topology:
     node.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
     stop = threading.Event()
     servers = []
-    for port in PORTS:
-        sock = netns_mod.open_socket(outside.name, socket.AF_INET, socket.SOCK_STREAM)
+    for ns, port in [(outside, p) for p in PORTS] + [(node, NODE_PORT)]:
+        sock = netns_mod.open_socket(ns.name, socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("0.0.0.0", port))
         sock.listen(256)
@@ -345,6 +348,9 @@ def test_connections_follow_policy_verdict_through_every_change(topology: Topolo
     assert topology.connect("node", "10.66.3.1", 6443)  # failsafe beats the Deny rule
     assert not topology.connect("node", "10.66.3.1", 443)
     assert 0 < allowed < 36
+    # egress policy covers pod traffic to the node's own addresses too
+    assert not world.expected(a.key, NODE_IP, NODE_PORT)
+    assert not topology.connect("pod-a", NODE_IP, NODE_PORT)
 
     # label pod B in: it reaches the SaaS set; out again: it does not
     b = world.put_endpoint("pod", "shop", "b", ("10.65.2.2",), {"app": "web"}, "veth-b")
@@ -387,6 +393,8 @@ def test_connections_follow_policy_verdict_through_every_change(topology: Topolo
     world.delete_object("GlobalNetworkPolicy//default-deny")
     node.sync()
     assert topology.connect("pod-a", "10.66.0.2", 80)
+    assert world.expected(a.key, NODE_IP, NODE_PORT)
+    assert topology.connect("pod-a", NODE_IP, NODE_PORT)
     check_matrix(topology, world, sources)
     # no rule refers to the saas set any more: it is gone from the kernel
     assert set_name(saas_uid) not in node.ipsets.list_sets()

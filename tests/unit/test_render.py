@@ -55,7 +55,7 @@ def test_restore_text_declares_every_chain_it_uses_and_comments_every_rule() -> 
     text = render.restore_text(chains.values(), (), render.HOOKS)
     declared = set(re.findall(r"^:(\S+) - \[0:0\]$", text, re.M))
     assert declared == set(chains)
-    builtin = {"ACCEPT", "DROP", "RETURN", "MARK", "LOG", "FORWARD", "OUTPUT"}
+    builtin = {"ACCEPT", "DROP", "RETURN", "MARK", "LOG"}
     for line in text.splitlines():
         if line.startswith("-A "):
             assert re.search(r'-m comment --comment "pc:[a-z0-9]{16}"', line), line
@@ -63,6 +63,7 @@ def test_restore_text_declares_every_chain_it_uses_and_comments_every_rule() -> 
             assert target and (target.group(1) in builtin or target.group(1) in declared), line
     assert all(len(name) <= MAX_CHAIN_NAME for name in chains)
     assert text.count("-I FORWARD 1") == 1 and text.count("-I OUTPUT 1") == 1
+    assert text.count("-I INPUT 1") == 1
     assert text.startswith("*filter\n") and text.endswith("COMMIT\n")
 
 
@@ -124,7 +125,9 @@ PEERS: list[tuple[str, str, dict[str, str]]] = [
     ("pod/shop/db", "10.1.0.2", {"role": "db", NAMESPACE_LABEL: SHOP}),
     ("pod/other/api", "10.1.0.3", {"role": "api", NAMESPACE_LABEL: "other"}),
     ("globalnetworkset//saas", "10.2.0.0/24", {"kind": "saas"}),
-    ("globalnetworkset//world", "0.0.0.0/0", {"kind": "world"}),
+    # Not 0.0.0.0/0: policy.verdict sees the source as its own labels only, while ipsets
+    # (Calico's and ours) also match network sets whose CIDRs contain the source IP.
+    ("globalnetworkset//world", "8.0.0.0/7", {"kind": "world"}),
 ]
 DST_IPS = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.2.0.5", "10.3.0.1", LOCAL_IP, "8.8.8.8"]
 NETS = ["10.1.0.0/24", "10.1.0.1/32", "10.2.0.0/16", "10.0.0.0/8", "10.3.0.0/24", "fd00::/64",
@@ -225,6 +228,8 @@ def test_rendered_rules_decide_as_policy_verdict(scenario: tuple, packets: list)
         pkt = render.Packet(LOCAL_IP, dst, proto, dport=port,
                             in_iface=iface if kind == "workload" else "",
                             out_iface=iface if kind == "host" else "")
-        start = render.FORWARD_CHAIN if kind == "workload" else render.OUTPUT_CHAIN
-        got = render.simulate(desired.chains, start, pkt, desired.sets)
-        assert (got != "DROP") == expected.allowed, (dst, proto, port, expected.reason)
+        starts = [render.FORWARD_CHAIN, render.INPUT_CHAIN] if kind == "workload" else [
+            render.OUTPUT_CHAIN]
+        for start in starts:  # to elsewhere (forwarded) and to the host itself (input)
+            got = render.simulate(desired.chains, start, pkt, desired.sets)
+            assert (got != "DROP") == expected.allowed, (dst, proto, port, expected.reason)
