@@ -87,6 +87,7 @@ class Service:
             [sys.executable, "-c", ENTRY, *self.args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             env=dict(env if env is not None else os.environ), start_new_session=True,
+            preexec_fn=_die_with_parent(),  # prctl only: safe before exec
         )
         return self
 
@@ -113,6 +114,17 @@ class Service:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _die_with_parent() -> Any:
+    """The brokers' preexec_fn that has Linux SIGTERM a child when the demo dies, even by
+    SIGKILL (so a killed demo leaks no processor or enforcer); None where unavailable."""
+    try:
+        from portcullis import brokers
+    except ImportError:
+        return None
+    factory = getattr(brokers, "_die_with_parent_fn", None)
+    return factory() if factory is not None else None
 
 
 def connection_args(bootstrap: str, prefix: str, partitions: int) -> list[str]:

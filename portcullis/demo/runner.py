@@ -98,6 +98,11 @@ class Demo:
         """Run to the end; returns the exit code. Cleans up on every way out."""
         try:
             return asyncio.run(self._main())
+        except BrokenPipeError:
+            # whoever read our output went away (`| head`): stop quietly, like `yes | head`
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+            return 141
         except asyncio.CancelledError:
             if self.terminated:
                 self.say("portcullis demo: terminated; cleaning up")
@@ -238,7 +243,8 @@ class Demo:
         broker = brokers.TansuBroker(workdir=self.workdir / "broker")
         self.broker = broker
         try:
-            await asyncio.to_thread(broker.start)
+            # on this (the main) thread: the broker then dies with us, even on SIGKILL
+            broker.start()
         except brokers.BrokerError as exc:
             raise DemoError(str(exc)) from None
         self.detail(f"ready at {broker.bootstrap} in {broker.started_in:.2f}s")
