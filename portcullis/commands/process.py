@@ -62,13 +62,12 @@ class Command:
         ssl_context = None
         if kafka.security_protocol in ("SSL", "SASL_SSL"):
             ssl_context = kafka.aiokafka_kwargs()["ssl_context"]
-        if args.store == "rocksdb":
-            try:
-                os.makedirs(args.data_dir, exist_ok=True)
-            except OSError as exc:
-                raise CommandError(
-                    f"--data-dir {args.data_dir}: cannot create: {exc.strerror}"
-                ) from None
+        try:  # Faust keeps its own files there even with the memory store
+            os.makedirs(args.data_dir, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(
+                f"--data-dir {args.data_dir}: cannot create: {exc.strerror}"
+            ) from None
         config = StreamsConfig(
             bootstrap=kafka.bootstrap,
             topic_prefix=settings.topic_prefix,

@@ -1,0 +1,465 @@
+"""Membership stream processor: throughput, policy storm and latency, index vs brute force.
+
+Run: ``.venv/bin/python -m benchmarks.streams_bench [--broker tansu|kafka|none]``.
+
+Workload (seeded): 20,000 pods in 200 namespaces and 500 policies (450 namespaced, 50
+global; applies-to and egress peers, some with namespace selectors), 8 partitions.
+Every figure is measured twice in the same run: with the label index (production) and
+with a brute-force processor that evaluates every registered selector for every endpoint
+event (``--brute-force``), same events, same machine.
+
+1. Pure core (no broker): endpoint events/s through `LocalProcessor`; policy storm (a new
+   global policy matching every endpoint) until its last membership is computed.
+2. One worker (`portcullis process` subprocess, memory store) on a real broker on this
+   machine: sustained endpoint events/s (publish as fast as possible until the worker has
+   emitted the last event's memberships on every partition); policy storm from publish to
+   the 20,000th membership on the topic; latency from each event's ``observed_at`` to its
+   membership records on the topic at 100 events/s (p50, p99 over events, using the last
+   record of each event).
+
+Results are printed and saved to ``benchmarks/results/streams_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from streams.local import LocalProcessor
+from topics.partitioner import partition_for_key
+from topics.records import EndpointRecord, PolicyRecord, ProfileRecord
+
+RESULTS = Path(__file__).parent / "results" / "streams_bench.json"
+REPO = Path(__file__).resolve().parents[1]
+PARTITIONS = 8
+STORM_SELECTOR = "has(app) && env != 'storm'"
+
+Event = tuple[str, str, Any]
+
+
+# ---------------------------------------------------------------------------- workload
+
+
+class Workload:
+    """A seeded cluster: namespaces, pods and policies, plus generators of changes."""
+
+    def __init__(self, endpoints: int, policies: int, seed: int = 7) -> None:
+        self.rng = random.Random(seed)
+        self.namespaces = [f"ns{i:03d}" for i in range(200)]
+        self.apps = [f"app{i}" for i in range(50)]
+        self.pods: dict[str, EndpointRecord] = {}
+        for i in range(endpoints):
+            ns = self.namespaces[i % len(self.namespaces)]
+            self.pods[f"pod/{ns}/pod-{i}"] = self._pod(ns, f"pod-{i}", i, self.apps[i % 50],
+                                                     1.0)
+        self.profiles = [
+            ProfileRecord(kind="namespace", namespace=ns, name=None,
+                          labels={"team": f"t{i % 10}"}, observed_at=1.0)
+            for i, ns in enumerate(self.namespaces)
+        ]
+        self.policies = [self._policy(j) for j in range(policies)]
+        self._keys = list(self.pods)
+        self._ip = 0
+
+    def _pod(self, ns: str, name: str, i: int, app: str, at: float,
+             ip: str | None = None) -> EndpointRecord:
+        return EndpointRecord(
+            kind="pod", namespace=ns, name=name, node=f"node-{i % 100}",
+            interface=f"cali{i:08x}",
+            ips=(ip or f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",),
+            labels={"app": app, "env": "dev" if i % 3 == 0 else "prod", "version": f"v{i % 4}"},
+            service_account=f"sa{i % 5}", source="kubernetes", observed_at=at,
+        )
+
+    def _policy(self, j: int) -> PolicyRecord:
+        rng = self.rng
+        if j == 0:  # a default policy every endpoint falls under
+            spec: dict[str, Any] = {"selector": "has(app)", "types": ["Egress"],
+                                    "egress": [{"action": "Allow",
+                                                "destination": {"nets": ["10.0.0.0/8"]}}]}
+            return self._record(f"default-{j}", None, spec)
+        app = rng.choice(self.apps)
+        peer = rng.choice(self.apps)
+        if j % 10 == 0:  # global
+            spec = {"selector": f"env == 'prod' && app == '{app}'", "types": ["Egress"],
+                    "egress": [{"action": "Allow", "destination": {
+                        "selector": f"app == '{peer}'",
+                        "namespaceSelector": f"team == 't{j % 10}'"}}]}
+            return self._record(f"global-{j}", None, spec)
+        ns = self.namespaces[j % len(self.namespaces)]
+        destination: dict[str, Any] = {"selector": f"app in {{'{peer}', '{app}'}}"}
+        if j % 3 == 0:
+            destination["namespaceSelector"] = f"team == 't{rng.randrange(10)}'"
+        spec = {"selector": f"app == '{app}'", "types": ["Egress"],
+                "egress": [{"action": "Allow", "destination": destination}]}
+        return self._record(f"np-{j}", ns, spec)
+
+    @staticmethod
+    def _record(name: str, ns: str | None, spec: dict[str, Any], at: float = 1.0) -> PolicyRecord:
+        kind = "NetworkPolicy" if ns else "GlobalNetworkPolicy"
+        metadata: dict[str, Any] = {"name": name}
+        if ns:
+            metadata["namespace"] = ns
+        doc = {"apiVersion": "projectcalico.org/v3", "kind": kind, "metadata": metadata,
+               "spec": spec}
+        return PolicyRecord(kind=kind, namespace=ns, name=name, document=doc, actor="bench",
+                            applied_at=at, observed_at=at)
+
+    def preload(self) -> list[Event]:
+        events: list[Event] = [("profiles", p.key, p) for p in self.profiles]
+        events += [("policies", p.key, p) for p in self.policies]
+        events += [("endpoints", k, v) for k, v in self.pods.items()]
+        return events
+
+    def update(self, at: float, key: str | None = None) -> Event:
+        """An endpoint changes app label (moving memberships) and gets a fresh IP."""
+        if key is None:
+            key = self.rng.choice(self._keys)
+        old = self.pods[key]
+        self._ip += 1
+        i = int(old.name.rpartition("-")[2])
+        ip = f"172.{16 + (self._ip >> 16) % 16}.{(self._ip >> 8) & 255}.{self._ip & 255}"
+        new = self._pod(old.namespace or "", old.name, i, self.rng.choice(self.apps), at, ip)
+        self.pods[key] = new
+        return ("endpoints", key, new)
+
+    def updates(self, n: int, at: Callable[[], float]) -> list[Event]:
+        return [self.update(at()) for _ in range(n)]
+
+    def markers(self, at: float) -> dict[str, Event]:
+        """One update per partition: once its membership shows up, the partition is done."""
+        out: dict[str, Event] = {}
+        for key in self.pods:
+            p = partition_for_key(key.split("/")[1], PARTITIONS)
+            if f"p{p}" not in out:
+                out[f"p{p}"] = self.update(at, key)
+            if len(out) == PARTITIONS:
+                break
+        return out
+
+    def storm(self, at: float) -> PolicyRecord:
+        return self._record("storm", None, {"selector": STORM_SELECTOR, "types": ["Egress"]}, at)
+
+
+def partition_of(suffix: str, key: str) -> int:
+    if suffix == "profiles":
+        return partition_for_key(key[4:].partition(".")[0], PARTITIONS)
+    _kind, ns, name = key.split("/")
+    return partition_for_key(ns or name, PARTITIONS)
+
+
+# ---------------------------------------------------------------------------- pure core
+
+
+def publish_local(proc: LocalProcessor, events: list[Event]) -> None:
+    for suffix, key, record in events:
+        if suffix == "endpoints":
+            proc.publish_endpoint(key, record)
+        elif suffix == "profiles":
+            proc.publish_profile(key, record)
+        else:
+            proc.publish_policy(key, record)
+
+
+def bench_pure(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in ("index", "brute_force"):
+        wl = Workload(args.endpoints, args.policies)
+        proc = LocalProcessor(PARTITIONS, brute_force=mode == "brute_force")
+        t0 = time.perf_counter()
+        publish_local(proc, wl.preload())
+        proc.drain()
+        preload = time.perf_counter() - t0
+        members = len(proc.memberships)
+        selectors = len({uid for st in proc.match for uid in st.selectors})
+        n = args.pure_updates
+        updates = wl.updates(n, lambda: 2.0)
+        publish_local(proc, updates)
+        t0 = time.perf_counter()
+        proc.drain()
+        rate = n / (time.perf_counter() - t0)
+        publish_local(proc, [("policies", "GlobalNetworkPolicy//storm", wl.storm(3.0))])
+        t0 = time.perf_counter()
+        proc.drain()
+        storm = time.perf_counter() - t0
+        out[mode] = {"preload_s": preload, "members_after_preload": members,
+                     "selectors": selectors, "endpoint_events_per_s": rate, "storm_s": storm}
+        print(f"  pure {mode:11}: preload {preload:6.2f} s ({selectors} selectors, {members} "
+              f"members); {rate:8.0f} endpoint events/s; storm {storm * 1000:7.1f} ms",
+              flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------- broker
+
+
+class MembershipWatch:
+    """Reads the memberships topic from its end onwards and answers "seen yet?"."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap, self.topic = bootstrap, topic
+        self.latest_ips: dict[str, tuple[str, ...]] = {}  # endpoint key -> last IPs seen
+        self.count_by_uid: dict[str, int] = {}
+        self.last_arrival: dict[float, float] = {}  # observed_at -> last arrival time
+        self.first_arrival: dict[float, float] = {}
+        self.records = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+                                         enable_auto_commit=False, fetch_max_wait_ms=10)
+        await self.consumer.start()
+        tps = [TopicPartition(self.topic, p) for p in range(PARTITIONS)]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_end(*tps)
+        for tp in tps:
+            await self.consumer.position(tp)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        import orjson
+
+        while True:
+            batch = await self.consumer.getmany(timeout_ms=50)
+            now = time.time()
+            for messages in batch.values():
+                for msg in messages:
+                    if msg.value is None:
+                        continue
+                    self.records += 1
+                    data = orjson.loads(msg.value)
+                    self.latest_ips[data["endpoint_key"]] = tuple(data["ips"])
+                    uid = data["selector_uid"]
+                    self.count_by_uid[uid] = self.count_by_uid.get(uid, 0) + 1
+                    at = data["observed_at"]
+                    self.first_arrival.setdefault(at, now)
+                    self.last_arrival[at] = now
+
+    async def wait(self, done: Callable[[], bool], timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the worker did not produce the expected memberships")
+            await asyncio.sleep(0.005)
+        return time.time()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.consumer.stop()
+
+
+async def publish(producer: Any, prefix: str, events: list[Event]) -> None:
+    from topics.codec import encode
+
+    futures = []
+    for suffix, key, record in events:
+        futures.append(await producer.send(
+            prefix + suffix, key=key.encode(),
+            value=encode(record) if record is not None else None,
+            partition=partition_of(suffix, key)))
+    await asyncio.gather(*futures)
+
+
+def markers_done(watch: MembershipWatch, markers: dict[str, Event]) -> Callable[[], bool]:
+    wanted = {key: rec.ips for _s, key, rec in markers.values()}
+    return lambda: all(watch.latest_ips.get(k) == ips for k, ips in wanted.items())
+
+
+async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
+                       log_dir: Path) -> dict[str, Any]:
+    from aiokafka import AIOKafkaProducer
+
+    from policy.selectors import parse
+    from portcullis.topics_admin import check_topics
+
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    report = await check_topics({"bootstrap_servers": bootstrap}, prefix, PARTITIONS, 1,
+                                create=True, timeout=30)
+    if report.failures():
+        raise SystemExit("\n".join(report.lines()))
+    wl = Workload(args.endpoints, args.policies)
+    log_path = log_dir / f"worker-{mode}.log"
+    cmd = [sys.executable, "-c", "import sys; from portcullis.cli import main; sys.exit(main())",
+           "process", "--store", "memory", "--bootstrap", bootstrap, "--topic-prefix", prefix,
+           "--partitions", str(PARTITIONS), "--session-timeout", "3", "--log-level", "WARNING",
+           "--data-dir", str(log_dir / f"data-{mode}")]
+    if mode == "brute_force":
+        cmd.append("--brute-force")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2,
+                                max_batch_size=256 * 1024)
+    await producer.start()
+    watch = MembershipWatch(bootstrap, prefix + "memberships")
+    await watch.start()
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    result: dict[str, Any] = {}
+    try:
+        # preload: 20,000 endpoints and 500 policies, then markers to know it is all in
+        t0 = time.time()
+        await publish(producer, prefix, wl.preload())
+        markers = wl.markers(1.5)
+        await publish(producer, prefix, list(markers.values()))
+        await watch.wait(markers_done(watch, markers), timeout=args.timeout)
+        result["preload_s"] = time.time() - t0
+        print(f"  worker {mode:11}: preload done in {result['preload_s']:.1f} s "
+              f"({watch.records} membership records)", flush=True)
+
+        # sustained endpoint events: publish N as fast as possible, then markers
+        n = args.updates
+        events = wl.updates(n, lambda: 2.0)
+        markers = wl.markers(2.5)
+        t0 = time.time()
+        await publish(producer, prefix, events + list(markers.values()))
+        published = time.time() - t0
+        t1 = await watch.wait(markers_done(watch, markers), timeout=args.timeout)
+        result["endpoint_events_per_s"] = (n + len(markers)) / (t1 - t0)
+        result["publish_s"] = published
+        print(f"  worker {mode:11}: {result['endpoint_events_per_s']:.0f} endpoint events/s "
+              f"({n} events; publishing alone took {published:.2f} s)", flush=True)
+
+        # latency at a fixed rate; observed_at is the publish time of each event
+        rate, seconds = args.rate, args.latency_seconds
+        sent: list[float] = []
+        start = time.time()
+        for k in range(int(rate * seconds)):
+            due = start + k / rate
+            await asyncio.sleep(max(0.0, due - time.time()))
+            at = time.time()
+            sent.append(at)
+            await publish(producer, prefix, [wl.update(at)])
+        await asyncio.sleep(2.0)
+        lat_last = [watch.last_arrival[a] - a for a in sent if a in watch.last_arrival]
+        lat_first = [watch.first_arrival[a] - a for a in sent if a in watch.first_arrival]
+        result["latency"] = {
+            "rate_per_s": rate, "events": len(sent), "events_seen": len(lat_last),
+            "p50_ms": _pct(lat_last, 50) * 1000, "p99_ms": _pct(lat_last, 99) * 1000,
+            "first_record_p50_ms": _pct(lat_first, 50) * 1000,
+            "first_record_p99_ms": _pct(lat_first, 99) * 1000,
+        }
+        print(f"  worker {mode:11}: latency at {rate}/s: p50 {result['latency']['p50_ms']:.1f}"
+              f" ms, p99 {result['latency']['p99_ms']:.1f} ms "
+              f"({len(lat_last)}/{len(sent)} events seen)", flush=True)
+
+        # policy storm: a new global policy whose selector matches every endpoint
+        uid = parse(STORM_SELECTOR).uid
+        target = len(wl.pods)
+        t0 = time.time()
+        await publish(producer, prefix,
+                      [("policies", "GlobalNetworkPolicy//storm", wl.storm(t0))])
+        t1 = await watch.wait(lambda: watch.count_by_uid.get(uid, 0) >= target,
+                              timeout=args.timeout)
+        result["storm_s"] = t1 - t0
+        print(f"  worker {mode:11}: policy storm: {target} memberships in "
+              f"{result['storm_s']:.2f} s", flush=True)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        await watch.stop()
+        await producer.stop()
+    return result
+
+
+def _pct(values: list[float], pct: int) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--broker", choices=["tansu", "kafka", "none"], default="tansu")
+    parser.add_argument("--endpoints", type=int, default=20_000)
+    parser.add_argument("--policies", type=int, default=500)
+    parser.add_argument("--updates", type=int, default=10_000)
+    parser.add_argument("--pure-updates", type=int, default=10_000)
+    parser.add_argument("--rate", type=int, default=100)
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    results: dict[str, Any] = {
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "cpus": __import__("os").cpu_count()},
+        "workload": {"endpoints": args.endpoints, "policies": args.policies,
+                     "partitions": PARTITIONS, "updates": args.updates, "rate": args.rate},
+        "goals": {"endpoint_events_per_s": 2000, "storm_s": 2.0, "latency_p99_ms": 100},
+    }
+    print("pure core (no broker):", flush=True)
+    results["pure"] = bench_pure(args)
+    if args.broker != "none":
+        from portcullis.brokers import BROKERS
+
+        broker = BROKERS[args.broker]()
+        broker.start()
+        print(f"one worker on {args.broker} ({broker.bootstrap}):", flush=True)
+        try:
+            with tempfile.TemporaryDirectory(prefix="pc-streams-bench-") as tmp:
+                results["broker"] = args.broker
+                results["worker"] = {}
+                for mode in ("index", "brute_force"):
+                    try:
+                        results["worker"][mode] = asyncio.run(
+                            bench_worker(args, broker.bootstrap, mode, Path(tmp)))
+                    except TimeoutError as exc:
+                        results["worker"][mode] = {"error": str(exc)}
+                        print(f"  worker {mode}: {exc}", flush=True)
+                        log = Path(tmp) / f"worker-{mode}.log"
+                        print(log.read_text(errors="replace")[-3000:], flush=True)
+        finally:
+            broker.stop()
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"saved {args.out}")
+
+
+def print_table(results: dict[str, Any]) -> None:
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.1f}x" if b else "-"
+
+    pure = results["pure"]
+    rows = [("pure: endpoint events/s", pure["index"]["endpoint_events_per_s"],
+             pure["brute_force"]["endpoint_events_per_s"], True),
+            ("pure: policy storm (s)", pure["index"]["storm_s"],
+             pure["brute_force"]["storm_s"], False)]
+    worker = results.get("worker", {})
+    idx, bf = worker.get("index", {}), worker.get("brute_force", {})
+    if "endpoint_events_per_s" in idx and "endpoint_events_per_s" in bf:
+        rows += [("worker: endpoint events/s", idx["endpoint_events_per_s"],
+                  bf["endpoint_events_per_s"], True),
+                 ("worker: policy storm (s)", idx["storm_s"], bf["storm_s"], False),
+                 ("worker: latency p50 (ms)", idx["latency"]["p50_ms"],
+                  bf["latency"]["p50_ms"], False),
+                 ("worker: latency p99 (ms)", idx["latency"]["p99_ms"],
+                  bf["latency"]["p99_ms"], False)]
+    print(f"\n{'figure':30} {'index':>12} {'brute force':>12} {'index gain':>11}")
+    for name, a, b, higher_better in rows:
+        gain = ratio(a, b) if higher_better else ratio(b, a)
+        print(f"{name:30} {a:12.3f} {b:12.3f} {gain:>11}")
+
+
+if __name__ == "__main__":
+    main()
