@@ -8,10 +8,12 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portcullis.demo import scenario
+from portcullis.demo import DemoError, scenario
+from portcullis.demo.pipeline import PIECES, require, require_present
 from portcullis.demo.runner import initial_publications, interface_of
 from portcullis.demo.table import Row, Style, render, summary, width
 from watchers import apply, translate
@@ -116,3 +118,17 @@ def test_colours_only_when_enabled() -> None:
     assert "\033[32" in coloured[1] and "\033[31" in coloured[1]
     assert "DISAGREES" in coloured[1]
     assert "\033[" not in "".join(render([row], Style(False)))
+
+
+def test_a_missing_stage_is_a_clear_error_naming_the_piece() -> None:
+    PIECES["nowhere.processor"] = ("the thing that processes", "issue 99")
+    try:
+        with pytest.raises(DemoError, match=r"the pipeline needs the thing that processes "
+                           r"\(nowhere\.processor, issue 99\), which is not there yet"):
+            require("nowhere.processor", "the pipeline")
+        with pytest.raises(DemoError, match="issue 99"):
+            require_present("nowhere.processor", "the pipeline")
+    finally:
+        del PIECES["nowhere.processor"]
+    assert require("topics.codec", "reading").__name__ == "topics.codec"
+    require_present("streams.app", "the membership stage")  # present: no error, not imported
