@@ -21,10 +21,8 @@ from watchers.translate import TranslationError, object_id
 log = logging.getLogger(__name__)
 
 
-class Translator(Protocol):
-    def __call__(
-        self, obj: Mapping[str, Any], observed_at: float, *, deleted: bool = False
-    ) -> Publication | list[Publication]: ...
+#: ``translator(obj, observed_at, deleted=...)``: see `watchers.translate`.
+Translator = Callable[..., Publication | list[Publication]]
 
 
 class _Named(Protocol):

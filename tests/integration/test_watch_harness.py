@@ -48,7 +48,7 @@ class ScriptedKubernetes:
         self.stalled = False  # new streams send headers and then nothing, ignoring timeouts
         self.list_delay = 0.0
         self.bookmark_interval = 0.2
-        self.kinds: dict[str, tuple[str, str]] = {}  # plural -> (apiVersion, kind)
+        self.kinds: dict[str, tuple[str, str]] = {}  # "apiVersion/plural" -> (apiVersion, kind)
         self._rvs: dict[str, list[int]] = {}
         self._events: dict[str, list[dict[str, Any]]] = {}
         self._changed = asyncio.Condition()
@@ -62,12 +62,20 @@ class ScriptedKubernetes:
         for api_version, plural, kind in resources:
             group, _, version = api_version.rpartition("/")
             res = kmock.resource(group, version, plural)
-            self.kinds[plural] = (api_version, kind)
-            self._rvs[plural] = []
-            self._events[plural] = []
-            is_watch = kmock.resource(group, version, plural)
-            server[is_watch][self._is_watch] << self._watch_handler(plural)
-            server["list", res][self._is_list] << self._list_handler(plural)
+            rid = f"{api_version}/{plural}"
+            self.kinds[rid] = (api_version, kind)
+            self._rvs[rid] = []
+            self._events[rid] = []
+            server[res][self._is_watch] << self._watch_handler(rid)
+            server["list", res][self._is_list] << self._list_handler(rid)
+
+    def rid(self, name: str) -> str:
+        """A resource id (``apiVersion/plural``) from itself or an unambiguous plural."""
+        if name in self.kinds:
+            return name
+        found = [rid for rid in self.kinds if rid.endswith("/" + name)]
+        assert len(found) == 1, f"ambiguous or unknown resource {name!r}: {found}"
+        return found[0]
 
     # -- reactions --------------------------------------------------------
 
@@ -79,11 +87,12 @@ class ScriptedKubernetes:
     def _is_list(request: kmock.Request) -> bool:
         return request.params.get("watch", "").lower() != "true"
 
-    def _objects(self, plural: str) -> list[dict[str, Any]]:
-        api_version, kind = self.kinds[plural]
+    def _objects(self, rid: str) -> list[dict[str, Any]]:
+        api_version, kind = self.kinds[rid]
+        wanted = self._res(rid)
         out = []
         for (res, _ns, _name), obj in self.kmock.objects.items():
-            if res.plural == plural and not obj.deleted:
+            if res == wanted and not obj.deleted:
                 item = copy.deepcopy(obj.raw)
                 item.setdefault("apiVersion", api_version)
                 item.setdefault("kind", kind)
@@ -91,7 +100,7 @@ class ScriptedKubernetes:
         out.sort(key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"]))
         return out
 
-    def _list_handler(self, plural: str) -> Any:
+    def _list_handler(self, rid: str) -> Any:
         async def serve(request: kmock.Request) -> dict[str, Any]:
             self.list_requests.append(dict(request.params))
             if self.list_delay:
@@ -104,7 +113,7 @@ class ScriptedKubernetes:
                 start = int(offset)
             else:
                 async with self._lock:
-                    items = self._objects(plural)
+                    items = self._objects(rid)
                     rv = str(self.rv)
                 start = 0
             limit = int(request.params.get("limit") or 0) or len(items) or 1
@@ -113,18 +122,18 @@ class ScriptedKubernetes:
             if start + limit < len(items):
                 meta["continue"] = f"{rv}:{start + limit}"
                 self._snapshots[rv] = items
-            api_version, kind = self.kinds[plural]
+            api_version, kind = self.kinds[rid]
             return {"apiVersion": api_version, "kind": kind + "List", "metadata": meta,
                     "items": page}
         return serve
 
-    def _watch_handler(self, plural: str) -> Any:
+    def _watch_handler(self, rid: str) -> Any:
         def serve(request: kmock.Request) -> Any:
             self.watch_requests.append(dict(request.params))
-            return self._stream(plural, request)
+            return self._stream(rid, request)
         return serve
 
-    async def _stream(self, plural: str, request: kmock.Request) -> Any:
+    async def _stream(self, rid: str, request: kmock.Request) -> Any:
         loop = asyncio.get_running_loop()
         since = int(request.params.get("resourceVersion") or 0)
         timeout = float(request.params.get("timeoutSeconds") or 60)
@@ -154,10 +163,10 @@ class ScriptedKubernetes:
                         transport.abort()
                     return
             if not self.paused:
-                rvs = self._rvs[plural]
+                rvs = self._rvs[rid]
                 start = bisect.bisect_right(rvs, cursor)
                 if start < len(rvs):
-                    for event in self._events[plural][start:]:
+                    for event in self._events[rid][start:]:
                         yield event
                     cursor = rvs[-1]
                     continue
@@ -166,10 +175,10 @@ class ScriptedKubernetes:
                 return  # the server-side timeout: a clean end of stream
             woken = await self._wait(min(self.bookmark_interval, remaining))
             if not woken and bookmarks and not self.paused and generation == self._generation:
-                rvs = self._rvs[plural]
+                rvs = self._rvs[rid]
                 if bisect.bisect_right(rvs, cursor) == len(rvs):  # caught up: safe to bookmark
                     cursor = self.rv
-                    yield self._bookmark(plural, cursor)
+                    yield self._bookmark(rid, cursor)
 
     async def _wait(self, timeout: float) -> bool:
         """Wait for a change (never yield while holding the lock: streams can be abandoned)."""
@@ -180,8 +189,8 @@ class ScriptedKubernetes:
                 return False
             return True
 
-    def _bookmark(self, plural: str, rv: int) -> dict[str, Any]:
-        api_version, kind = self.kinds[plural]
+    def _bookmark(self, rid: str, rv: int) -> dict[str, Any]:
+        api_version, kind = self.kinds[rid]
         return {"type": "BOOKMARK", "object": {
             "apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": str(rv)},
         }}
@@ -217,67 +226,71 @@ class ScriptedKubernetes:
 
     # -- changes through the emulator's HTTP API ---------------------------
 
-    def _path(self, plural: str, namespace: str | None, name: str | None = None) -> str:
-        api_version, _kind = self.kinds[plural]
+    def _path(self, rid: str, namespace: str | None, name: str | None = None) -> str:
+        api_version, _kind = self.kinds[rid]
+        plural = rid.rsplit("/", 1)[1]
         base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
         path = f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
         return f"{path}/{name}" if name else path
 
-    async def _record(self, plural: str, kind: str, obj: dict[str, Any]) -> None:
+    async def _record(self, rid: str, kind: str, obj: dict[str, Any]) -> None:
         # kmock matches every request against every request it ever recorded (a view's
         # `in` walks its history), which is quadratic over thousands of requests. Forget
         # all but the most recent ones (in-flight requests are among those).
         del self.kmock._requests[:-10]
-        api_version, k = self.kinds[plural]
+        api_version, k = self.kinds[rid]
         obj = copy.deepcopy(obj)
         obj.setdefault("apiVersion", api_version)
         obj.setdefault("kind", k)
         async with self._changed:
-            self._rvs[plural].append(int(obj["metadata"]["resourceVersion"]))
-            self._events[plural].append({"type": kind, "object": obj})
+            self._rvs[rid].append(int(obj["metadata"]["resourceVersion"]))
+            self._events[rid].append({"type": kind, "object": obj})
             self._changed.notify_all()
 
-    async def create(self, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
+    async def create(self, resource: str, obj: dict[str, Any]) -> dict[str, Any]:
+        rid = self.rid(resource)
         async with self._lock:
             self.rv += 1
             obj = copy.deepcopy(obj)
             obj["metadata"]["resourceVersion"] = str(self.rv)
             ns = obj["metadata"].get("namespace")
-            async with self.kmock.post(self._path(plural, ns), json=obj) as resp:
+            async with self.kmock.post(self._path(rid, ns), json=obj) as resp:
                 assert resp.status in (200, 201), await resp.text()
                 stored = await resp.json()
-            await self._record(plural, "ADDED", stored)
+            await self._record(rid, "ADDED", stored)
             return stored
 
     async def patch(
-        self, plural: str, namespace: str | None, name: str, patch: dict[str, Any]
+        self, resource: str, namespace: str | None, name: str, patch: dict[str, Any]
     ) -> dict[str, Any]:
+        rid = self.rid(resource)
         async with self._lock:
             self.rv += 1
             patch = copy.deepcopy(patch)
             patch.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
-            async with self.kmock.patch(self._path(plural, namespace, name), json=patch) as resp:
+            async with self.kmock.patch(self._path(rid, namespace, name), json=patch) as resp:
                 assert resp.status == 200, await resp.text()
-            stored = copy.deepcopy(self.kmock.objects[self._res(plural), namespace, name].raw)
-            await self._record(plural, "MODIFIED", stored)
+            stored = copy.deepcopy(self.kmock.objects[self._res(rid), namespace, name].raw)
+            await self._record(rid, "MODIFIED", stored)
             return stored
 
-    async def delete(self, plural: str, namespace: str | None, name: str) -> None:
+    async def delete(self, resource: str, namespace: str | None, name: str) -> None:
+        rid = self.rid(resource)
         async with self._lock:
             self.rv += 1
-            async with self.kmock.delete(self._path(plural, namespace, name)) as resp:
+            async with self.kmock.delete(self._path(rid, namespace, name)) as resp:
                 assert resp.status == 200, await resp.text()
                 last = await resp.json()
             last["metadata"]["resourceVersion"] = str(self.rv)
-            await self._record(plural, "DELETED", last)
+            await self._record(rid, "DELETED", last)
 
-    def _res(self, plural: str) -> kmock.resource:
-        api_version, _kind = self.kinds[plural]
+    def _res(self, rid: str) -> kmock.resource:
+        api_version, _kind = self.kinds[rid]
         group, _, version = api_version.rpartition("/")
-        return kmock.resource(group, version, plural)
+        return kmock.resource(group, version, rid.rsplit("/", 1)[1])
 
-    def live(self, plural: str) -> list[dict[str, Any]]:
-        return self._objects(plural)
+    def live(self, resource: str) -> list[dict[str, Any]]:
+        return self._objects(self.rid(resource))
 
 
 def pod(namespace: str, name: str, ip: str, labels: dict[str, str] | None = None,
