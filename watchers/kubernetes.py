@@ -157,8 +157,9 @@ class ResourceWatcher:
             try:
                 if self.resource_version is None:
                     await self.relist()
+                started = time.monotonic()
                 received = await self.watch_once()
-                if received:
+                if received or time.monotonic() - started > 1.0:
                     delay = self.options.backoff_initial
                 else:  # a stream that ends at once with nothing in it: do not spin
                     await asyncio.sleep(delay)
@@ -175,8 +176,9 @@ class ResourceWatcher:
                     self.resource_version = None
                 sleep = delay * (0.5 + random.random() / 2)
                 log.warning(
-                    "%s: %s: %s; retrying in %.1fs%s", self.resource.name, type(exc).__name__,
+                    "%s: %s: %s; retrying in %.1fs%s%s", self.resource.name, type(exc).__name__,
                     exc, sleep, " with a relist" if self.resource_version is None else "",
+                    _hint(exc),
                 )
                 await asyncio.sleep(sleep)
                 delay = min(delay * 2, self.options.backoff_max)
@@ -289,6 +291,15 @@ class ResourceWatcher:
             self.stats.events += len(events)
         self.resource_version = latest
         return count
+
+
+def _hint(exc: Exception) -> str:
+    status = getattr(exc, "status", None)
+    if status == 404:
+        return " (is the resource served? for ours: kubectl apply -f deploy/crds/)"
+    if status in (401, 403):
+        return " (not allowed: see deploy/rbac.yaml for what the watcher needs)"
+    return ""
 
 
 def _check_status(status: int, body: bytes) -> None:
