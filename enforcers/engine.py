@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,6 +47,7 @@ _MEMBERSHIP_FIELDS = {"v", *MembershipRecord.__dataclass_fields_order__}  # type
 
 SET_PREFIX = "pc-"
 TEMP_PREFIX = "pt-"
+SET_PREFIX_V6 = "pc6-"  # IPv6 sets (and their temporary twins, "pc6-…~t")
 WORKLOAD_KINDS = frozenset({"pod", "vm"})
 
 
@@ -86,9 +87,14 @@ class ProgramResult:
 class Programmer:
     """Applies plans to the kernel (or a dry run) and keeps what it believes is programmed."""
 
-    def __init__(self, ipsets: IpsetBackend, iptables: ChainBackend | Iptables) -> None:
+    def __init__(
+        self, ipsets: IpsetBackend, iptables: ChainBackend | Iptables, family: int = 4
+    ) -> None:
         self.ipsets = ipsets
         self.iptables = iptables
+        self.family = "inet" if family == 4 else "inet6"
+        # the set names this programmer owns (and may destroy when nothing uses them)
+        self.owned = (SET_PREFIX, TEMP_PREFIX) if family == 4 else (SET_PREFIX_V6,)
         self.actual: Actual | None = None
         self.chains: dict[str, Chain] = {}
         self._source: Mapping[str, Chain] | None = None
@@ -108,7 +114,7 @@ class Programmer:
     def apply(self, plan: state_mod.Plan) -> ProgramResult:
         """One dataplane transaction, in the order that never lets a rule see a missing set."""
         for name, members in plan.create_sets.items():
-            self.ipsets.create(name, "inet", "hash:net")
+            self.ipsets.create(name, self.family, "hash:net")
             if members:
                 self.ipsets.add(name, members)
         for name, members in plan.add.items():
@@ -134,10 +140,10 @@ class Programmer:
         for name, members in plan.create_sets.items():
             if name in existing:
                 if existing[name] != members:
-                    replace_contents(self.ipsets, name, members)
+                    replace_contents(self.ipsets, name, members, self.family)
                     ops += len(members)
             else:
-                self.ipsets.create(name, "inet", "hash:net")
+                self.ipsets.create(name, self.family, "hash:net")
                 if members:
                     self.ipsets.add(name, members)
                 ops += len(members)
@@ -145,7 +151,7 @@ class Programmer:
         self._source = None
         written = self._apply_chains(plan.chains)
         for name in existing:
-            if (name.startswith((SET_PREFIX, TEMP_PREFIX))) and name not in plan.create_sets:
+            if name.startswith(self.owned) and name not in plan.create_sets:
                 self.ipsets.destroy(name)
         return ProgramResult(ops, written)
 
@@ -157,7 +163,7 @@ class Programmer:
         for name, members in programmed.items():
             have = existing.get(name)
             if have is None:
-                self.ipsets.create(name, "inet", "hash:net")
+                self.ipsets.create(name, self.family, "hash:net")
                 have = set()
             missing, extra = members - have, have - members
             if missing:
@@ -174,7 +180,7 @@ class Programmer:
             before.hooks | set(result.hooks_added),
         )
         for name in existing:
-            if name.startswith((SET_PREFIX, TEMP_PREFIX)) and name not in programmed:
+            if name.startswith(self.owned) and name not in programmed:
                 self.ipsets.destroy(name)
                 repairs += 1
         return ProgramResult(0, len(result.written), repairs)
@@ -184,34 +190,43 @@ class Programmer:
 
 
 class RecordSink:
-    """Turns topic records into state updates; bad records are counted and skipped."""
+    """Turns topic records into state updates; bad records are counted and skipped.
 
-    def __init__(self, state: state_mod.EnforcerState, metrics: EnforcerMetrics) -> None:
+    Feeds one state per address family (IPv4, and IPv6 when enabled): the same records,
+    each family keeping its own addresses and rules.
+    """
+
+    def __init__(
+        self,
+        state: state_mod.EnforcerState,
+        metrics: EnforcerMetrics,
+        more: Sequence[state_mod.EnforcerState] = (),
+    ) -> None:
         self.state = state
+        self.states = [state, *more]
         self.metrics = metrics
         self.policy_kinds: dict[str, tuple[str, str]] = {}  # kafka key -> (what, state key)
 
     def endpoint(self, key: str, rec: EndpointRecord | None) -> None:
-        st = self.state
-        if rec is None or rec.node != st.node or not rec.interface or not (
-            rec.kind in WORKLOAD_KINDS or rec.kind == "hostendpoint"
-        ):
-            if key in st.endpoints:
-                st.delete_endpoint(key, rec.observed_at if rec else None)
-            return
-        ep = state_mod.LocalEndpoint(
-            key, "host" if rec.kind == "hostendpoint" else "workload", rec.interface, rec.ips
-        )
-        st.upsert_endpoint(ep, rec.observed_at)
+        for st in self.states:
+            if rec is None or rec.node != st.node or not rec.interface or not (
+                rec.kind in WORKLOAD_KINDS or rec.kind == "hostendpoint"
+            ):
+                if key in st.endpoints:
+                    st.delete_endpoint(key, rec.observed_at if rec else None)
+                continue
+            ep = state_mod.LocalEndpoint(
+                key, "host" if rec.kind == "hostendpoint" else "workload", rec.interface, rec.ips
+            )
+            st.upsert_endpoint(ep, rec.observed_at)
 
     def membership(self, key: str, rec: MembershipRecord | None) -> None:
-        if rec is None:
-            uid, endpoint = split_membership_key(key)
-            self.state.delete_membership(uid, endpoint)
-        else:
-            self.state.upsert_membership(
-                rec.selector_uid, rec.endpoint_key, rec.ips, rec.observed_at
-            )
+        for st in self.states:
+            if rec is None:
+                uid, endpoint = split_membership_key(key)
+                st.delete_membership(uid, endpoint)
+            else:
+                st.upsert_membership(rec.selector_uid, rec.endpoint_key, rec.ips, rec.observed_at)
 
     def _fast_membership(self, value: bytes) -> bool:
         """Apply a well-formed membership without building the record (the cold-start path).
@@ -238,7 +253,8 @@ class RecordSink:
             and isinstance(at, int | float) and not isinstance(at, bool)
         ):
             return False
-        self.state.upsert_membership(uid, endpoint, ips, float(at))
+        for st in self.states:
+            st.upsert_membership(uid, endpoint, ips, float(at))
         return True
 
     def _elsewhere(self, value: bytes) -> bool:
@@ -255,24 +271,27 @@ class RecordSink:
     def policy(self, key: str, rec: PolicyRecord | None) -> None:
         from policy.load import load_document
 
+        obj = None
+        if rec is not None:  # load first: a bad document changes nothing
+            obj = load_document(rec.document, f"policies topic, key {key}")
         old = self.policy_kinds.pop(key, None)
         observed = rec.observed_at if rec else None
-        if old is not None:
-            what, skey = old
-            if what == "tier":
-                self.state.delete_tier(skey, observed)
-            else:
-                self.state.delete_policy(skey, observed)
-        if rec is None:
-            return
-        obj = load_document(rec.document, f"policies topic, key {key}")
-        compiled = state_mod.compile_object(obj)
-        if isinstance(compiled, state_mod.CompiledTier):
-            self.state.upsert_tier(compiled, observed)
-            self.policy_kinds[key] = ("tier", compiled.name)
-        elif isinstance(compiled, state_mod.CompiledPolicy):
-            self.state.upsert_policy(compiled, observed)
-            self.policy_kinds[key] = ("policy", compiled.key)
+        for st in self.states:
+            if old is not None:
+                what, skey = old
+                if what == "tier":
+                    st.delete_tier(skey, observed)
+                else:
+                    st.delete_policy(skey, observed)
+            if obj is None:
+                continue
+            compiled = state_mod.compile_object(obj, st.family)
+            if isinstance(compiled, state_mod.CompiledTier):
+                st.upsert_tier(compiled, observed)
+                self.policy_kinds[key] = ("tier", compiled.name)
+            elif isinstance(compiled, state_mod.CompiledPolicy):
+                st.upsert_policy(compiled, observed)
+                self.policy_kinds[key] = ("policy", compiled.key)
 
     def message(self, suffix: str, key_raw: bytes | None, value: bytes | None) -> None:
         try:
@@ -309,13 +328,16 @@ class Enforcer:
         metrics: EnforcerMetrics | None = None,
         batch_window: float = 0.003,
         resync_interval: float = 30.0,
+        ipv6: tuple[state_mod.EnforcerState, Programmer] | None = None,
     ) -> None:
         self.state = state
         self.programmer = programmer
+        # one (state, programmer) plane per address family; IPv4 first
+        self.planes = [(state, programmer)] + ([ipv6] if ipv6 else [])
         self.kafka_kwargs = dict(kafka_kwargs)
         self.prefix = topic_prefix
         self.metrics = metrics or EnforcerMetrics()
-        self.sink = RecordSink(state, self.metrics)
+        self.sink = RecordSink(state, self.metrics, [p[0] for p in self.planes[1:]])
         self.batch_window = batch_window
         self.resync_interval = resync_interval
         self.synced = asyncio.Event()
@@ -382,35 +404,44 @@ class Enforcer:
             n += self._take(batch)
 
     def _program(self, initial: bool = False) -> None:
+        """One dataplane transaction per family for everything taken since the last one."""
         started = time.monotonic()
-        try:
-            if initial:
-                result = self.programmer.start(self.state)
-                observed = self.state._observed
-                self.state._observed = []
-            else:
-                plan = self.state.plan()
-                observed = plan.observed_at
-                if not plan.member_ops and not plan.destroy_sets and (
-                    plan.chains is self.programmer._source
-                ):
-                    self._observe(observed)
-                    return
-                result = self.programmer.apply(plan)
-        except Exception:
-            self.metrics.errors.inc()
-            log.exception("dataplane transaction failed; the next resync will retry")
-            self.state.forget_programmed()
-            self._need_restart = True
-            return
-        self.metrics.batches.inc()
-        self.metrics.member_ops.inc(result.member_ops)
-        self.metrics.chains_written.inc(result.chains_written)
+        observed: list[float] = []
+        ops = chains = 0
+        changed = False
+        for index, (st, programmer) in enumerate(self.planes):
+            try:
+                if initial:
+                    result = programmer.start(st)
+                    plane_observed, st._observed = st._observed, []
+                else:
+                    plan = st.plan()
+                    plane_observed = plan.observed_at
+                    if not plan.member_ops and not plan.destroy_sets and (
+                        plan.chains is programmer._source
+                    ):
+                        result = ProgramResult()
+                    else:
+                        result = programmer.apply(plan)
+                        changed = True
+            except Exception:
+                self.metrics.errors.inc()
+                log.exception("dataplane transaction failed; the next resync starts over")
+                st.forget_programmed()
+                self._need_restart = True
+                continue
+            if index == 0:  # the same records reach every family: count them once
+                observed = plane_observed
+            ops += result.member_ops
+            chains += result.chains_written
+        if initial or changed:
+            self.metrics.batches.inc()
+        self.metrics.member_ops.inc(ops)
+        self.metrics.chains_written.inc(chains)
         self._observe(observed, initial)
-        log.debug(
-            "programmed %d member ops, %d chains in %.1f ms",
-            result.member_ops, result.chains_written, (time.monotonic() - started) * 1000,
-        )
+        if initial or changed:
+            log.debug("programmed %d member ops, %d chains in %.1f ms",
+                      ops, chains, (time.monotonic() - started) * 1000)
 
     def _observe(self, observed: list[float], initial: bool = False) -> None:
         if initial:
@@ -423,12 +454,14 @@ class Enforcer:
                       (now - min(observed)) * 1000, len(observed))
 
     def resync(self) -> int:
-        result = self.programmer.resync(self.state)
+        repairs = 0
+        for st, programmer in self.planes:
+            repairs += programmer.resync(st).repairs
         self.metrics.resyncs.inc()
-        self.metrics.repairs.inc(result.repairs)
-        if result.repairs:
-            log.warning("resync repaired %d differences", result.repairs)
-        return result.repairs
+        self.metrics.repairs.inc(repairs)
+        if repairs:
+            log.warning("resync repaired %d differences", repairs)
+        return repairs
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -454,15 +487,15 @@ class Enforcer:
                         if not more:
                             break
                         self._take(more)
-                    self._program(initial=self._need_restart)
-                    self._need_restart = False
+                    initial, self._need_restart = self._need_restart, False
+                    self._program(initial=initial)
                 if time.monotonic() >= next_resync:
                     next_resync = time.monotonic() + self.resync_interval
                     await self._check_brokers(consumer)
                     try:
                         if self._need_restart:
-                            self._program(initial=True)
                             self._need_restart = False
+                            self._program(initial=True)
                         else:
                             self.resync()
                     except Exception:

@@ -178,6 +178,7 @@ class Ports:
 class Icmp:
     type: int
     code: int | None = None
+    v6: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +278,8 @@ def _cond_text(cond: Cond) -> str:
         return f"-m multiport {bang}{flag} {_port_text(cond.ranges)}"
     if isinstance(cond, Icmp):
         code = "" if cond.code is None else f"/{cond.code}"
+        if cond.v6:
+            return f"-m icmp6 --icmpv6-type {cond.type}{code}"
         return f"-m icmp --icmp-type {cond.type}{code}"
     if isinstance(cond, Mark):
         return f"-m mark --mark {cond.value:#x}/{cond.mask:#x}"
@@ -387,7 +390,7 @@ def render_rule(rule: RuleSpec, policy_key: str, family: int = 4) -> list[IptRul
     elif rule.not_protocol is not None:
         inline.append(Proto(rule.not_protocol, negate=True))
     if rule.icmp_type is not None:
-        inline.append(Icmp(rule.icmp_type, rule.icmp_code))
+        inline.append(Icmp(rule.icmp_type, rule.icmp_code, v6=family == 6))
     # (flag-setting rules, final conds) built up per side
     or_rules: list[IptRule] = []
     neg_rules: list[IptRule] = []
@@ -493,16 +496,30 @@ def render_endpoint(endpoint: EndpointSpec) -> Chain:
     return Chain.build(name, rules)
 
 
-def render_dispatch(endpoints: Iterable[EndpointSpec]) -> tuple[Chain, Chain, Chain]:
+# ICMPv6 a link needs to work at all (MLD 130-132, router solicitation 133, neighbour
+# solicitation and advertisement 135-136): accepted before policy, as Felix does.
+ICMPV6_LINK_TYPES = (130, 131, 132, 133, 135, 136)
+
+
+def _icmpv6_link_rules() -> list[IptRule]:
+    return [IptRule((Proto("ipv6-icmp"), Icmp(t, None, v6=True)), ACCEPT)
+            for t in ICMPV6_LINK_TYPES]
+
+
+def render_dispatch(
+    endpoints: Iterable[EndpointSpec], family: int = 4
+) -> tuple[Chain, Chain, Chain]:
     """Dispatch chains: ``pc-fwd`` and ``pc-in`` (from workloads, forwarded or to the host
-    itself: a pod's egress policy covers both, as in Calico) and ``pc-out`` (host egress)."""
+    itself: a pod's egress policy covers both, as in Calico) and ``pc-out`` (host egress).
+    With IPv6, neighbour discovery to and from the host is accepted before any policy."""
     eps = sorted(endpoints, key=lambda e: (e.interface, e.key))
+    link = _icmpv6_link_rules() if family == 6 else []
     fwd = [
         IptRule((Iface("in", e.interface),), Jump(workload_chain(e.interface), goto=True))
         for e in eps
         if e.kind == "workload"
     ]
-    out: list[IptRule] = []
+    out: list[IptRule] = list(link) if any(e.kind == "host" for e in eps) else []
     wildcard: list[EndpointSpec] = []
     for e in eps:
         if e.kind != "host":
@@ -515,8 +532,9 @@ def render_dispatch(endpoints: Iterable[EndpointSpec]) -> tuple[Chain, Chain, Ch
         out.append(IptRule((Iface("out", "lo"),), RETURN))
         out += [IptRule((Iface("out", e.interface),), RETURN) for e in eps if e.kind == "workload"]
         out.append(IptRule((), Jump(host_chain(wildcard[0].key), goto=True)))
+    to_host = (link if fwd else []) + fwd
     return (
-        Chain.build(FORWARD_CHAIN, fwd), Chain.build(INPUT_CHAIN, fwd),
+        Chain.build(FORWARD_CHAIN, fwd), Chain.build(INPUT_CHAIN, to_host),
         Chain.build(OUTPUT_CHAIN, out),
     )
 
@@ -533,7 +551,7 @@ def render(endpoints: Iterable[EndpointSpec], family: int = 4) -> Ruleset:
                 name = policy_chain(pol.key)
                 if name not in chains:
                     chains[name] = render_policy(pol, family)
-    for chain in render_dispatch(endpoints):
+    for chain in render_dispatch(endpoints, family):
         chains[chain.name] = chain
     return chains
 

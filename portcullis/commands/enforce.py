@@ -27,6 +27,10 @@ class Command:
             help="record ipset and iptables operations instead of touching the kernel",
         )
         parser.add_argument(
+            "--ipv6", action="store_true",
+            help="also enforce IPv6 (ip6tables and inet6 sets named pc6-…)",
+        )
+        parser.add_argument(
             "--metrics-port", type=int, metavar="PORT",
             help="serve Prometheus metrics on this port (GET /metrics)",
         )
@@ -58,20 +62,29 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
     from enforcers.metrics import EnforcerMetrics, serve
     from enforcers.state import EnforcerState
 
+    ipsets: DryRunIpsets | NetlinkIpsets
     if args.dry_run:
-        programmer = Programmer(DryRunIpsets(), DryRunIptables())
+        ipsets = DryRunIpsets()
+        programmer = Programmer(ipsets, DryRunIptables())
+        programmer6 = Programmer(ipsets, DryRunIptables(), family=6)
     else:
         try:
-            programmer = Programmer(NetlinkIpsets(netns=args.netns), Iptables(args.netns))
+            ipsets = NetlinkIpsets(netns=args.netns)
         except OSError as exc:
             raise CommandError(
                 f"cannot open the ipset netlink socket (root needed?): {exc}"
             ) from None
+        programmer = Programmer(ipsets, Iptables(args.netns))
+        programmer6 = Programmer(ipsets, Iptables(args.netns, family=6), family=6)
+    ipv6 = None
+    if args.ipv6:
+        state6 = EnforcerState(args.node, lambda uid: set_name(uid, "pc6"), family=6)
+        ipv6 = (state6, programmer6)
     metrics = EnforcerMetrics()
     enforcer = Enforcer(
         EnforcerState(args.node, set_name), programmer, settings.kafka.aiokafka_kwargs(),
         settings.topic_prefix, metrics, batch_window=args.batch_window,
-        resync_interval=args.resync_interval,
+        resync_interval=args.resync_interval, ipv6=ipv6,
     )
     server = await serve(metrics, args.metrics_port) if args.metrics_port else None
     stop = asyncio.Event()

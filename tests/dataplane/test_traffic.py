@@ -175,6 +175,18 @@ class Topology:
         finally:
             sock.close()
 
+    def connect6(self, source: str, dst: str, port: int) -> bool:
+        ns = self.node.name if source == "node" else self.pods[source].name
+        sock = netns_mod.open_socket(ns, socket.AF_INET6, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect((dst, port))
+            return True
+        except (TimeoutError, ConnectionRefusedError, OSError):
+            return False
+        finally:
+            sock.close()
+
     def matrix(self, sources: list[str]) -> dict[tuple[str, str, int], bool]:
         cases = [(s, d, p) for s in sources for d in OUTSIDE_IPS for p in PORTS]
         with ThreadPoolExecutor(max_workers=24) as pool:
@@ -288,27 +300,34 @@ spec:
 
 
 class Node:
-    """The enforcer's pure core and programmer, fed record by record (no broker)."""
+    """The enforcer's pure core and programmers, fed record by record (no broker)."""
 
-    def __init__(self, topo: Topology, world: World) -> None:
+    def __init__(self, topo: Topology, world: World, ipv6: bool = False) -> None:
         self.world = world
         self.metrics = EnforcerMetrics()
         self.state = EnforcerState(NODE, set_name)
-        self.sink = RecordSink(self.state, self.metrics)
         self.ipsets = NetlinkIpsets(netns=topo.node.name)
         self.iptables = Iptables(topo.node.name)
         self.programmer = Programmer(self.ipsets, self.iptables)
+        self.planes = [(self.state, self.programmer)]
+        if ipv6:
+            self.planes.append((
+                EnforcerState(NODE, lambda uid: set_name(uid, "pc6"), family=6),
+                Programmer(self.ipsets, Iptables(topo.node.name, family=6), family=6),
+            ))
+        self.sink = RecordSink(self.state, self.metrics, [p[0] for p in self.planes[1:]])
         self.started = False
 
     def sync(self) -> None:
         for suffix, key, rec in self.world.changes():
             value = codec.encode(rec) if rec is not None else None  # type: ignore[arg-type]
             self.sink.message(suffix, key.encode(), value)
-        if not self.started:
-            self.programmer.start(self.state)
-            self.started = True
-        else:
-            self.programmer.apply(self.state.plan())
+        for state, programmer in self.planes:
+            if not self.started:
+                programmer.start(state)
+            else:
+                programmer.apply(state.plan())
+        self.started = True
         assert self.metrics.rejected.value == 0
 
 
@@ -419,3 +438,83 @@ def test_membership_keys_match_the_contract() -> None:
     world.put_objects(POLICIES)
     keys = {k for s, k, _ in world.changes() if s == "memberships"}
     assert all(k == membership_key(*k.split("|", 1)) for k in keys)
+
+
+OUTSIDE_IPS6 = ("fd66::2", "fd66:1::1", "fd66:2::1")
+
+
+def add_ipv6(topo: Topology) -> None:
+    """IPv6 beside IPv4: pods fd65:N::2, outside fd66::2 plus two more, servers on 80/443."""
+    node, outside = topo.node.name, topo.outside.name
+    for iface, pod, n in (("veth-a", topo.pods["pod-a"], 1), ("veth-b", topo.pods["pod-b"], 2)):
+        ip("-n", node, "addr", "add", f"fd65:{n}::1/64", "dev", iface, "nodad")
+        ip("-n", pod.name, "addr", "add", f"fd65:{n}::2/64", "dev", "eth0", "nodad")
+        ip("-n", pod.name, "-6", "route", "add", "default", "via", f"fd65:{n}::1")
+    ip("-n", node, "addr", "add", "fd66::1/64", "dev", "to-out", "nodad")
+    ip("-n", outside, "addr", "add", "fd66::2/64", "dev", "eth0", "nodad")
+    for extra in OUTSIDE_IPS6[1:]:
+        ip("-n", outside, "addr", "add", f"{extra}/128", "dev", "eth0", "nodad")
+    ip("-n", outside, "-6", "route", "add", "default", "via", "fd66::1")
+    ip("-n", node, "-6", "route", "add", "fd66::/16", "via", "fd66::2")
+    topo.node.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    # link-local addresses stay tentative (duplicate address detection) for a moment, and
+    # neighbour discovery waits for them: wait until no namespace has one left
+    spaces = [topo.node, topo.outside, *topo.pods.values()]
+    deadline = time.monotonic() + 10
+    while any(ns.run("ip", "-6", "addr", "show", "tentative").stdout.strip() for ns in spaces):
+        assert time.monotonic() < deadline, "IPv6 addresses still tentative after 10 s"
+        time.sleep(0.1)
+    for port in (80, 443):
+        sock = netns_mod.open_socket(outside, socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::", port))
+        sock.listen(256)
+        topo.servers.append(sock)
+        threading.Thread(target=_serve, args=(sock, topo.stop), daemon=True).start()
+
+
+def test_ipv6_follows_policy_through_the_same_code_path(topology: Topology) -> None:
+    add_ipv6(topology)
+    world = World()
+    a = world.put_endpoint("pod", "shop", "a", ("10.65.1.2", "fd65:1::2"), {"app": "web"},
+                           "veth-a")
+    b = world.put_endpoint("pod", "shop", "b", ("10.65.2.2", "fd65:2::2"), {"app": "batch"},
+                           "veth-b")
+    world.put_endpoint("globalnetworkset", None, "saas", ("10.66.1.0/24", "fd66:1::/64"),
+                       {"kind": "saas"}, node=None)
+    world.put_objects(POLICIES)
+    node = Node(topology, world, ipv6=True)
+    node.sync()
+
+    def check() -> None:
+        cases = [(s, d, p) for s in ("pod-a", "pod-b") for d in OUTSIDE_IPS6 for p in (80, 443)]
+        keys = {"pod-a": a.key, "pod-b": b.key}
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            got = list(pool.map(lambda c: topology.connect6(*c), cases))
+        wrong = [(c, ok) for c, ok in zip(cases, got, strict=True)
+                 if ok != world.expected(keys[c[0]], c[1], c[2])]
+        assert not wrong, f"IPv6 connections that disagree with policy.verdict: {wrong}"
+
+    check()
+    assert topology.connect6("pod-a", "fd66:1::1", 443)
+    assert not topology.connect6("pod-a", "fd66:2::1", 443)
+    assert topology.connect("pod-a", "10.66.1.1", 443)  # IPv4 alongside
+    sets = node.ipsets.list_sets()
+    assert "fd66:1::/64" in sets[set_name(next(
+        m.selector_uid for m in world.published.values()
+        if m.endpoint_key == "globalnetworkset//saas"), "pc6")]
+
+    # the set's IPv6 nets change: the inet6 set follows
+    world.put_endpoint("globalnetworkset", None, "saas", ("10.66.1.0/24", "fd66:2::/64"),
+                       {"kind": "saas"}, node=None)
+    node.sync()
+    assert topology.connect6("pod-a", "fd66:2::1", 443)
+    assert not topology.connect6("pod-a", "fd66:1::1", 443)
+    check()
+    # the resync of the IPv6 plane repairs a rule deleted by hand
+    topology.node.run("ip6tables", "-D", "pc-fwd", "1")
+    assert topology.connect6("pod-a", "fd66::2", 80)
+    assert sum(p.resync(s).repairs for s, p in node.planes) >= 1
+    assert not topology.connect6("pod-a", "fd66::2", 80)
+    node.ipsets.close()

@@ -233,3 +233,21 @@ def test_rendered_rules_decide_as_policy_verdict(scenario: tuple, packets: list)
         for start in starts:  # to elsewhere (forwarded) and to the host itself (input)
             got = render.simulate(desired.chains, start, pkt, desired.sets)
             assert (got != "DROP") == expected.allowed, (dst, proto, port, expected.reason)
+
+
+def test_ipv6_keeps_neighbour_discovery_working_under_default_deny() -> None:
+    deny_all = PolicySpec("GlobalNetworkPolicy//deny", ())
+    eps = [EndpointSpec("pod/ns/a", "workload", "veth-a", (TierSpec("default", "Deny",
+                                                                    (deny_all,)),)),
+           EndpointSpec("hostendpoint//n1", "host", "eth0")]
+    ns = render.Packet("fd65::2", "ff02::1:ff00:1", "ipv6-icmp", in_iface="veth-a",
+                       out_iface="eth0", icmp_type=135)
+    tcp = render.Packet("fd65::2", "fd65::1", "tcp", dport=80, in_iface="veth-a",
+                        out_iface="eth0")
+    v6 = render.render(eps, family=6)
+    for start in (render.INPUT_CHAIN, render.OUTPUT_CHAIN):
+        assert render.simulate(v6, start, ns, {}) == "ACCEPT"
+        assert render.simulate(v6, start, tcp, {}) == "DROP"
+    v4 = render.render(eps, family=4)
+    assert "icmpv6" not in render.restore_text(v4.values())
+    assert "-m icmp6 --icmpv6-type 135" in render.restore_text(v6.values())
