@@ -74,8 +74,10 @@ class Resource:
         return self.list_method(api)
 
 
-def core(name: str, kind: str, method: str) -> Resource:
-    return Resource(name, "v1", kind, lambda api: getattr(k8s.CoreV1Api(api), method))
+def core(name: str, kind: str, method: str, **list_kwargs: Any) -> Resource:
+    return Resource(
+        name, "v1", kind, lambda api: getattr(k8s.CoreV1Api(api), method), list_kwargs
+    )
 
 
 def custom(group: str, version: str, plural: str, kind: str) -> Resource:
@@ -87,7 +89,9 @@ def custom(group: str, version: str, plural: str, kind: str) -> Resource:
     )
 
 
-PODS = core("pods", "Pod", "list_pod_for_all_namespaces")
+#: Only running pods can be endpoints: the server filters the rest out (a pod that stops
+#: running is then sent as DELETED), which spares us pending pods and finished jobs.
+PODS = core("pods", "Pod", "list_pod_for_all_namespaces", field_selector="status.phase=Running")
 NAMESPACES = core("namespaces", "Namespace", "list_namespace")
 SERVICE_ACCOUNTS = core(
     "serviceaccounts", "ServiceAccount", "list_service_account_for_all_namespaces"

@@ -131,6 +131,8 @@ async def test_initial_list_in_pages_then_adds_updates_deletes_and_bookmarks(
         assert api.watch_requests[0]["resourceVersion"] == "8"
         assert api.watch_requests[0]["allowWatchBookmarks"].lower() == "true"
         assert int(api.watch_requests[0]["timeoutSeconds"]) == 5
+        for request in (*api.list_requests, *api.watch_requests):
+            assert request["fieldSelector"] == "status.phase=Running"
 
         await api.create("pods", pod("ns1", "new", "10.0.1.1"))
         await api.patch("pods", "ns1", "p0", {"metadata": {"labels": {"app": "b"}}})
