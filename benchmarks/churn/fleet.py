@@ -224,6 +224,14 @@ class Fleet:
             pending = sorted(node.pending, key=lambda item: item[0])
             node.pending = []
             i = 0
+            if not node.started and pending:
+                # a cold start reads the topics to the end, then programs once
+                t0 = time.thread_time()
+                for _arrival, fn, args in pending:
+                    fn(*args)
+                start = max(node.busy_until, pending[-1][0])
+                count += self._transaction(node, t0, start, events)
+                continue
             while i < len(pending):
                 start = max(node.busy_until, pending[i][0] + self.batch_window)
                 t0 = time.thread_time()

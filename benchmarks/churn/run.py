@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.churn import checker
-from benchmarks.churn.cluster import ChurnGenerator, Cluster, build_cluster, growth_cidrs
+from benchmarks.churn.cluster import ChurnGenerator, Cluster, build_cluster
 from benchmarks.churn.fleet import Fleet, Sample
 from benchmarks.churn.pipeline import NaivePipeline, PurePipeline, initial_records
 from benchmarks.churn.scenarios import Phase, Scenario
@@ -133,6 +133,12 @@ class Tracker:
     recent: list[tuple[float, float]] = field(default_factory=list)  # (wall time, latency)
     published: list[tuple[float, str]] = field(default_factory=list)
     real: list[tuple[float, float]] = field(default_factory=list)
+    #: event -> when its first membership reached the topic (the processor stage)
+    first_membership: dict[float, float] = field(default_factory=dict)
+
+    def membership_seen(self, observed_at: float, arrival: float) -> None:
+        if observed_at in self.events and observed_at not in self.first_membership:
+            self.first_membership[observed_at] = max(0.0, arrival - observed_at)
 
     def stamp(self, phase: str) -> float:
         """A unique observed_at for a new event."""
@@ -142,6 +148,10 @@ class Tracker:
         self.events[at] = phase
         self.published.append((at, phase))
         return at
+
+    def add_event(self, at: float, phase: str) -> None:
+        self.events[at] = phase
+        self.published.append((at, phase))
 
     def sample(self, s: Sample) -> None:
         at, _node, sim, wall, done = s
@@ -284,6 +294,7 @@ class Run:
         self.events_published = 0
         self.marks: list[tuple[float, str]] = []
         self.loading = True
+        self.actions: dict[str, Callable[[], Any]] = {}
 
     def log(self, text: str) -> None:
         if self.opts.progress:
@@ -347,6 +358,8 @@ class Run:
             self.member_parts = [tp for tp in parts if names[tp.topic] == MEMBERSHIPS.suffix]
             while not self.stop.is_set():
                 batch = await consumer.getmany(timeout_ms=50)
+                if hasattr(self, "watcher_lines"):
+                    self.drain_watcher()
                 for tp, messages in batch.items():
                     suffix = names[tp.topic]
                     for msg in messages:
@@ -354,8 +367,10 @@ class Run:
                         try:
                             key = codec.decode_key(msg.key)
                             if suffix == MEMBERSHIPS.suffix:
-                                fleet.membership(
-                                    key, codec.decode_as(MembershipRecord, msg.value), arrival)
+                                member = codec.decode_as(MembershipRecord, msg.value)
+                                if member is not None:
+                                    self.tracker.membership_seen(member.observed_at, arrival)
+                                fleet.membership(key, member, arrival)
                             elif suffix == ENDPOINTS.suffix:
                                 fleet.endpoint(
                                     key, codec.decode_as(EndpointRecord, msg.value), arrival)
@@ -492,39 +507,107 @@ class Run:
 
     # ---------------------------------------------------------------- phases
 
-    async def churn(self, gen: ChurnGenerator, phase: Phase,
-                    actions: dict[int, Callable[[], Any]] | None = None) -> dict[str, Any]:
-        from watchers.mirror import Publication
+    # ---------------------------------------------------------------- the watcher process
 
+    async def start_watcher(self) -> None:
+        import queue
+        import threading
+        from dataclasses import asdict
+
+        self.watcher = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.churn.watcher", "--bootstrap", self.bootstrap,
+             "--prefix", self.prefix, "--spec", json.dumps(asdict(self.spec))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(self.workdir / "watcher.log", "ab"),  # noqa: SIM115
+            cwd=REPO, text=True, bufsize=1)
+        self.watcher_lines: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self.watcher_done: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.watcher_actions: list[str] = []
+
+        def pump() -> None:
+            assert self.watcher.stdout is not None
+            for line in self.watcher.stdout:
+                self.watcher_lines.put(json.loads(line))
+            self.watcher_lines.put(None)
+
+        threading.Thread(target=pump, name="watcher-stdout", daemon=True).start()
+        await self.wait_watcher("ready")
+
+    def drain_watcher(self) -> None:
+        """Take in every line the watcher wrote (events first: before their records)."""
+        import queue
+
+        assert self.fleet is not None
+        while True:
+            try:
+                line = self.watcher_lines.get_nowait()
+            except queue.Empty:
+                return
+            if line is None:
+                self.watcher_done.put_nowait({"exited": True})
+            elif "e" in line:
+                at, key, phase = line["e"]
+                self.tracker.add_event(at, phase)
+                self.fleet.cause[key] = at
+                self.events_published += 1
+            elif "action" in line:
+                self.watcher_actions.append(line["action"])
+            else:
+                self.watcher_done.put_nowait(line)
+
+    async def wait_watcher(self, what: str, timeout: float = 3600.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.drain_watcher()
+            while self.watcher_actions:
+                await self.act(self.watcher_actions.pop(0))
+            if not self.watcher_done.empty():
+                line = self.watcher_done.get_nowait()
+                if "exited" in line:
+                    raise BenchError(f"the watcher process exited; log: "
+                                     f"{self.workdir / 'watcher.log'}")
+                if what in line:
+                    return line
+            await asyncio.sleep(0.02)
+        raise BenchError(f"the watcher did not report {what!r} within {timeout:.0f}s")
+
+    def tell_watcher(self, cmd: dict[str, Any]) -> None:
+        assert self.watcher.stdin is not None
+        self.watcher.stdin.write(json.dumps(cmd) + "\n")
+        self.watcher.stdin.flush()
+
+    def stop_watcher(self) -> None:
+        proc = getattr(self, "watcher", None)
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(Exception):
+            self.tell_watcher({"quit": True})
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    async def act(self, name: str) -> None:
+        handler = self.actions.get(name)
+        if handler is None:
+            raise BenchError(f"the watcher asked for an unknown action {name!r}")
+        await handler()
+        self.tell_watcher({"ok": True})
+
+    # ---------------------------------------------------------------- phases
+
+    async def churn(self, phase: Phase, actions: dict[int, str] | None = None) -> dict[str, Any]:
         assert self.fleet is not None
         self.phase = phase.name
         self.marks.append((time.time(), phase.name))
         n = phase.events
-        step = 60.0 / phase.rate
-        t0 = time.monotonic()
         start_wall = time.time()
         cpu0 = self.cpu_snapshot()
-        pending: list[asyncio.Task[None]] = []
-        for i in range(n):
-            if actions and i in actions:
-                await actions[i]()
-            due = t0 + i * step
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            event = gen.next()
-            at = self.tracker.stamp(phase.name)
-            self.fleet.cause[event.key] = at
-            rec = event.record(at)
-            pub = (Publication.upsert("endpoints", rec) if rec is not None
-                   else Publication.tombstone("endpoints", event.key, event.namespace))
-            pending.append(asyncio.create_task(self.publish([pub])))
-            self.events_published += 1
-            if len(pending) > 500:
-                await asyncio.gather(*pending[:250])
-                pending = pending[250:]
-        await asyncio.gather(*pending)
-        publish_s = time.monotonic() - t0
+        self.tell_watcher({"run": [phase.name, phase.rate, n,
+                                   {str(k): v for k, v in (actions or {}).items()}]})
+        done = (await self.wait_watcher("done"))["done"]
+        publish_s = done["publish_seconds"]
         settle_s = await self.settle(phase.name, quiet=2.0)
         self.marks.append((time.time(), f"end {phase.name}"))
         cpu = self.cpu_delta(cpu0)
@@ -537,11 +620,15 @@ class Run:
         return {
             "phase": phase.name, "rate_per_min": phase.rate, "events": n,
             "publish_seconds": round(publish_s, 2),
+            "watcher_max_behind_schedule_s": round(done["max_behind_schedule_s"], 3),
             "offered_per_s": round(n / publish_s, 1) if publish_s else None,
             "sustained_per_s": round(n / max(span, publish_s), 1),
             "drain_after_publish_s": round(settle_s, 2),
             "latency_s": lat,
             "latency_wall_s": percentiles(self.tracker.phase_latencies(phase.name, wall=True)),
+            "processor_stage_s": percentiles(
+                v for at, v in self.tracker.first_membership.items()
+                if self.tracker.events.get(at) == phase.name),
             "events_without_dataplane_change": lost,
             "cpu_s": cpu,
         }
@@ -562,37 +649,15 @@ class Run:
 
     async def storm(self) -> list[dict[str, Any]]:
         """A global policy selecting every pod; then a network set grown by N CIDRs."""
-        import policy as policy_mod
-        from watchers.translate import policy_publications
-
-        assert self.cluster is not None and self.fleet is not None
+        assert self.fleet is not None
         out = []
-        doc = {
-            "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
-            "metadata": {"name": "security.storm-block"},
-            "spec": {"tier": "security", "order": 5, "namespaceSelector": "all()",
-                     "types": ["Egress"],
-                     "egress": [{"action": "Deny", "destination": {
-                         "selector": "role == 'blocklist'", "namespaceSelector": "global()"}},
-                         {"action": "Pass"}]},
-        }
-        saas = next(o for o in self.cluster.policy_objects
-                    if o.kind == "GlobalNetworkSet" and o.name.startswith("saas-"))
-        grown_doc = saas.to_document()
-        grown_doc["spec"]["nets"] = [*grown_doc["spec"].get("nets", []),
-                                     *growth_cidrs(self.scn.growth_cidrs)]
-        for name, document in (("global policy selecting every pod", doc),
-                               (f"network set {saas.name} + {self.scn.growth_cidrs} CIDRs",
-                                grown_doc)):
-            obj = policy_mod.load_document(document, source="bench storm")
-            self.phase = name
-            at = self.tracker.stamp(name)
-            self.fleet.cause[obj.key] = at
-            self.marks.append((at, name))
-            pubs = policy_publications(obj, actor="bench", applied_at=at, observed_at=at,
-                                       source="apply")
+        self.tell_watcher({"storm": {"growth": self.scn.growth_cidrs}})
+        for step in range(2):
             cpu0 = self.cpu_snapshot()
-            await self.publish(pubs)
+            done = (await self.wait_watcher("done"))["done"]
+            name, at = done["phase"], done["at"]
+            self.phase = name
+            self.marks.append((at, name))
             await self.settle(name, quiet=3.0)
             nodes = self.tracker.nodes_hit.get(at, 0)
             total = self.tracker.per_event.get(at)
@@ -601,12 +666,15 @@ class Run:
                 "nodes_simulated": len(self.fleet.nodes),
                 "all_nodes_programmed_s": total,
                 "all_nodes_programmed_wall_s": self.tracker.per_event_wall.get(at),
+                "first_membership_s": self.tracker.first_membership.get(at),
                 "goal_s": self.scn.storm_goal,
                 "met": total is not None and total <= self.scn.storm_goal,
                 "cpu_s": self.cpu_delta(cpu0),
             })
-            self.log(f"storm: {name}: {nodes} nodes programmed, last after "
+            self.log(f"storm: {name}: {nodes} nodes programmed, the last after "
                      f"{'-' if total is None else f'{total:.2f}s'}")
+            if step == 0:
+                self.tell_watcher({"ok": True})
         return out
 
     # ---------------------------------------------------------------- main
@@ -643,14 +711,21 @@ class Run:
             # a cold start for every simulated node: everything read, then programmed once
             self.fleet.program(set())
             self.loading = False
+            # Ten or a hundred nodes' state in one process would make every full garbage
+            # collection scan all of them and charge it to one node's transaction; a real
+            # enforcer holds one node's. Freeze what the load built.
+            import gc
+
+            gc.collect()
+            gc.freeze()
             load_s = time.monotonic() - t_load
             self.log(f"initial load programmed on {len(nodes)} simulated nodes in "
                      f"{load_s:.1f}s ({len(self.fleet.memberships)} memberships)")
-            gen = ChurnGenerator(self.cluster)
+            await self.start_watcher()
             phases = []
             for i, phase in enumerate(scn.phases):
                 actions = self.restart_actions(phase) if scn.restart and i == 0 else None
-                phases.append(await self.churn(gen, phase, actions))
+                phases.append(await self.churn(phase, actions))
                 self.log(self.phase_line(phases[-1]))
             storm = await self.storm() if scn.storm else []
             self.phase = "check"
@@ -661,6 +736,7 @@ class Run:
             real_samples = self.real_samples()
             self.log(consistency["report"])
         finally:
+            self.stop_watcher()
             self.stop.set()
             for task in tasks:
                 task.cancel()
@@ -693,10 +769,21 @@ class Run:
                            if self.broker_pid else None},
             },
             "memberships_lag_max": max((lag for _t, lag in self.lag_samples), default=0),
+            "simulated_node_stats": self.node_stats(),
             "timeline": self.series(),
             "marks": self.marks,
         }
         return self.result
+
+    def node_stats(self) -> dict[str, Any]:
+        assert self.fleet is not None
+        nodes = list(self.fleet.nodes.values())
+        cpu = [n.cpu for n in nodes]
+        return {"transactions_per_node": percentiles(n.batches for n in nodes),
+                "cpu_s_per_node": percentiles(cpu),
+                "cpu_ms_per_transaction": round(1000 * sum(cpu) / max(1, sum(
+                    n.batches for n in nodes)), 2),
+                "member_ops_total": sum(n.member_ops for n in nodes)}
 
     def real_report(self, samples: list[float], wanted: bool) -> dict[str, Any]:
         if not wanted:
@@ -714,10 +801,12 @@ class Run:
         def ms(v: float | None) -> str:
             return "-" if v is None else f"{v * 1000:.0f} ms"
 
+        stage = ph["processor_stage_s"]
         return (f"{ph['phase']}: {ph['events']} events, p50 {ms(lat['p50'])}, p99 "
-                f"{ms(lat['p99'])}, max {ms(lat['max'])}, sustained {ph['sustained_per_s']}/s")
+                f"{ms(lat['p99'])}, max {ms(lat['max'])}, sustained {ph['sustained_per_s']}/s "
+                f"(processor stage: p50 {ms(stage['p50'])}, p99 {ms(stage['p99'])})")
 
-    def restart_actions(self, phase: Phase) -> dict[int, Callable[[], Any]]:
+    def restart_actions(self, phase: Phase) -> dict[int, str]:
         n = phase.events
         self.restart_report: list[dict[str, Any]] = []
 
@@ -747,7 +836,8 @@ class Run:
                                         "at": at})
             self.log(f"restart: enforcer {node} restarted")
 
-        return {n // 4: kill_processor, (5 * n) // 8: restart_enforcer}
+        self.actions = {"kill_processor": kill_processor, "restart_enforcer": restart_enforcer}
+        return {n // 4: "kill_processor", (5 * n) // 8: "restart_enforcer"}
 
     def series(self) -> list[dict[str, Any]]:
         """Per-second windows by event time: published, programmed, latency percentiles."""
