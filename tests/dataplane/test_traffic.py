@@ -517,4 +517,5 @@ def test_ipv6_follows_policy_through_the_same_code_path(topology: Topology) -> N
     assert topology.connect6("pod-a", "fd66::2", 80)
     assert sum(p.resync(s).repairs for s, p in node.planes) >= 1
     assert not topology.connect6("pod-a", "fd66::2", 80)
+    assert sum(p.resync(s).repairs for s, p in node.planes) == 0  # kernel == ours, both families
     node.ipsets.close()
