@@ -212,7 +212,7 @@ class ScriptedKubernetes:
 
     async def expire(self) -> None:
         """Compact the history: open and future watches from before now get 410 Gone."""
-        self.horizon = self.rv + 1
+        self.horizon = self.rv
         await self._end_streams("gone")
 
     async def drop_connections(self) -> None:
@@ -301,3 +301,32 @@ def pod(namespace: str, name: str, ip: str, labels: dict[str, str] | None = None
         "spec": {"nodeName": node, "serviceAccountName": "default", "containers": []},
         "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]},
     }
+
+
+# -- the script itself behaves like an API server where the watcher relies on it ----------
+
+
+async def test_pages_come_from_one_snapshot_and_old_versions_are_gone(
+    kmock: kmock.KubernetesEmulator,
+) -> None:
+    import json
+
+    api = ScriptedKubernetes(kmock, [("v1", "pods", "Pod")])
+    for i in range(3):
+        await api.create("pods", pod("ns", f"p{i}", f"10.0.0.{i + 1}"))
+    first = await (await kmock.get("/api/v1/pods?limit=2")).json()
+    assert [o["metadata"]["name"] for o in first["items"]] == ["p0", "p1"]
+    await api.create("pods", pod("ns", "late", "10.0.0.9"))  # not in the snapshot
+    rest = await (await kmock.get(
+        f"/api/v1/pods?limit=2&continue={first['metadata']['continue']}")).json()
+    assert [o["metadata"]["name"] for o in rest["items"]] == ["p2"]
+    assert rest["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"] == "3"
+
+    await api.expire()
+    async with kmock.get("/api/v1/pods?watch=True&resourceVersion=3") as resp:
+        event = json.loads(await resp.content.readline())
+    assert (event["type"], event["object"]["code"]) == ("ERROR", 410)
+    async with kmock.get(f"/api/v1/pods?watch=True&resourceVersion={api.rv}"
+                         "&timeoutSeconds=1&allowWatchBookmarks=true") as resp:
+        event = json.loads(await resp.content.readline())
+    assert event["type"] == "BOOKMARK"
