@@ -278,3 +278,34 @@ def test_record_sink_fast_paths_agree_with_full_decoding_and_reject_bad_records(
                            "kubernetes", 2.0)
     fast_sink.message("endpoints", moved.key.encode(), codec.encode(moved))
     assert fast.endpoints == {}
+
+
+def test_restart_swaps_changed_sets_in_and_never_empties_one() -> None:
+    from enforcers.engine import DryRunIptables, Programmer
+    from enforcers.ipsets import DryRunIpsets
+
+    def build(peer_ips: list[str]) -> EnforcerState:
+        state = EnforcerState("n1", namer)
+        state.upsert_endpoint(ENDPOINTS[0])
+        state.upsert_policy(POLICIES[0])
+        state.upsert_policy(policy("p9", APPLY[0], order=20, peers=(PEERS[1],)))
+        state.upsert_membership(APPLY[0], "pod/ns/a", ["10.0.0.1"])
+        state.upsert_membership(PEERS[0], "pod/x/y", peer_ips)
+        state.upsert_membership(PEERS[1], "pod/x/z", ["10.7.7.7"])
+        return state
+
+    ipsets, iptables = DryRunIpsets(), DryRunIptables()
+    Programmer(ipsets, iptables).apply(build(["10.1.1.1"]).plan())
+    ipsets.create("pc-stale", "inet", "hash:net")  # left by an older run
+    before = len(ipsets.operations)
+    restarted = Programmer(ipsets, iptables)
+    result = restarted.start(build(["10.1.1.1", "10.2.2.2"]))
+    ops = ipsets.operations[before:]
+    changed, same = namer(PEERS[0]), namer(PEERS[1])
+    assert ("swap", "pt-" + changed[3:], changed) in ops or any(
+        op[0] == "swap" and changed in (op[1], op[2]) for op in ops)
+    assert not any(op[0] in ("flush", "del") for op in ops)
+    assert not any(same in (op[1], op[2]) for op in ops if op[0] != "destroy")
+    assert ("destroy", "pc-stale", None) in ops
+    assert ipsets.list_sets()[changed] == {"10.1.1.1", "10.2.2.2"}
+    assert result.chains_written == 0  # same rules: nothing rewritten
