@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -180,7 +181,8 @@ class EnforcerState:
         self.endpoints: dict[str, LocalEndpoint] = {}
         # memberships: (uid, endpoint key) -> ips; and indexes over them
         self.memberships: dict[tuple[str, str], tuple[str, ...]] = {}
-        self.uids_of_endpoint: dict[str, set[str]] = defaultdict(set)
+        # small tuples, not sets: most endpoints are in a handful of selectors
+        self.uids_of_endpoint: dict[str, tuple[str, ...]] = {}
         self.policies_by_uid: dict[str, set[str]] = defaultdict(set)
         self.contents: dict[str, Counter[str]] = defaultdict(Counter)
         # what the last plan() left programmed
@@ -240,8 +242,14 @@ class EnforcerState:
         old = self.memberships.get((uid, endpoint_key))
         if old == new:
             return
+        # every membership of a selector repeats its uid, and IPs repeat across selectors:
+        # one shared string each keeps 100,000s of memberships affordable
+        uid, endpoint_key = sys.intern(uid), sys.intern(endpoint_key)
+        new = tuple(sys.intern(ip) for ip in new)
         self.memberships[(uid, endpoint_key)] = new
-        self.uids_of_endpoint[endpoint_key].add(uid)
+        if old is None:
+            known = self.uids_of_endpoint.get(endpoint_key, ())
+            self.uids_of_endpoint[endpoint_key] = (*known, uid)
         self._recount(uid, old or (), new)
         self._note(observed_at, old is None and endpoint_key in self.endpoints)
 
@@ -251,9 +259,10 @@ class EnforcerState:
         old = self.memberships.pop((uid, endpoint_key), None)
         if old is None:
             return
-        uids = self.uids_of_endpoint[endpoint_key]
-        uids.discard(uid)
-        if not uids:
+        uids = tuple(u for u in self.uids_of_endpoint[endpoint_key] if u != uid)
+        if uids:
+            self.uids_of_endpoint[endpoint_key] = uids
+        else:
             del self.uids_of_endpoint[endpoint_key]
         self._recount(uid, old, ())
         self._note(observed_at, endpoint_key in self.endpoints)
