@@ -99,9 +99,14 @@ class Iptables:
             timeout=self.timeout,
         )
         if proc.returncode != 0:
-            raise IptablesError(
-                f"iptables-restore failed: {proc.stderr.strip()}\n--- input ---\n{text}"
-            )
+            error = proc.stderr.strip()
+            lines = text.splitlines()
+            where = re.search(r"line:? (\d+)", error)
+            if where and 0 < int(where.group(1)) <= len(lines):
+                context = f"line {where.group(1)}: {lines[int(where.group(1)) - 1]}"
+            else:
+                context = "\n".join(lines[:20]) + ("\n…" if len(lines) > 20 else "")
+            raise IptablesError(f"iptables-restore failed: {error}\n{context}")
 
     def apply(
         self, desired: Mapping[str, Chain], actual: Actual | None = None
