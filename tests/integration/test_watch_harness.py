@@ -54,6 +54,7 @@ class ScriptedKubernetes:
         self._changed = asyncio.Condition()
         self._generation = 0  # bumped to end open streams
         self._ending: tuple[str, ...] = ()
+        self.live_streams = 0  # watch streams currently delivering
         self._snapshots: dict[str, list[dict[str, Any]]] = {}
         self._tokens = itertools.count(1)
         self._lock = asyncio.Lock()
@@ -148,37 +149,41 @@ class ScriptedKubernetes:
         if since < self.horizon:
             yield self._gone()
             return
-        cursor = since
-        while True:
-            if generation != self._generation:
-                ending = self._ending
-                if ending[0] == "gone":
-                    yield self._gone()
-                    return
-                if ending[0] == "drop":
-                    yield b'{"type": "MODIFIED", "object": {"metadata": {"na'
-                    await asyncio.sleep(0.01)
-                    transport = request._raw_request.transport  # type: ignore[union-attr]
-                    if transport is not None:
-                        transport.abort()
-                    return
-            if not self.paused:
-                rvs = self._rvs[rid]
-                start = bisect.bisect_right(rvs, cursor)
-                if start < len(rvs):
-                    for event in self._events[rid][start:]:
-                        yield event
-                    cursor = rvs[-1]
-                    continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return  # the server-side timeout: a clean end of stream
-            woken = await self._wait(min(self.bookmark_interval, remaining))
-            if not woken and bookmarks and not self.paused and generation == self._generation:
-                rvs = self._rvs[rid]
-                if bisect.bisect_right(rvs, cursor) == len(rvs):  # caught up: safe to bookmark
-                    cursor = self.rv
-                    yield self._bookmark(rid, cursor)
+        self.live_streams += 1
+        try:
+            cursor = since
+            while True:
+                if generation != self._generation:
+                    ending = self._ending
+                    if ending[0] == "gone":
+                        yield self._gone()
+                        return
+                    if ending[0] == "drop":
+                        yield b'{"type": "MODIFIED", "object": {"metadata": {"na'
+                        await asyncio.sleep(0.01)
+                        transport = request._raw_request.transport  # type: ignore[union-attr]
+                        if transport is not None:
+                            transport.abort()
+                        return
+                if not self.paused:
+                    rvs = self._rvs[rid]
+                    start = bisect.bisect_right(rvs, cursor)
+                    if start < len(rvs):
+                        for event in self._events[rid][start:]:
+                            yield event
+                        cursor = rvs[-1]
+                        continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return  # the server-side timeout: a clean end of stream
+                woken = await self._wait(min(self.bookmark_interval, remaining))
+                if not woken and bookmarks and not self.paused and generation == self._generation:
+                    rvs = self._rvs[rid]
+                    if bisect.bisect_right(rvs, cursor) == len(rvs):  # caught up: safe to bookmark
+                        cursor = self.rv
+                        yield self._bookmark(rid, cursor)
+        finally:
+            self.live_streams -= 1
 
     async def _wait(self, timeout: float) -> bool:
         """Wait for a change (never yield while holding the lock: streams can be abandoned)."""
@@ -216,7 +221,14 @@ class ScriptedKubernetes:
         await self._end_streams("gone")
 
     async def drop_connections(self) -> None:
-        """Abort every open watch stream's TCP connection, in the middle of a line."""
+        """Abort every open watch stream's TCP connection, in the middle of a line.
+
+        Waits for a stream to be open first, so the drop always hits one.
+        """
+        for _ in range(200):
+            if self.live_streams:
+                break
+            await asyncio.sleep(0.05)
         await self._end_streams("drop")
 
     async def resume(self) -> None:
