@@ -213,7 +213,9 @@ class InventoryWatcher:
         mirror: Mirror | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.directory = directory
+        # Absolute and resolved: watchfiles reports absolute paths, and a file must have
+        # one name whether the scan or a change event saw it.
+        self.directory = directory.resolve()
         self.publisher = publisher
         self.mirror = mirror or Mirror()
         self.inventory = Inventory()

@@ -126,6 +126,20 @@ async def test_a_broken_file_is_reported_and_changes_nothing(
             broker, prefix, lambda s: s["vm//vm-1"].ips == ("10.9.0.7",))
 
 
+async def test_a_relative_directory_sees_edits_as_edits(
+    broker: Broker, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("hosts").mkdir()
+    host = Path("hosts") / "vm.yaml"
+    host.write_text(VM.format(name="vm-1", ip="10.9.0.1"))
+    async with watching(broker, prefix, Path("hosts")) as watcher:
+        host.write_text(VM.format(name="vm-1", ip="10.9.0.2"))
+        await eventually_on_topic(
+            broker, prefix, lambda s: s["vm//vm-1"].ips == ("10.9.0.2",))
+        assert watcher.inventory.errors == {}
+
+
 async def test_a_restart_tombstones_hosts_removed_while_down(
     broker: Broker, prefix: str, tmp_path: Path
 ) -> None:
