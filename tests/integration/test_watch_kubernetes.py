@@ -15,10 +15,12 @@ from typing import Any
 
 import kmock
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from kubernetes_asyncio import client as k8s
 
 from portcullis.brokers import Broker
 from portcullis.topics_admin import check_topics
+from topics.partitioner import partition_for_key
 from topics.records import EndpointRecord, ProfileRecord
 from topics.specs import topic_name
 from watchers import kubernetes as kw
@@ -369,3 +371,26 @@ async def test_thousand_pods_mirrored_exactly_across_410_and_dropped_connection(
     assert 500 < len(expected) < 700
     on_topic = await _endpoints_on_topic(broker, topics_ready)
     assert on_topic == expected
+    await _partitioned_by_namespace(broker, topic_name(topics_ready, "endpoints"))
+    await _partitioned_by_namespace(broker, topic_name(topics_ready, "endpoints.history"))
+
+
+async def _partitioned_by_namespace(broker: Broker, topic: str) -> None:
+    """Every record (tombstones too) is on its namespace's partition, as the contract says."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        seen = 0
+        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+            for tp, messages in (await consumer.getmany(timeout_ms=500)).items():
+                for msg in messages:
+                    namespace = msg.key.decode().split("/")[1]
+                    assert tp.partition == partition_for_key(namespace, PARTITIONS)
+                    seen += 1
+        assert seen == sum(ends.values()) > 1000
+    finally:
+        await consumer.stop()
