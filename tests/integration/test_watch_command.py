@@ -28,7 +28,7 @@ PARTITIONS = 3
 GROUP = "policy.portcullis.io/v1"
 RESOURCES = [
     ("v1", "pods", "Pod"), ("v1", "namespaces", "Namespace"),
-    ("v1", "serviceaccounts", "ServiceAccount"),
+    ("v1", "serviceaccounts", "ServiceAccount"), ("v1", "nodes", "Node"),
     ("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy"),
     (GROUP, "tiers", "Tier"), (GROUP, "globalnetworkpolicies", "GlobalNetworkPolicy"),
     (GROUP, "networkpolicies", "NetworkPolicy"), (GROUP, "globalnetworksets", "GlobalNetworkSet"),
@@ -86,6 +86,9 @@ async def test_watch_kubernetes_publishes_pods_profiles_and_policies_and_resumes
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u"}}],
     }))
     await api.create("namespaces", {"metadata": {"name": "prod", "labels": {"env": "prod"}}})
+    await api.create("nodes", {"metadata": {"name": "node-1", "labels": {"zone": "a"}},
+                               "status": {"addresses": [
+                                   {"type": "InternalIP", "address": "192.168.0.1"}]}})
     await api.create("pods", pod("prod", "web-1", "10.1.0.1", {"app": "web"}))
     await api.create("pods", pod("prod", "web-2", "10.1.0.2", {"app": "web"}))
     await api.create("globalnetworkpolicies", {
@@ -110,11 +113,15 @@ async def test_watch_kubernetes_publishes_pods_profiles_and_policies_and_resumes
     async def policies() -> dict[str, PolicyRecord]:
         return await read_state(kafka, topic_name(prefix, "policies"), PolicyRecord)
 
-    argv = ("watch", "kubernetes", "--kubeconfig", str(kubeconfig), "--bootstrap",
+    argv = ("watch", "kubernetes", "--auto-host-endpoints", "--kubeconfig", str(kubeconfig),
+            "--bootstrap",
             tansu_broker.bootstrap, "--topic-prefix", prefix, "--partitions", str(PARTITIONS))
     log = tmp_path / "watch.log"
     async with portcullis(log, *argv):
-        await until(endpoints, lambda s: set(s) == {"pod/prod/web-1", "pod/prod/web-2"}, log)
+        state = await until(endpoints, lambda s: set(s) == {
+            "pod/prod/web-1", "pod/prod/web-2", "hostendpoint//node-1-auto-hep"}, log)
+        hep = state["hostendpoint//node-1-auto-hep"]
+        assert (hep.node, hep.interface, hep.ips) == ("node-1", "*", ("192.168.0.1",))
         state = await until(policies, lambda s: len(s) == 2, log)
         assert set(state) == {"GlobalNetworkPolicy//deny-egress",
                               "NetworkPolicy/prod/knp.default.allow-dns"}
@@ -128,7 +135,8 @@ async def test_watch_kubernetes_publishes_pods_profiles_and_policies_and_resumes
     # While the watcher is down a pod goes away; the restarted watcher tombstones it.
     await api.delete("pods", "prod", "web-1")
     async with portcullis(log, *argv):
-        await until(endpoints, lambda s: set(s) == {"pod/prod/web-2", "pod/prod/web-3"}, log)
+        await until(endpoints, lambda s: set(s) == {
+            "pod/prod/web-2", "pod/prod/web-3", "hostendpoint//node-1-auto-hep"}, log)
 
 
 async def test_watch_hosts_publishes_a_dropped_vm_file(
