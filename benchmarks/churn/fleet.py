@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
 from enforcers.engine import DryRunIptables, Programmer, ProgramResult, RecordSink
@@ -207,14 +207,15 @@ class Fleet:
 
     # ------------------------------------------------------------------ programming
 
-    def program(self, events: set[float] | None = None) -> int:
+    def program(self, events: Container[float] | None = None, horizon: float = float("inf")) -> int:
         """Run every node with pending records; return how many transactions that took.
 
         Each node is simulated as its own machine: a transaction starts when the node is
         free and something has arrived, takes every record that arrived by then, and lasts
         the CPU time this node's work took. Latency samples are kept for the
         `observed_at` values in `events` (None: every real epoch time, not the initial
-        load's).
+        load's). A transaction that would start after `horizon` (the latest arrival read so
+        far) waits: records that arrive before it starts may not have been read yet.
         """
         count = 0
         for node in self.nodes.values():
@@ -234,6 +235,10 @@ class Fleet:
                 continue
             while i < len(pending):
                 start = max(node.busy_until, pending[i][0] + self.batch_window)
+                if start > horizon:
+                    node.pending = pending[i:]
+                    node.dirty = True
+                    break
                 t0 = time.thread_time()
                 while i < len(pending) and pending[i][0] <= start:
                     _arrival, fn, args = pending[i]
@@ -243,7 +248,7 @@ class Fleet:
         return count
 
     def _transaction(self, node: NodeSim, t0: float, start: float,
-                     events: set[float] | None) -> int:
+                     events: Container[float] | None) -> int:
         if self.naive:
             result = _naive_transaction(node)
             observed = node.state._observed

@@ -356,6 +356,7 @@ class Run:
             await consumer.seek_to_beginning(*parts)
             self.consumer = consumer
             self.member_parts = [tp for tp in parts if names[tp.topic] == MEMBERSHIPS.suffix]
+            horizon = 0.0
             while not self.stop.is_set():
                 batch = await consumer.getmany(timeout_ms=50)
                 if hasattr(self, "watcher_lines"):
@@ -379,8 +380,14 @@ class Run:
                                     key, codec.decode_as(PolicyRecord, msg.value), arrival)
                         except ValueError:
                             fleet.rejected += 1
-                if batch and not self.loading:
-                    fleet.program(set(self.tracker.events))
+                if not self.loading:
+                    if batch:
+                        horizon = max(horizon, max(
+                            (m.timestamp / 1000.0 for ms in batch.values() for m in ms),
+                            default=horizon))
+                        fleet.program(self.tracker.events, horizon - 0.05)
+                    else:  # caught up: nothing else can arrive before now
+                        fleet.program(self.tracker.events)
                 await asyncio.sleep(0)
         finally:
             await consumer.stop()
