@@ -89,13 +89,42 @@ def custom(group: str, version: str, plural: str, kind: str) -> Resource:
     )
 
 
+#: Ask for metadata only (PartialObjectMetadata), falling back to full objects on servers
+#: that cannot: labels are all we need of namespaces and service accounts.
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+METADATA_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
+_QUERY_NAMES = {
+    "watch": "watch", "resource_version": "resourceVersion",
+    "allow_watch_bookmarks": "allowWatchBookmarks", "timeout_seconds": "timeoutSeconds",
+    "limit": "limit", "_continue": "continue", "field_selector": "fieldSelector",
+    "label_selector": "labelSelector",
+}
+
+
+def metadata_only(name: str, kind: str, path: str) -> Resource:
+    """A core resource listed and watched as metadata only (the generated client cannot:
+    it always overwrites the Accept header), through the same ApiClient and credentials."""
+
+    def bind(api: k8s.ApiClient) -> ListMethod:
+        async def call(**kwargs: Any) -> Any:
+            query = [(_QUERY_NAMES[k], v) for k, v in kwargs.items()
+                     if k in _QUERY_NAMES and v is not None]
+            accept = METADATA_WATCH if kwargs.get("watch") else METADATA_LIST
+            return await api.call_api(
+                path, "GET", query_params=query, header_params={"Accept": accept},
+                auth_settings=["BearerToken"], _return_http_data_only=True,
+                _preload_content=False, _request_timeout=kwargs.get("_request_timeout"),
+            )
+        return call
+
+    return Resource(name, "v1", kind, bind)
+
+
 #: Only running pods can be endpoints: the server filters the rest out (a pod that stops
 #: running is then sent as DELETED), which spares us pending pods and finished jobs.
 PODS = core("pods", "Pod", "list_pod_for_all_namespaces", field_selector="status.phase=Running")
-NAMESPACES = core("namespaces", "Namespace", "list_namespace")
-SERVICE_ACCOUNTS = core(
-    "serviceaccounts", "ServiceAccount", "list_service_account_for_all_namespaces"
-)
+NAMESPACES = metadata_only("namespaces", "Namespace", "/api/v1/namespaces")
+SERVICE_ACCOUNTS = metadata_only("serviceaccounts", "ServiceAccount", "/api/v1/serviceaccounts")
 NODES = core("nodes", "Node", "list_node")
 NETWORK_POLICIES = Resource(
     "networkpolicies.networking.k8s.io", "networking.k8s.io/v1", "NetworkPolicy",

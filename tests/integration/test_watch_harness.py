@@ -60,6 +60,7 @@ class ScriptedKubernetes:
         self._lock = asyncio.Lock()
         self.watch_requests: list[dict[str, str]] = []
         self.list_requests: list[dict[str, str]] = []
+        self.accept_headers: list[str] = []
         for api_version, plural, kind in resources:
             group, _, version = api_version.rpartition("/")
             res = kmock.resource(group, version, plural)
@@ -104,6 +105,7 @@ class ScriptedKubernetes:
     def _list_handler(self, rid: str) -> Any:
         async def serve(request: kmock.Request) -> dict[str, Any]:
             self.list_requests.append(dict(request.params))
+            self.accept_headers.append(request.headers.get("Accept", ""))
             if self.list_delay:
                 await asyncio.sleep(self.list_delay)
             token = request.params.get("continue")
@@ -131,6 +133,7 @@ class ScriptedKubernetes:
     def _watch_handler(self, rid: str) -> Any:
         def serve(request: kmock.Request) -> Any:
             self.watch_requests.append(dict(request.params))
+            self.accept_headers.append(request.headers.get("Accept", ""))
             return self._stream(rid, request)
         return serve
 

@@ -317,6 +317,9 @@ async def test_namespaces_become_profiles_on_the_broker(
     )
     assert set(state) == {"kns.prod"}
     assert state["kns.prod"].labels == {"env": "p2"}
+    # only metadata was asked for (kmock answers with whole objects, as an old server would)
+    assert len(api.accept_headers) >= 2
+    assert all("as=PartialObjectMetadata" in h for h in api.accept_headers)
 
 
 async def test_thousand_pods_mirrored_exactly_across_410_and_dropped_connection(
