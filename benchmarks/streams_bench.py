@@ -297,7 +297,11 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         raise SystemExit("\n".join(report.lines()))
     wl = Workload(args.endpoints, args.policies)
     log_path = log_dir / f"worker-{mode}.log"
-    cmd = [sys.executable, "-c", "import sys; from portcullis.cli import main; sys.exit(main())",
+    launcher = "import sys; from portcullis.cli import main; sys.exit(main())"
+    if args.profile:
+        launcher = (f"import cProfile; from portcullis.cli import main; "
+                    f"cProfile.run('main()', {str(log_dir / f'worker-{mode}.prof')!r})")
+    cmd = [sys.executable, "-c", launcher,
            "process", "--store", "memory", "--bootstrap", bootstrap, "--topic-prefix", prefix,
            "--partitions", str(PARTITIONS), "--session-timeout", "3", "--log-level", "WARNING",
            "--data-dir", str(log_dir / f"data-{mode}")]
@@ -398,6 +402,10 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="keep worker logs (and profiles) in DIR instead of a temp dir")
+    parser.add_argument("--profile", action="store_true",
+                        help="run workers under cProfile (worker-<mode>.prof, with --keep)")
     args = parser.parse_args()
 
     results: dict[str, Any] = {
@@ -417,6 +425,9 @@ def main() -> None:
         print(f"one worker on {args.broker} ({broker.bootstrap}):", flush=True)
         try:
             with tempfile.TemporaryDirectory(prefix="pc-streams-bench-") as tmp:
+                if args.keep:
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    tmp = str(args.keep)
                 results["broker"] = args.broker
                 results["worker"] = {}
                 for mode in ("index", "brute_force"):

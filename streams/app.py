@@ -78,6 +78,9 @@ class StreamsConfig:
     #: Group session timeout (s). Faust's 60 s default also makes joins slow on Tansu, which
     #: completes a JoinGroup only after about half of it; tests use 2 s.
     session_timeout: float = 60.0
+    #: How long the producer waits to batch messages (s): a few ms turns thousands of tiny
+    #: produce requests (one per table write) into a few large ones.
+    producer_linger: float = 0.005
     #: Evaluate every selector for every endpoint (no label index): the benchmark baseline.
     brute_force: bool = False
 
@@ -131,6 +134,8 @@ class Processor:
             table_standby_replicas=0,
             topic_allow_declare=True,
             producer_acks=-1,
+            producer_linger=config.producer_linger,
+            producer_max_batch_size=512 * 1024,
             broker_session_timeout=config.session_timeout,
             broker_heartbeat_interval=max(0.3, min(3.0, config.session_timeout / 5)),
         )
