@@ -1,0 +1,159 @@
+"""The benchmark's pure pipeline, naive baseline, fleet and consistency checker."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from benchmarks.churn import checker
+from benchmarks.churn.cluster import ChurnGenerator, ClusterSpec, build_cluster
+from benchmarks.churn.fleet import Fleet
+from benchmarks.churn.pipeline import NaivePipeline, PurePipeline
+from streams.oracle import compacted_payloads
+from topics.records import EndpointRecord
+
+TINY = ClusterSpec(pods=150, nodes=3, policies=20, network_sets=3, cidrs_per_set=4,
+                   pods_per_namespace=50, apps_per_namespace=3, seed=5)
+
+
+def run_pure(spec: ClusterSpec, events: int) -> PurePipeline:
+    pipe = PurePipeline(build_cluster(spec), partitions=4)
+    pipe.load()
+    gen = ChurnGenerator(pipe.cluster)
+    for i, event in enumerate(gen.stream(events)):
+        pipe.publish_event(event, 2e9 + i)
+        if i % 7 == 0:
+            pipe.settle()
+    pipe.settle()
+    return pipe
+
+
+def expected_of(pipe: PurePipeline) -> checker.Expected:
+    endpoints, profiles, policies = pipe.inputs()
+    return checker.expected_state(endpoints, profiles, policies, pipe.cluster.nodes)
+
+
+def test_pure_pipeline_equals_the_oracle_after_churn() -> None:
+    pipe = run_pure(TINY, 120)
+    expected = expected_of(pipe)
+    result = checker.check(expected, pipe.fleet.programmed_sets())
+    assert result.ok, result.report()
+    assert result.sets > 0 and result.members > 0
+    assert checker.check_memberships(
+        expected, compacted_payloads(pipe.processor.memberships)) == []
+    # latency samples exist for churn events, none for the initial load
+    assert pipe.fleet.samples
+    assert all(at >= 2e9 for at, *_rest in pipe.fleet.samples)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), events=st.integers(1, 80))
+def test_property_any_seed_any_length_is_consistent(seed: int, events: int) -> None:
+    pipe = run_pure(replace(TINY, seed=seed), events)
+    result = checker.check(expected_of(pipe), pipe.fleet.programmed_sets())
+    assert result.ok, result.report()
+
+
+def test_checker_reports_missing_extra_and_leftover_sets_readably() -> None:
+    pipe = run_pure(TINY, 30)
+    expected = expected_of(pipe)
+    programmed = pipe.fleet.programmed_sets()
+    node = next(n for n, sets in expected.sets.items() if any(sets.values()))
+    name = next(n for n, m in expected.sets[node].items() if m)
+    member = sorted(expected.sets[node][name])[0]
+    broken = {n: {k: set(v) for k, v in sets.items()} for n, sets in programmed.items()}
+    broken[node][name].discard(member)
+    broken[node][name].add("203.0.113.99")
+    broken[node]["pc-s:notneededbyanyrule"] = {"10.9.9.9"}
+    broken[node]["pt-s:leftover"] = set()
+    result = checker.check(expected, broken)
+    assert not result.ok
+    text = result.report()
+    assert f"{node}: set {name}: missing 1: {member}; extra 1: 203.0.113.99" in text
+    assert "pc-s:notneededbyanyrule programmed but no rule needs it" in text
+    assert "temporary set pt-s:leftover left behind" in text
+    del broken[node][name]
+    assert f"{node}: set {name} missing" in checker.check(expected, broken).report()
+
+
+def test_checker_flags_wrong_memberships() -> None:
+    pipe = run_pure(TINY, 10)
+    expected = expected_of(pipe)
+    compacted = compacted_payloads(pipe.processor.memberships)
+    key = sorted(compacted)[0]
+    ns, node, iface, _ips = compacted[key]
+    compacted[key] = (ns, node, iface, ("10.255.255.1",))
+    del compacted[sorted(compacted)[1]]
+    diffs = checker.check_memberships(expected, compacted)
+    assert any(d.startswith(f"memberships: {key} is") for d in diffs)
+    assert any(d.startswith("memberships: missing") for d in diffs)
+
+
+def test_naive_baseline_programs_the_same_sets() -> None:
+    ours = run_pure(TINY, 25)
+    naive = NaivePipeline(build_cluster(TINY))
+    naive.recompute()
+    gen = ChurnGenerator(naive.cluster)
+    for i, event in enumerate(gen.stream(25)):
+        naive.apply(event.key, event.record(2e9 + i), 2e9 + i)
+    assert naive.programmed_sets() == ours.fleet.programmed_sets()
+    # and it rewrote every set in full each time: far more member operations than ours
+    naive_ops = sum(n.member_ops for n in naive.fleet.nodes.values())
+    our_ops = sum(n.member_ops for n in ours.fleet.nodes.values())
+    assert naive_ops > 5 * our_ops
+
+
+def test_restarted_node_converges_without_losing_changes() -> None:
+    pipe = run_pure(TINY, 40)
+    node = pipe.cluster.nodes[0]
+    pipe.fleet.restart_node(node, 2e9 + 100)
+    gen = ChurnGenerator(pipe.cluster)
+    gen.rng = random.Random(99)
+    for i, event in enumerate(gen.stream(20)):
+        pipe.publish_event(event, 2e9 + 200 + i)
+    pipe.settle()
+    result = checker.check(expected_of(pipe), pipe.fleet.programmed_sets())
+    assert result.ok, result.report()
+
+
+def _pod(name: str, at: float) -> EndpointRecord:
+    return EndpointRecord(kind="pod", namespace="a", name=name, node="n1", interface=f"c{name}",
+                          ips=("10.0.0.1",), labels={}, service_account=None,
+                          source="kubernetes", observed_at=at)
+
+
+def test_fleet_node_clock_batches_by_arrival_and_never_overlaps() -> None:
+    """Records arriving within the batch window share a transaction; a node is serial."""
+    fleet = Fleet.of(["n1"])
+    base = 2e9
+    cold = _pod("p0", base - 100)
+    fleet.endpoint(cold.key, cold, base - 100)
+    assert fleet.program() == 1  # the cold start: everything read, programmed once
+    first, second, later = _pod("p1", base), _pod("p2", base + 1e-4), _pod("p3", base + 10)
+    fleet.endpoint(first.key, first, base + 0.5)
+    fleet.endpoint(second.key, second, base + 0.501)  # inside the 3 ms window
+    fleet.endpoint(later.key, later, base + 10.2)
+    assert fleet.program(horizon=base + 5) == 1  # the later one may still miss records
+    assert fleet.program() == 1
+    done = {at: d for at, _node, _sim, _wall, d in fleet.samples}
+    assert done[base] == done[base + 1e-4] >= base + 0.503
+    assert done[base + 10] >= base + 10.203
+    sims = {at: sim for at, _n, sim, _w, _d in fleet.samples}
+    assert sims[base] == done[base] - base
+
+
+def test_fleet_node_busy_delays_the_next_transaction() -> None:
+    fleet = Fleet.of(["n1"])
+    base = 2e9
+    cold = _pod("p0", base - 100)
+    fleet.endpoint(cold.key, cold, base - 100)
+    fleet.program()
+    fleet.nodes["n1"].busy_until = base + 7.0  # the node is still working on something
+    rec = _pod("p1", base)
+    fleet.endpoint(rec.key, rec, base + 0.1)
+    fleet.program()
+    (_at, _node, sim, _wall, done), = fleet.samples
+    assert done >= base + 7.0 and sim >= 7.0
