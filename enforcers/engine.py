@@ -201,9 +201,12 @@ class RecordSink:
         state: state_mod.EnforcerState,
         metrics: EnforcerMetrics,
         more: Sequence[state_mod.EnforcerState] = (),
+        prune: bool = False,
     ) -> None:
         self.state = state
         self.states = [state, *more]
+        # drop memberships nothing here needs (the engine re-reads when that changes)
+        self.prune = prune
         self.metrics = metrics
         self.policy_kinds: dict[str, tuple[str, str]] = {}  # kafka key -> (what, state key)
 
@@ -226,7 +229,8 @@ class RecordSink:
                 uid, endpoint = split_membership_key(key)
                 st.delete_membership(uid, endpoint)
             else:
-                st.upsert_membership(rec.selector_uid, rec.endpoint_key, rec.ips, rec.observed_at)
+                st.upsert_membership(rec.selector_uid, rec.endpoint_key, rec.ips, rec.observed_at,
+                                     node=rec.node, prune=self.prune)
 
     def _fast_membership(self, value: bytes) -> bool:
         """Apply a well-formed membership without building the record (the cold-start path).
@@ -244,17 +248,19 @@ class RecordSink:
             or data["v"] != MembershipRecord.VERSION
         ):
             return False
-        uid, endpoint, ips, at = (
-            data["selector_uid"], data["endpoint_key"], data["ips"], data["observed_at"]
+        uid, endpoint, ips, at, node = (
+            data["selector_uid"], data["endpoint_key"], data["ips"], data["observed_at"],
+            data["node"],
         )
         if not (
             isinstance(uid, str) and uid and isinstance(endpoint, str) and endpoint.count("/") == 2
             and isinstance(ips, list) and all(isinstance(i, str) for i in ips)
             and isinstance(at, int | float) and not isinstance(at, bool)
+            and (node is None or isinstance(node, str))
         ):
             return False
         for st in self.states:
-            st.upsert_membership(uid, endpoint, ips, float(at))
+            st.upsert_membership(uid, endpoint, ips, float(at), node=node, prune=self.prune)
         return True
 
     def _elsewhere(self, value: bytes) -> bool:
@@ -329,6 +335,7 @@ class Enforcer:
         batch_window: float = 0.003,
         resync_interval: float = 30.0,
         ipv6: tuple[state_mod.EnforcerState, Programmer] | None = None,
+        prune_memberships: bool = True,
     ) -> None:
         self.state = state
         self.programmer = programmer
@@ -337,7 +344,9 @@ class Enforcer:
         self.kafka_kwargs = dict(kafka_kwargs)
         self.prefix = topic_prefix
         self.metrics = metrics or EnforcerMetrics()
-        self.sink = RecordSink(state, self.metrics, [p[0] for p in self.planes[1:]])
+        self.sink = RecordSink(
+            state, self.metrics, [p[0] for p in self.planes[1:]], prune=prune_memberships
+        )
         self.batch_window = batch_window
         self.resync_interval = resync_interval
         self.synced = asyncio.Event()
@@ -384,8 +393,10 @@ class Enforcer:
         return None
 
     def _take(self, batch: Mapping[Any, Iterable[Any]]) -> int:
+        """Hand records to the states, policies first (so fewer memberships are pruned)."""
         n = 0
-        for tp, messages in batch.items():
+        order = sorted(batch.items(), key=lambda item: self.topics[item[0].topic] != "policies")
+        for tp, messages in order:
             suffix = self.topics[tp.topic]
             for msg in messages:
                 self.sink.message(suffix, msg.key, msg.value)
@@ -393,15 +404,58 @@ class Enforcer:
         return n
 
     async def _read_to_end(self, consumer: Any) -> int:
-        parts = list(consumer.assignment())
-        end = await consumer.end_offsets(parts)
+        """Read every topic to its current end: policies first, so rule peers are known
+        before their memberships arrive and nothing needed is pruned."""
+        assigned = list(consumer.assignment())
+        end = await consumer.end_offsets(assigned)
         n = 0
-        while True:
-            pending = [tp for tp in parts if await consumer.position(tp) < end[tp]]
-            if not pending:
-                return n
-            batch = await consumer.getmany(*pending, timeout_ms=200)
-            n += self._take(batch)
+        policies = [tp for tp in assigned if self.topics[tp.topic] == POLICIES.suffix]
+        for parts in (policies, assigned):
+            while True:
+                pending = [tp for tp in parts if await consumer.position(tp) < end[tp]]
+                if not pending:
+                    break
+                batch = await consumer.getmany(*pending, timeout_ms=200)
+                n += self._take(batch)
+        if any(st.needs_reread for st in self.sink.states):
+            await self._reread_memberships(consumer)
+        return n
+
+    async def _reread_memberships(self, consumer: Any) -> None:
+        """Read the memberships again up to where we are: a selector whose memberships were
+        pruned is now used by a rule. Rare (a new rule peer whose memberships came first)."""
+        from aiokafka import AIOKafkaConsumer
+
+        started = time.monotonic()
+        parts = [tp for tp in consumer.assignment()
+                 if self.topics[tp.topic] == MEMBERSHIPS.suffix]
+        until = {tp: await consumer.position(tp) for tp in parts}
+        marks = [len(st._observed) for st in self.sink.states]  # history is not latency
+        reader = AIOKafkaConsumer(**self.kafka_kwargs, group_id=None, enable_auto_commit=False,
+                                  max_poll_records=10_000)
+        await reader.start()
+        n = 0
+        try:
+            reader.assign(parts)
+            await reader.seek_to_beginning(*parts)
+            while True:
+                pending = [tp for tp in parts if await reader.position(tp) < until[tp]]
+                if not pending:
+                    break
+                batch = await reader.getmany(*pending, timeout_ms=200)
+                for tp, messages in batch.items():
+                    for msg in messages:
+                        if msg.offset < until[tp]:
+                            self.sink.message(MEMBERSHIPS.suffix, msg.key, msg.value)
+                            n += 1
+        finally:
+            await _close(reader)
+        for st, mark in zip(self.sink.states, marks, strict=True):
+            st.reread_done()
+            del st._observed[mark:]
+        self.metrics.rereads.inc()
+        log.info("re-read %d memberships for selectors that became rule peers in %.0f ms",
+                 n, (time.monotonic() - started) * 1000)
 
     def _program(self, initial: bool = False) -> None:
         """One dataplane transaction per family for everything taken since the last one."""
@@ -487,6 +541,8 @@ class Enforcer:
                         if not more:
                             break
                         self._take(more)
+                    if any(st.needs_reread for st in self.sink.states):
+                        await self._reread_memberships(consumer)
                     initial, self._need_restart = self._need_restart, False
                     self._program(initial=initial)
                 if time.monotonic() >= next_resync:

@@ -109,6 +109,10 @@ class EnforcerMetrics:
             "portcullis_enforcer_resync_repairs_total",
             "Set members and chains the resync found changed behind our back and repaired.",
         )
+        self.rereads = Counter(
+            "portcullis_enforcer_membership_rereads_total",
+            "Times the memberships were read again because a pruned selector became a peer.",
+        )
         self.rejected = Counter(
             "portcullis_enforcer_rejected_records_total", "Records that could not be used."
         )
@@ -124,8 +128,8 @@ class EnforcerMetrics:
 
     def all(self) -> list[Counter | Gauge | Histogram]:
         return [self.latency, self.batches, self.member_ops, self.chains_written,
-                self.resyncs, self.repairs, self.rejected, self.errors, self.connected,
-                self.in_sync]
+                self.resyncs, self.repairs, self.rereads, self.rejected, self.errors,
+                self.connected, self.in_sync]
 
     def expose(self) -> str:
         lines: list[str] = []

@@ -195,6 +195,13 @@ class EnforcerState:
         self._rules_dirty = True
         self._chains: dict[str, Chain] = {}
         self._in_use: dict[str, str] = {}
+        # Keeping only what local endpoints need: memberships of other nodes' endpoints in
+        # selectors no known policy uses as a rule peer are dropped (``prune=True``). A
+        # selector whose memberships were dropped and that later becomes a rule peer asks
+        # for the memberships to be read again (``needs_reread``).
+        self.peer_refs: Counter[str] = Counter()
+        self.pruned: set[str] = set()
+        self.needs_reread = False
 
     # ------------------------------------------------------------------ updates
 
@@ -208,6 +215,11 @@ class EnforcerState:
         self.delete_policy(policy.key)
         self.policies[policy.key] = policy
         self.policies_by_uid[policy.applies_uid].add(policy.key)
+        for rule in policy.rules:
+            for uid in rule.uids():
+                self.peer_refs[uid] += 1
+                if uid in self.pruned:
+                    self.needs_reread = True
         self._note(observed_at)
 
     def delete_policy(self, key: str, observed_at: float | None = None) -> None:
@@ -217,7 +229,17 @@ class EnforcerState:
             keys.discard(key)
             if not keys:
                 del self.policies_by_uid[old.applies_uid]
+            for rule in old.rules:
+                for uid in rule.uids():
+                    self.peer_refs[uid] -= 1
+                    if self.peer_refs[uid] <= 0:
+                        del self.peer_refs[uid]
         self._note(observed_at)
+
+    def reread_done(self) -> None:
+        """The memberships were read again: what rules use now is complete."""
+        self.pruned -= set(self.peer_refs)
+        self.needs_reread = False
 
     def upsert_tier(self, tier: CompiledTier, observed_at: float | None = None) -> None:
         self.tiers[tier.name] = tier
@@ -236,11 +258,22 @@ class EnforcerState:
         self._note(observed_at)
 
     def upsert_membership(
-        self, uid: str, endpoint_key: str, ips: Iterable[str], observed_at: float | None = None
+        self,
+        uid: str,
+        endpoint_key: str,
+        ips: Iterable[str],
+        observed_at: float | None = None,
+        *,
+        node: str | None = None,
+        prune: bool = False,
     ) -> None:
+        """Record a membership; with ``prune``, one nothing here needs is dropped instead."""
         new = tuple(sorted(set_members(ips, self.family)))
         old = self.memberships.get((uid, endpoint_key))
         if old == new:
+            return
+        if prune and old is None and node != self.node and uid not in self.peer_refs:
+            self.pruned.add(uid)
             return
         # every membership of a selector repeats its uid, and IPs repeat across selectors:
         # one shared string each keeps 100,000s of memberships affordable

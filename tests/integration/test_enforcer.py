@@ -25,6 +25,8 @@ from enforcers.engine import Enforcer, Programmer
 from enforcers.ipsets import NetlinkIpsets, set_name
 from enforcers.iptables import Iptables
 from enforcers.state import EnforcerState
+from policy import compile as pcompile
+from policy.load import load
 from portcullis.brokers import Broker, TansuBroker
 from portcullis.topics_admin import check_topics
 from tests.dataplane.conftest import Netns, make_netns  # noqa: F401  (fixture)
@@ -38,9 +40,22 @@ from tests.dataplane.test_traffic import (
 )
 from topics import codec
 from topics.partitioner import partition_for, partition_for_key
-from topics.records import split_endpoint_key, split_membership_key
+from topics.records import MembershipRecord, split_endpoint_key, split_membership_key
 
 NETNS_PREFIX = "pc-tr-"
+TO_EXTRA = """
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: to-extra, namespace: shop}
+spec:
+  order: 50
+  selector: app == 'web'
+  types: [Egress]
+  egress:
+  - action: Allow
+    protocol: TCP
+    destination: {selector: kind == 'extra', namespaceSelector: global(), ports: [80]}
+"""
 PARTITIONS = 3
 pytestmark = pytest.mark.dataplane
 
@@ -135,6 +150,28 @@ async def test_engine_programs_from_the_topics_and_follows_changes(
         world.delete_object("NetworkPolicy/shop/web-to-saas")
         await publish(broker.bootstrap, topic_prefix, world.changes())
         await eventually(lambda: not topology.connect("pod-a", "10.66.1.1", 443))
+        await asyncio.to_thread(check_matrix, topology, world, sources)
+
+        # a new rule peer whose memberships reach the enforcer before its policy does:
+        # pruned at first (nothing used them), then read again when the policy arrives
+        extra = world.put_endpoint("globalnetworkset", None, "extra", ("10.66.2.0/24",),
+                                   {"kind": "extra"}, node=None)
+        await publish(broker.bootstrap, topic_prefix, world.changes())
+        (policy,) = load(TO_EXTRA)
+        peer = pcompile.policy_selectors(policy).egress[0].destination.selector
+        assert peer is not None
+        early = MembershipRecord(peer.uid, extra.key, None, None, None, extra.ips,
+                                 extra.observed_at)
+        world.published[early.key] = early
+        await publish(broker.bootstrap, topic_prefix, [("memberships", early.key, early)])
+        await eventually(lambda: peer.uid in enforcer.state.pruned)
+        assert not topology.connect("pod-a", "10.66.2.1", 80)
+        world.put_objects(TO_EXTRA)
+        changes = world.changes()
+        assert early.key not in [c[1] for c in changes]  # the early membership is not resent
+        await publish(broker.bootstrap, topic_prefix, changes)
+        await eventually(lambda: topology.connect("pod-a", "10.66.2.1", 80))
+        assert enforcer.metrics.rereads.value >= 1
         await asyncio.to_thread(check_matrix, topology, world, sources)
     finally:
         stop.set()
