@@ -186,12 +186,14 @@ class ResourceWatcher:
     async def run(self) -> None:
         """Run until cancelled."""
         delay = self.options.backoff_initial
+        gone_in_a_row = 0
         while True:
             try:
                 if self.resource_version is None:
                     await self.relist()
                 started = time.monotonic()
                 received = await self.watch_once()
+                gone_in_a_row = 0
                 if received or time.monotonic() - started > 1.0:
                     delay = self.options.backoff_initial
                 else:  # a stream that ends at once with nothing in it: do not spin
@@ -199,8 +201,12 @@ class ResourceWatcher:
                     delay = min(delay * 2, self.options.backoff_max)
             except Gone as exc:
                 self.stats.gone += 1
+                gone_in_a_row += 1
                 log.info("%s: %s; relisting", self.resource.name, exc)
                 self.resource_version = None
+                if gone_in_a_row > 1:  # relists that expire at once: do not hammer the server
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.options.backoff_max)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # network, server and handler errors all back off
