@@ -128,7 +128,7 @@ class Tracker:
     events: dict[float, str] = field(default_factory=dict)  # observed_at -> phase
     per_event: dict[float, float] = field(default_factory=lambda: defaultdict(float))
     per_event_wall: dict[float, float] = field(default_factory=lambda: defaultdict(float))
-    nodes_hit: dict[float, int] = field(default_factory=lambda: defaultdict(int))
+    nodes_hit: dict[float, set[str]] = field(default_factory=lambda: defaultdict(set))
     done_at: dict[float, float] = field(default_factory=dict)
     recent: list[tuple[float, float]] = field(default_factory=list)  # (wall time, latency)
     published: list[tuple[float, str]] = field(default_factory=list)
@@ -154,14 +154,14 @@ class Tracker:
         self.published.append((at, phase))
 
     def sample(self, s: Sample) -> None:
-        at, _node, sim, wall, done = s
+        at, node, sim, wall, done = s
         if at not in self.events:
             return
         if sim > self.per_event[at]:
             self.per_event[at] = sim
             self.done_at[at] = done
         self.per_event_wall[at] = max(self.per_event_wall[at], wall)
-        self.nodes_hit[at] += 1
+        self.nodes_hit[at].add(node)
         self.recent.append((time.time(), sim))
 
     def live_p99(self, window: float = 5.0) -> float | None:
@@ -666,7 +666,7 @@ class Run:
             self.phase = name
             self.marks.append((at, name))
             await self.settle(name, quiet=3.0)
-            nodes = self.tracker.nodes_hit.get(at, 0)
+            nodes = len(self.tracker.nodes_hit.get(at, ()))
             total = self.tracker.per_event.get(at)
             out.append({
                 "phase": name, "nodes_programmed": nodes,
