@@ -28,7 +28,7 @@ never rewritten.
 
 from __future__ import annotations
 
-import base64
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -63,8 +63,7 @@ FAILSAFE_OUTBOUND: tuple[tuple[str, int], ...] = (
 
 
 def _digest(text: str, length: int) -> str:
-    raw = hashlib.sha224(text.encode()).digest()
-    return base64.b32encode(raw).decode().lower().rstrip("=")[:length]
+    return hashlib.sha224(text.encode()).hexdigest()[:length]
 
 
 def workload_chain(interface: str) -> str:
@@ -456,6 +455,7 @@ def render_rule(rule: RuleSpec, policy_key: str, family: int = 4) -> list[IptRul
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def render_policy(policy: PolicySpec, family: int = 4) -> Chain:
     rules: list[IptRule] = []
     for rule in policy.rules:
@@ -473,27 +473,38 @@ def _failsafe_rules() -> list[IptRule]:
     ]
 
 
+TierOutline: TypeAlias = tuple[tuple[str, str, tuple[str, ...]], ...]
+
+
 def render_endpoint(endpoint: EndpointSpec) -> Chain:
-    """The endpoint's egress chain (it refers to policy chains by name)."""
-    name = workload_chain(endpoint.interface) if endpoint.kind == "workload" else (
-        host_chain(endpoint.key)
+    """The endpoint's egress chain (it refers to policy chains by name, so only the tiers'
+    names, default actions and policy keys matter: chains are cached on those)."""
+    outline = tuple(
+        (t.name, t.default_action, tuple(p.key for p in t.policies)) for t in endpoint.tiers
     )
+    key = endpoint.key if endpoint.kind == "host" else ""
+    return _endpoint_chain(endpoint.kind, endpoint.interface, key, outline)
+
+
+@functools.lru_cache(maxsize=16384)
+def _endpoint_chain(kind: EndpointKind, interface: str, key: str, tiers: TierOutline) -> Chain:
+    name = workload_chain(interface) if kind == "workload" else host_chain(key)
     rules = [
         IptRule((CtState(("RELATED", "ESTABLISHED")),), ACCEPT),
         IptRule((CtState(("INVALID",)),), DROP),
         IptRule((), SetMark(0, MARK_ALL)),
     ]
-    if endpoint.kind == "host":
+    if kind == "host":
         rules += _failsafe_rules()
-    for tier in endpoint.tiers:
+    for _tier, default_action, policy_keys in tiers:
         rules.append(IptRule((), SetMark(0, MARK_PASS)))
-        for pol in tier.policies:
-            rules.append(IptRule((Mark(0, MARK_PASS),), Jump(policy_chain(pol.key))))
+        for policy_key in policy_keys:
+            rules.append(IptRule((Mark(0, MARK_PASS),), Jump(policy_chain(policy_key))))
             rules.append(IptRule((Mark(MARK_ACCEPT, MARK_ACCEPT),), ACCEPT))
-        if tier.default_action == "Deny":
+        if default_action == "Deny":
             rules.append(IptRule((Mark(0, MARK_PASS),), DROP))
     # No tier decided: pods fall to their profile (allow), host endpoints to default deny.
-    rules.append(IptRule((), ACCEPT if endpoint.kind == "workload" else DROP))
+    rules.append(IptRule((), ACCEPT if kind == "workload" else DROP))
     return Chain.build(name, rules)
 
 

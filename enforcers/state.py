@@ -202,6 +202,14 @@ class EnforcerState:
         self.peer_refs: Counter[str] = Counter()
         self.pruned: set[str] = set()
         self.needs_reread = False
+        self._names: dict[str, str] = {}
+
+    def _name(self, uid: str) -> str:
+        """The ipset name of a selector uid (remembered: asked for on every render)."""
+        name = self._names.get(uid)
+        if name is None:
+            name = self._names[uid] = self.set_name(uid)
+        return name
 
     # ------------------------------------------------------------------ updates
 
@@ -343,9 +351,9 @@ class EnforcerState:
             dst = spec.destination
             src = spec.source
             if rule.dst_uid or rule.dst_not_uid:
-                dst = _with_sets(dst, rule.dst_uid, rule.dst_not_uid, self.set_name)
+                dst = _with_sets(dst, rule.dst_uid, rule.dst_not_uid, self._name)
             if rule.src_uid or rule.src_not_uid:
-                src = _with_sets(src, rule.src_uid, rule.src_not_uid, self.set_name)
+                src = _with_sets(src, rule.src_uid, rule.src_not_uid, self._name)
             rules.append(
                 RuleSpec(
                     spec.action, spec.protocol, spec.not_protocol, src, dst,
@@ -386,14 +394,14 @@ class EnforcerState:
     def desired(self) -> Dataplane:
         """The whole dataplane from scratch (the oracle ``plan()`` must agree with)."""
         chains = render.render(self.endpoint_specs(), self.family)
-        sets = {self.set_name(uid): set(self.contents.get(uid, ())) for uid in self.uids_in_use()}
+        sets = {self._name(uid): set(self.contents.get(uid, ())) for uid in self.uids_in_use()}
         return Dataplane(sets, chains)
 
     def plan(self) -> Plan:
         """The changes since the previous plan (the first plan programs everything)."""
         if self._rules_dirty:
             self._chains = render.render(self.endpoint_specs(), self.family)
-            self._in_use = {self.set_name(uid): uid for uid in self.uids_in_use()}
+            self._in_use = {self._name(uid): uid for uid in self.uids_in_use()}
             self._rules_dirty = False
         chains, in_use = self._chains, self._in_use
         plan = Plan(chains=chains, observed_at=self._observed)
@@ -410,7 +418,7 @@ class EnforcerState:
                 del self._programmed_sets[name]
                 del self._uid_of_set[name]
         for uid, ips in self._dirty_members.items():
-            name = self.set_name(uid)
+            name = self._name(uid)
             if name not in in_use or name in plan.create_sets:
                 continue
             programmed = self._programmed_sets[name]
