@@ -763,7 +763,7 @@ class Run:
             "cluster": self.cluster.summary(), "simulated_nodes": len(nodes),
             "broker": self.opts.broker, "partitions": self.partitions,
             "initial_load_s": round(load_s, 2), "phases": phases, "storm": storm,
-            "restarts": getattr(self, "restart_report", []),
+            "restarts": self.recovery(),
             "real_enforcer": self.real_report(real_samples, want_real),
             "consistency": consistency,
             "processes": {
@@ -781,6 +781,33 @@ class Run:
             "marks": self.marks,
         }
         return self.result
+
+    def recovery(self, window: float = 1.0) -> list[dict[str, Any]]:
+        """For each restart: how long until p99 (per 1 s of events) was back under the goal.
+
+        Also measured against the p99 of the 10 s before the restart, for runs whose steady
+        p99 is above the goal anyway.
+        """
+        out = []
+        lat = sorted(self.tracker.per_event.items())
+        goal = self.scn.goal_p99
+        for item in getattr(self, "restart_report", []):
+            at = item["at"]
+            before = [v for t, v in lat if at - 10 <= t < at]
+            pre = percentiles(before)["p99"]
+            windows: dict[int, list[float]] = defaultdict(list)
+            for t, v in lat:
+                if t >= at:
+                    windows[int((t - at) / window)].append(v)
+            p99s = {k: percentiles(v)["p99"] for k, v in sorted(windows.items())}
+
+            worst = max((v for v in p99s.values() if v is not None), default=None)
+            out.append({**item, "p99_before_s": pre, "worst_p99_after_s": worst,
+                        "back_under_goal_after_s": _settled(p99s, goal, window),
+                        "back_to_pre_restart_p99_after_s": _settled(
+                            p99s, None if pre is None else max(goal, pre * 1.2), window),
+                        "recover_within_goal_s": self.scn.recover_within})
+        return out
 
     def node_stats(self) -> dict[str, Any]:
         assert self.fleet is not None
@@ -914,6 +941,18 @@ class Run:
         return consistency
 
 
+def _settled(p99s: dict[int, float | None], limit: float | None,
+             window: float, hold: int = 5) -> float | None:
+    """Seconds until `hold` consecutive windows all have p99 <= limit (None: never)."""
+    if limit is None:
+        return None
+    keys = sorted(p99s)
+    for i, k in enumerate(keys):
+        if all((p99s[j] or 0.0) <= limit for j in keys[i:i + hold]):
+            return k * window
+    return None
+
+
 # --------------------------------------------------------------------------- baseline
 
 
@@ -1000,6 +1039,14 @@ def markdown(result: dict[str, Any]) -> str:
     for st in result.get("storm", []):
         lines.append(f"| storm: {st['phase']} | 1 | | | | {ms(st['all_nodes_programmed_s'])} "
                      f"| {st['nodes_programmed']}/{st['nodes_simulated']} nodes |")
+    for rs in result.get("restarts", []):
+        def sec(v: Any) -> str:
+            return "never" if v is None else f"{v:.0f} s"
+
+        lines.append(f"| restart: {rs['what']} | | | | {ms(rs['worst_p99_after_s'])} (worst 1 s "
+                     f"p99) | | p99 under goal after {sec(rs['back_under_goal_after_s'])}, "
+                     f"at pre-restart level after {sec(rs['back_to_pre_restart_p99_after_s'])}"
+                     " |")
     real = result.get("real_enforcer", {})
     if real.get("ran"):
         lat = real["latency_s"]
