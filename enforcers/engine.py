@@ -488,6 +488,8 @@ class Enforcer:
                 observed = plane_observed
             ops += result.member_ops
             chains += result.chains_written
+        if initial:
+            self.metrics.in_sync.set(0 if self._need_restart else 1)
         if initial or changed:
             self.metrics.batches.inc()
         self.metrics.member_ops.inc(ops)
@@ -527,22 +529,29 @@ class Enforcer:
             n = await self._read_to_end(consumer)
             log.info("read %d records to the end of the topics; programming", n)
             self._program(initial=True)
-            self.metrics.in_sync.set(1)
             self.synced.set()
             next_resync = time.monotonic() + self.resync_interval
+            dirty = False
             while not stop.is_set():
                 timeout = max(0.0, min(0.5, next_resync - time.monotonic()))
                 batch = await consumer.getmany(timeout_ms=int(timeout * 1000))
-                got = self._take(batch)
-                if got:
+                if self._take(batch):
                     deadline = time.monotonic() + self.batch_window
                     while (left := deadline - time.monotonic()) > 0:
                         more = await consumer.getmany(timeout_ms=int(left * 1000))
                         if not more:
                             break
                         self._take(more)
-                    if any(st.needs_reread for st in self.sink.states):
+                    dirty = True
+                if dirty and any(st.needs_reread for st in self.sink.states):
+                    try:
                         await self._reread_memberships(consumer)
+                    except Exception as exc:  # keep what is programmed; retry shortly
+                        log.warning("re-reading the memberships failed (%s); will retry", exc)
+                        await asyncio.sleep(0.5)
+                        continue
+                if dirty:
+                    dirty = False
                     initial, self._need_restart = self._need_restart, False
                     self._program(initial=initial)
                 if time.monotonic() >= next_resync:
