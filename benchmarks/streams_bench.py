@@ -124,7 +124,7 @@ class Workload:
         events += [("endpoints", k, v) for k, v in self.pods.items()]
         return events
 
-    def update(self, at: float, key: str | None = None) -> Event:
+    def update(self, at: float, key: str | None = None, relabel: bool = True) -> Event:
         """An endpoint changes app label (moving memberships) and gets a fresh IP."""
         if key is None:
             key = self.rng.choice(self._keys)
@@ -132,7 +132,8 @@ class Workload:
         self._ip += 1
         i = int(old.name.rpartition("-")[2])
         ip = f"172.{16 + (self._ip >> 16) % 16}.{(self._ip >> 8) & 255}.{self._ip & 255}"
-        new = self._pod(old.namespace or "", old.name, i, self.rng.choice(self.apps), at, ip)
+        app = self.rng.choice(self.apps) if relabel else old.labels["app"]
+        new = self._pod(old.namespace or "", old.name, i, app, at, ip)
         self.pods[key] = new
         return ("endpoints", key, new)
 
@@ -145,7 +146,7 @@ class Workload:
         for key in self.pods:
             p = partition_for_key(key.split("/")[1], PARTITIONS)
             if f"p{p}" not in out:
-                out[f"p{p}"] = self.update(at, key)
+                out[f"p{p}"] = self.update(at, key, relabel=False)
             if len(out) == PARTITIONS:
                 break
         return out
@@ -212,6 +213,7 @@ class MembershipWatch:
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.bootstrap, self.topic = bootstrap, topic
         self.latest_ips: dict[str, tuple[str, ...]] = {}  # endpoint key -> last IPs seen
+        self.live: set[bytes] = set()  # membership keys, compacted
         self.count_by_uid: dict[str, int] = {}
         self.last_arrival: dict[float, float] = {}  # observed_at -> last arrival time
         self.first_arrival: dict[float, float] = {}
@@ -240,7 +242,9 @@ class MembershipWatch:
             for messages in batch.values():
                 for msg in messages:
                     if msg.value is None:
+                        self.live.discard(msg.key)
                         continue
+                    self.live.add(msg.key)
                     self.records += 1
                     data = orjson.loads(msg.value)
                     self.latest_ips[data["endpoint_key"]] = tuple(data["ips"])
@@ -278,13 +282,22 @@ async def publish(producer: Any, prefix: str, events: list[Event]) -> None:
     await asyncio.gather(*futures)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), robust to a busy machine."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def markers_done(watch: MembershipWatch, markers: dict[str, Event]) -> Callable[[], bool]:
     wanted = {key: rec.ips for _s, key, rec in markers.values()}
     return lambda: all(watch.latest_ips.get(k) == ips for k, ips in wanted.items())
 
 
 async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
-                       log_dir: Path) -> dict[str, Any]:
+                       log_dir: Path, members: int) -> dict[str, Any]:
+    """One worker through every phase; `members` is what the preload must end with."""
     from aiokafka import AIOKafkaProducer
 
     from policy.selectors import parse
@@ -321,7 +334,8 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         await publish(producer, prefix, wl.preload())
         markers = wl.markers(1.5)
         await publish(producer, prefix, list(markers.values()))
-        await watch.wait(markers_done(watch, markers), timeout=args.timeout)
+        done = markers_done(watch, markers)
+        await watch.wait(lambda: done() and len(watch.live) == members, timeout=args.timeout)
         result["preload_s"] = time.time() - t0
         print(f"  worker {mode:11}: preload done in {result['preload_s']:.1f} s "
               f"({watch.records} membership records)", flush=True)
@@ -330,14 +344,19 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         n = args.updates
         events = wl.updates(n, lambda: 2.0)
         markers = wl.markers(2.5)
+        cpu0 = cpu_seconds(worker.pid)
         t0 = time.time()
         await publish(producer, prefix, events + list(markers.values()))
         published = time.time() - t0
         t1 = await watch.wait(markers_done(watch, markers), timeout=args.timeout)
+        cpu = cpu_seconds(worker.pid) - cpu0
         result["endpoint_events_per_s"] = (n + len(markers)) / (t1 - t0)
+        result["endpoint_events_per_worker_cpu_s"] = (n + len(markers)) / cpu
         result["publish_s"] = published
         print(f"  worker {mode:11}: {result['endpoint_events_per_s']:.0f} endpoint events/s "
-              f"({n} events; publishing alone took {published:.2f} s)", flush=True)
+              f"({n} events; publishing alone took {published:.2f} s; "
+              f"{result['endpoint_events_per_worker_cpu_s']:.0f} events per worker CPU-second)",
+              flush=True)
 
         # latency at a fixed rate; observed_at is the publish time of each event
         rate, seconds = args.rate, args.latency_seconds
@@ -365,12 +384,14 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         # policy storm: a new global policy whose selector matches every endpoint
         uid = parse(STORM_SELECTOR).uid
         target = len(wl.pods)
+        cpu0 = cpu_seconds(worker.pid)
         t0 = time.time()
         await publish(producer, prefix,
                       [("policies", "GlobalNetworkPolicy//storm", wl.storm(t0))])
         t1 = await watch.wait(lambda: watch.count_by_uid.get(uid, 0) >= target,
                               timeout=args.timeout)
         result["storm_s"] = t1 - t0
+        result["storm_worker_cpu_s"] = cpu_seconds(worker.pid) - cpu0
         print(f"  worker {mode:11}: policy storm: {target} memberships in "
               f"{result['storm_s']:.2f} s", flush=True)
     finally:
@@ -433,7 +454,8 @@ def main() -> None:
                 for mode in ("index", "brute_force"):
                     try:
                         results["worker"][mode] = asyncio.run(
-                            bench_worker(args, broker.bootstrap, mode, Path(tmp)))
+                            bench_worker(args, broker.bootstrap, mode, Path(tmp),
+                                         results["pure"][mode]["members_after_preload"]))
                     except TimeoutError as exc:
                         results["worker"][mode] = {"error": str(exc)}
                         print(f"  worker {mode}: {exc}", flush=True)
@@ -461,6 +483,8 @@ def print_table(results: dict[str, Any]) -> None:
     if "endpoint_events_per_s" in idx and "endpoint_events_per_s" in bf:
         rows += [("worker: endpoint events/s", idx["endpoint_events_per_s"],
                   bf["endpoint_events_per_s"], True),
+                 ("worker: events/worker CPU-s", idx["endpoint_events_per_worker_cpu_s"],
+                  bf["endpoint_events_per_worker_cpu_s"], True),
                  ("worker: policy storm (s)", idx["storm_s"], bf["storm_s"], False),
                  ("worker: latency p50 (ms)", idx["latency"]["p50_ms"],
                   bf["latency"]["p50_ms"], False),

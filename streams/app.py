@@ -81,6 +81,8 @@ class StreamsConfig:
     #: How long the producer waits to batch messages (s): a few ms turns thousands of tiny
     #: produce requests (one per table write) into a few large ones.
     producer_linger: float = 0.005
+    #: Table writes that may wait to be produced before the agents pause (Faust: 100).
+    producer_buffer: int = 10_000
     #: Evaluate every selector for every endpoint (no label index): the benchmark baseline.
     brute_force: bool = False
 
@@ -140,6 +142,10 @@ class Processor:
             broker_heartbeat_interval=max(0.3, min(3.0, config.session_timeout / 5)),
         )
         app = self.app
+        # Faust stalls the agent whenever more than 100 table writes wait to be produced,
+        # then drains them 100 at a time: with several writes per event that caps
+        # throughput. A larger buffer lets the producer batch instead.
+        app.producer.buffer.max_messages = config.producer_buffer
 
         def topic(name: str, compact: bool = False) -> Any:
             return app.topic(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from portcullis.cli import CommandError, command
 from portcullis.settings import Settings
@@ -84,6 +85,10 @@ class Command:
             session_timeout=args.session_timeout,
             brute_force=args.brute_force,
         )
+        # Faust consumes in a thread of its own; every socket write of the main thread
+        # releases the GIL and then waits up to the switch interval (5 ms) to get it back
+        # from the busy consumer thread. A short interval keeps produce calls from stalling.
+        sys.setswitchinterval(0.0005)
         processor = Processor(config)
         worker = faust.Worker(
             processor.app,

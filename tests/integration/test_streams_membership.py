@@ -227,13 +227,14 @@ async def wait_for(bootstrap: str, prefix: str, expected: dict[str, Payload],
 class Worker:
     """`portcullis process` as a subprocess, logging to a file."""
 
-    def __init__(self, bootstrap: str, prefix: str, log_dir: Path, name: str = "w") -> None:
+    def __init__(self, bootstrap: str, prefix: str, log_dir: Path, name: str = "w",
+                 store: str = "memory", data_dir: str | None = None) -> None:
         self.log_path = log_dir / f"{name}.log"
         self.args = [
             sys.executable, "-c", "import sys; from portcullis.cli import main; sys.exit(main())",
-            "process", "--store", "memory",
+            "process", "--store", store,
             "--bootstrap", bootstrap, "--topic-prefix", prefix,
-            "--partitions", str(PARTITIONS), "--data-dir", str(log_dir / name),
+            "--partitions", str(PARTITIONS), "--data-dir", str(log_dir / (data_dir or name)),
             "--session-timeout", "2",
         ]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -338,13 +339,18 @@ async def wait_until_idle(worker: Worker, timeout: float = 60.0) -> None:
 
 async def test_sigkill_and_restart(broker: Any, topic_prefix: str, tmp_path: Path,
                                    workers: list[Worker]) -> None:
-    """Workers SIGKILLed at random points mid-stream and restarted lose and leave nothing."""
+    """Workers SIGKILLed at random points mid-stream and restarted lose and leave nothing.
+
+    With the production store (rocksdb, kept across restarts in the same directory), so
+    recovery combines local state with the changelogs' tails.
+    """
     await create_topics(broker.bootstrap, topic_prefix)
     events = random_workload(seed=3, size=1500)
     rng = random.Random(3)
     chunks = [events[:600], events[600:1100], events[1100:]]
     for round_, chunk in enumerate(chunks):
-        worker = Worker(broker.bootstrap, topic_prefix, tmp_path, f"w{round_}").start()
+        worker = Worker(broker.bootstrap, topic_prefix, tmp_path, f"w{round_}",
+                        store="rocksdb", data_dir="state").start()
         workers.append(worker)
         await publish(broker.bootstrap, topic_prefix, chunk)
         if round_ < len(chunks) - 1:
