@@ -518,7 +518,7 @@ class Simulated:
             lines.append(f"  {name}  {{{', '.join(sorted(members))}}}  ← {by_set.get(name, '?')}")
         policies = {render.policy_chain(k): k for k in self.world.objects}
         ours = [n for n in sorted(desired.chains) if n in policies]
-        endpoints = len(desired.chains) - len(ours) - 2
+        endpoints = len(desired.chains) - len(ours) - len(render.DISPATCH_CHAINS)
         fwd = desired.chains.get(render.FORWARD_CHAIN)
         out = desired.chains.get(render.OUTPUT_CHAIN)
         lines.append(
