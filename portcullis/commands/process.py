@@ -60,6 +60,7 @@ class Command:
         if args.session_timeout <= 0:
             raise CommandError(f"--session-timeout must be positive, got {args.session_timeout:g}")
         kafka = settings.kafka
+        _check_topics(settings)
         ssl_context = None
         if kafka.security_protocol in ("SSL", "SASL_SSL"):
             ssl_context = kafka.aiokafka_kwargs()["ssl_context"]
@@ -98,3 +99,35 @@ class Command:
         )
         worker.execute_from_commandline()
         return 0
+
+
+def _check_topics(settings: Settings) -> None:
+    """Refuse to start on missing or wrongly partitioned topics, saying how to fix it.
+
+    Faust would otherwise wait forever for a topic or crash on a partition mismatch.
+    """
+    from portcullis.cli import run_async
+    from portcullis.topics_admin import check_topics
+
+    report = run_async(
+        check_topics(
+            settings.kafka.aiokafka_kwargs(),
+            settings.topic_prefix,
+            settings.partitions,
+            settings.replication_factor,
+            create=False,
+        )
+    )
+    needed = ("endpoints", "profiles", "policies", "selectors", "memberships", "deadletter")
+    bad = [
+        t
+        for t in report.failures()
+        if t.spec.suffix in needed
+        and (t.state in ("missing", "error") or any("partitions" in p for p in t.problems))
+    ]
+    if bad:
+        details = "; ".join(f"{t.name}: {t.state} {' '.join(t.problems)}".strip() for t in bad)
+        raise CommandError(
+            f"topics not ready ({details}); run `portcullis topics create` with the same "
+            "--topic-prefix and --partitions first"
+        )

@@ -432,3 +432,13 @@ async def test_malformed_records_are_dead_lettered(broker: Any, topic_prefix: st
     assert "not valid JSON" in by_key["pod/ns1/bad"].reason
     assert by_key["GlobalNetworkPolicy//g2"].rejected_by == "streams.compile"
     assert "selector" in by_key["GlobalNetworkPolicy//g2"].reason
+
+
+def test_process_refuses_to_start_without_topics(tansu_broker: Any, topic_prefix: str,
+                                                 tmp_path: Path) -> None:
+    """Without `portcullis topics create` the worker says what to do instead of hanging."""
+    worker = Worker(tansu_broker.bootstrap, topic_prefix, tmp_path)
+    done = subprocess.run(worker.args, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "portcullis topics create" in done.stderr
+    assert f"{topic_prefix}endpoints: missing" in done.stderr
