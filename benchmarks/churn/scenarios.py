@@ -50,7 +50,7 @@ def _steady(small: bool) -> Scenario:
         phases = (Phase("600/min", 600, 60), Phase("6000/min", 6000, 60))
     return Scenario("steady", spec, phases,
                     "p99 event -> programmed on every affected node <= 300 ms at 6,000 pods/min",
-                    sim_nodes=None if small else 10)
+                    sim_nodes=None if small else 10, baseline_seconds=8 if small else 20)
 
 
 def _storm(small: bool) -> Scenario:
@@ -63,7 +63,8 @@ def _storm(small: bool) -> Scenario:
     return Scenario("storm", spec, phases,
                     "a global policy matching every pod, and a network set grown by 5,000 CIDRs:"
                     " all nodes programmed <= 3 s",
-                    storm=True, sim_nodes=None if small else 10)
+                    storm=True, sim_nodes=None if small else 10,
+                    baseline_seconds=8 if small else 20)
 
 
 def _restart(small: bool) -> Scenario:
@@ -76,7 +77,8 @@ def _restart(small: bool) -> Scenario:
     return Scenario("restart", spec, phases,
                     "processor, then an enforcer, killed and restarted mid-churn: no change lost,"
                     " p99 back under 300 ms within 10 s",
-                    restart=True, sim_nodes=None if small else 10)
+                    restart=True, sim_nodes=None if small else 10,
+                    baseline_seconds=8 if small else 20)
 
 
 SCENARIOS = {"steady": _steady, "storm": _storm, "restart": _restart}
