@@ -12,6 +12,37 @@ Two layers:
   the end before touching the dataplane, then follows them, coalescing records
   that arrive together into one transaction. If the brokers go away it keeps
   what is programmed (fail static) and aiokafka reconnects with backoff.
+
+Dead letters. A record the enforcer cannot use (undecodable key or value, unknown
+version, a policy document ``policy.load_document`` rejects, a membership key that
+does not parse) is counted, logged and skipped; processing continues. Every node reads
+the same topics, so if every enforcer dead-lettered every such record, one bad record
+would become hundreds of copies. An enforcer therefore publishes a dead letter
+(``rejected_by="enforcer/<node>"``, keyed with the original key) only for records it is
+the natural owner of:
+
+* **endpoints** whose value names this node (``"node"``) or whose key is one of this
+  node's local endpoints (a local endpoint whose update turned malformed);
+* **memberships** of a member local to this node (the key's endpoint part is a local
+  endpoint, or the value's ``"node"`` is this node): that node's enforcement is what the
+  bad record breaks;
+* **policies: never.** The processor's compile agent (``streams.compile``) reads every
+  policy record first, with the same decoder and the same ``load_document``, and
+  dead-letters the same records; the processor's match agent likewise dead-letters every
+  malformed endpoint, so an owned endpoint may have two dead letters (processor and owning
+  node), never N.
+
+Memberships no node owns (a network set's members, an unparseable key without a node) are
+read by nobody else, so with ``dead_letter_unowned`` (``portcullis enforce
+--dead-letter-unowned``, meant for ONE enforcer per cluster, e.g. a ``--dry-run`` auditor)
+an enforcer dead-letters every malformed membership it does not own as well (one it
+cannot tell is another node's may then have two dead letters, never N); without it those
+are only counted and logged. Within
+one process a record (topic, partition, offset) is dead-lettered once (a membership
+re-read does not repeat it); a restart re-reads the topics and may repeat it, which is
+why every dead letter carries topic, partition and offset for consumers to dedupe on.
+Publishing runs in the background and never blocks or stops enforcement (fail static):
+a failed publish is retried a few times, then logged and counted.
 """
 
 from __future__ import annotations
@@ -20,7 +51,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,7 +70,7 @@ from topics.records import (
     RecordError,
     split_membership_key,
 )
-from topics.specs import ENDPOINTS, MEMBERSHIPS, POLICIES
+from topics.specs import DEADLETTER, ENDPOINTS, MEMBERSHIPS, POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +80,11 @@ SET_PREFIX = "pc-"
 TEMP_PREFIX = "pt-"
 SET_PREFIX_V6 = "pc6-"  # IPv6 sets (and their temporary twins, "pc6-…~t")
 WORKLOAD_KINDS = frozenset({"pod", "vm"})
+
+#: Where a record was read: (topic, partition, offset).
+Where = tuple[str, int, int]
+#: Called with a rejected record this node owns: where, key, value, and why.
+RejectHook = Callable[[Where, bytes | None, bytes | None, BaseException], None]
 
 
 class ChainBackend(Protocol):
@@ -202,8 +238,17 @@ class RecordSink:
         metrics: EnforcerMetrics,
         more: Sequence[state_mod.EnforcerState] = (),
         prune: bool = False,
+        on_reject: RejectHook | None = None,
+        dead_letter_unowned: bool = False,
     ) -> None:
         self.state = state
+        # rejected records this node owns go here (the dead-letter publisher)
+        self.on_reject = on_reject
+        self.dead_letter_unowned = dead_letter_unowned
+        # while reading to the end at start-up, local endpoints are not all known yet: the
+        # ownership of rejected records is decided in `settle`, once they are
+        self.deferred: list[tuple[str, Where, bytes | None, bytes | None, BaseException]] = []
+        self.deferring = False
         self.states = [state, *more]
         # drop memberships nothing here needs (the engine re-reads when that changes)
         self.prune = prune
@@ -299,7 +344,27 @@ class RecordSink:
                 st.upsert_policy(compiled, observed)
                 self.policy_kinds[key] = ("policy", compiled.key)
 
-    def message(self, suffix: str, key_raw: bytes | None, value: bytes | None) -> None:
+    def owns(self, suffix: str, key_raw: bytes | None, value: bytes | None) -> bool:
+        """Whether a rejected record is this node's to dead-letter (see the module docstring)."""
+        if suffix == POLICIES.suffix:
+            return False  # the processor's compile agent dead-letters bad policies
+        key = key_raw.decode("utf-8", "replace") if key_raw is not None else ""
+        local = self.state.endpoints
+        if suffix == ENDPOINTS.suffix and key in local:
+            return True
+        if suffix == MEMBERSHIPS.suffix:
+            with contextlib.suppress(RecordError):
+                if split_membership_key(key)[1] in local:
+                    return True
+        if _names_node(value, self.state.node):
+            return True
+        return suffix == MEMBERSHIPS.suffix and self.dead_letter_unowned
+
+    def message(
+        self, suffix: str, key_raw: bytes | None, value: bytes | None, where: Where | None = None
+    ) -> None:
+        """Apply one record; a bad one is counted, logged, and (if this node owns it and
+        `where` it was read is known) handed to `on_reject` for the dead-letter topic."""
         try:
             key = codec.decode_key(key_raw)
             if suffix == MEMBERSHIPS.suffix:
@@ -316,7 +381,121 @@ class RecordSink:
                 self.policy(key, codec.decode_as(PolicyRecord, value))
         except (RecordError, ValueError) as exc:
             self.metrics.rejected.inc()
-            log.warning("skipping a record on %s: %s", suffix, exc)
+            at = f"[{where[1]}]@{where[2]}" if where else ""
+            log.warning("skipping a record on %s%s: %s", suffix, at, exc)
+            if where is None or self.on_reject is None:
+                return
+            if self.owns(suffix, key_raw, value):
+                self.on_reject(where, key_raw, value, exc)
+            elif self.deferring:
+                self.deferred.append((suffix, where, key_raw, value, exc))
+
+    def settle(self) -> None:
+        """Decide the rejected records held back during start-up, now every local endpoint is
+        known (a membership of a local pod may be read before the pod's endpoint record)."""
+        deferred, self.deferred, self.deferring = self.deferred, [], False
+        for suffix, where, key_raw, value, exc in deferred:
+            if self.on_reject is not None and self.owns(suffix, key_raw, value):
+                self.on_reject(where, key_raw, value, exc)
+
+
+def _names_node(value: bytes | None, node: str) -> bool:
+    """True if `value` is a JSON object whose ``"node"`` is `node` (however bad the rest)."""
+    if value is None:
+        return False
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and data.get("node") == node
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+class DeadLetterPublisher:
+    """Publishes dead letters in the background, so a slow or absent broker never holds up
+    enforcement; each (topic, partition, offset) at most once per process."""
+
+    def __init__(
+        self,
+        kafka_kwargs: Mapping[str, Any],
+        topic: str,
+        rejected_by: str,
+        metrics: EnforcerMetrics,
+        max_pending: int = 10_000,
+        attempts: int = 3,
+        send_timeout: float = 10.0,
+    ) -> None:
+        self.kafka_kwargs = dict(kafka_kwargs)
+        self.topic = topic
+        self.rejected_by = rejected_by
+        self.metrics = metrics
+        self.attempts = attempts
+        self.send_timeout = send_timeout
+        self.queue: asyncio.Queue[tuple[Where, bytes | None, bytes]] = asyncio.Queue(max_pending)
+        self.seen: set[Where] = set()
+
+    def reject(
+        self, where: Where, key: bytes | None, value: bytes | None, error: BaseException
+    ) -> None:
+        """Queue the dead letter of a rejected record (a `RejectHook`); never raises."""
+        if where in self.seen:
+            return
+        self.seen.add(where)
+        try:
+            letter = codec.dead_letter(*where, key, value, error, rejected_by=self.rejected_by)
+            self.queue.put_nowait((where, key, codec.encode(letter)))
+        except (RecordError, asyncio.QueueFull) as exc:
+            self.metrics.dead_letter_failures.inc()
+            log.error("cannot queue the dead letter for %s[%d]@%d: %s", *where,
+                      exc if str(exc) else type(exc).__name__)
+
+    async def run(self) -> None:
+        """Send queued dead letters until cancelled; failures are retried, then logged."""
+        from aiokafka import AIOKafkaProducer
+
+        producer: Any = None
+        try:
+            while True:
+                where, key, payload = await self.queue.get()
+                try:
+                    for attempt in range(1, self.attempts + 1):
+                        try:
+                            if producer is None:
+                                producer = AIOKafkaProducer(**self.kafka_kwargs, acks="all")
+                                await producer.start()
+                            await asyncio.wait_for(
+                                producer.send_and_wait(self.topic, payload, key=key, partition=0),
+                                self.send_timeout,
+                            )
+                            self.metrics.dead_letters.inc()
+                            break
+                        except Exception as exc:
+                            if producer is not None:
+                                await _close(producer)
+                            producer = None
+                            if attempt == self.attempts:
+                                self.metrics.dead_letter_failures.inc()
+                                log.error("giving up on the dead letter for %s[%d]@%d after %d "
+                                          "attempts (enforcement goes on): %r",
+                                          *where, attempt, exc)
+                            else:
+                                log.warning("publishing a dead letter failed (%r); retrying", exc)
+                                await asyncio.sleep(0.2 * 2**attempt)
+                finally:
+                    self.queue.task_done()
+        finally:
+            if producer is not None:
+                await _close(producer)
+
+    async def stop(self, task: asyncio.Task[None], drain: float = 2.0) -> None:
+        """Give what is queued up to `drain` seconds to go out, then stop the task."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.queue.join(), drain)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 # --------------------------------------------------------------------------- the loop
@@ -336,6 +515,7 @@ class Enforcer:
         resync_interval: float = 30.0,
         ipv6: tuple[state_mod.EnforcerState, Programmer] | None = None,
         prune_memberships: bool = True,
+        dead_letter_unowned: bool = False,
     ) -> None:
         self.state = state
         self.programmer = programmer
@@ -344,8 +524,12 @@ class Enforcer:
         self.kafka_kwargs = dict(kafka_kwargs)
         self.prefix = topic_prefix
         self.metrics = metrics or EnforcerMetrics()
+        self.dead_letters = DeadLetterPublisher(
+            kafka_kwargs, DEADLETTER.name(topic_prefix), f"enforcer/{state.node}", self.metrics
+        )
         self.sink = RecordSink(
-            state, self.metrics, [p[0] for p in self.planes[1:]], prune=prune_memberships
+            state, self.metrics, [p[0] for p in self.planes[1:]], prune=prune_memberships,
+            on_reject=self.dead_letters.reject, dead_letter_unowned=dead_letter_unowned,
         )
         self.batch_window = batch_window
         self.resync_interval = resync_interval
@@ -399,7 +583,7 @@ class Enforcer:
         for tp, messages in order:
             suffix = self.topics[tp.topic]
             for msg in messages:
-                self.sink.message(suffix, msg.key, msg.value)
+                self.sink.message(suffix, msg.key, msg.value, (tp.topic, tp.partition, msg.offset))
                 n += 1
         return n
 
@@ -408,6 +592,7 @@ class Enforcer:
         before their memberships arrive and nothing needed is pruned."""
         assigned = list(consumer.assignment())
         end = await consumer.end_offsets(assigned)
+        self.sink.deferring = True
         n = 0
         policies = [tp for tp in assigned if self.topics[tp.topic] == POLICIES.suffix]
         for parts in (policies, assigned):
@@ -417,6 +602,7 @@ class Enforcer:
                     break
                 batch = await consumer.getmany(*pending, timeout_ms=200)
                 n += self._take(batch)
+        self.sink.settle()
         if any(st.needs_reread for st in self.sink.states):
             await self._reread_memberships(consumer)
         return n
@@ -446,7 +632,8 @@ class Enforcer:
                 for tp, messages in batch.items():
                     for msg in messages:
                         if msg.offset < until[tp]:
-                            self.sink.message(MEMBERSHIPS.suffix, msg.key, msg.value)
+                            self.sink.message(MEMBERSHIPS.suffix, msg.key, msg.value,
+                                              (tp.topic, tp.partition, msg.offset))
                             n += 1
         finally:
             await _close(reader)
@@ -525,6 +712,7 @@ class Enforcer:
         consumer = await self._consumer(stop)
         if consumer is None:
             return
+        publishing = asyncio.create_task(self.dead_letters.run())
         try:
             n = await self._read_to_end(consumer)
             log.info("read %d records to the end of the topics; programming", n)
@@ -567,6 +755,7 @@ class Enforcer:
                         self.metrics.errors.inc()
                         log.exception("resync failed; will retry")
         finally:
+            await self.dead_letters.stop(publishing)
             await _close(consumer)
 
     async def _check_brokers(self, consumer: Any) -> None:
@@ -580,7 +769,7 @@ class Enforcer:
 
 
 async def _close(consumer: Any) -> None:
-    """Stop the consumer; with the brokers gone aiokafka's fetcher may raise while closing."""
+    """Stop a consumer (or producer); with the brokers gone aiokafka may raise while closing."""
     try:
         await asyncio.wait_for(consumer.stop(), 5)
     except (Exception, asyncio.CancelledError) as exc:

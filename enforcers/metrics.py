@@ -116,6 +116,14 @@ class EnforcerMetrics:
         self.rejected = Counter(
             "portcullis_enforcer_rejected_records_total", "Records that could not be used."
         )
+        self.dead_letters = Counter(
+            "portcullis_enforcer_dead_letters_total",
+            "Rejected records this node owns, published to the dead-letter topic.",
+        )
+        self.dead_letter_failures = Counter(
+            "portcullis_enforcer_dead_letter_failures_total",
+            "Dead letters that could not be published (logged; enforcement went on).",
+        )
         self.errors = Counter(
             "portcullis_enforcer_dataplane_errors_total", "Failed dataplane transactions."
         )
@@ -128,7 +136,8 @@ class EnforcerMetrics:
 
     def all(self) -> list[Counter | Gauge | Histogram]:
         return [self.latency, self.batches, self.member_ops, self.chains_written,
-                self.resyncs, self.repairs, self.rereads, self.rejected, self.errors,
+                self.resyncs, self.repairs, self.rereads, self.rejected, self.dead_letters,
+                self.dead_letter_failures, self.errors,
                 self.connected, self.in_sync]
 
     def expose(self) -> str:

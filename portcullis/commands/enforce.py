@@ -31,6 +31,11 @@ class Command:
             help="also enforce IPv6 (ip6tables and inet6 sets named pc6-…)",
         )
         parser.add_argument(
+            "--dead-letter-unowned", action="store_true",
+            help="also dead-letter malformed memberships no node owns (network-set members, "
+                 "bad keys); enable on ONE enforcer per cluster, e.g. a --dry-run auditor",
+        )
+        parser.add_argument(
             "--metrics-port", type=int, metavar="PORT",
             help="serve Prometheus metrics on this port (GET /metrics)",
         )
@@ -85,6 +90,7 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
         EnforcerState(args.node, set_name), programmer, settings.kafka.aiokafka_kwargs(),
         settings.topic_prefix, metrics, batch_window=args.batch_window,
         resync_interval=args.resync_interval, ipv6=ipv6,
+        dead_letter_unowned=args.dead_letter_unowned,
     )
     server = await serve(metrics, args.metrics_port) if args.metrics_port else None
     stop = asyncio.Event()
