@@ -14,7 +14,7 @@ every difference, readably; a benchmark run fails when there is any.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from enforcers.ipsets import set_name as default_set_name
@@ -82,14 +82,14 @@ def expected_state(
     policies: Iterable[PolicyRecord],
     nodes: Iterable[str],
     *,
-    set_name: object = default_set_name,
+    set_name: Callable[[str], str] = default_set_name,
     family: int = 4,
 ) -> Expected:
     """Expected memberships and, for each of `nodes`, its ipsets, from the final inputs."""
     endpoints = list(endpoints)
     policies = list(policies)
     memberships = oracle_memberships(endpoints, profiles, policies)
-    namer = set_name if callable(set_name) else default_set_name
+    namer = set_name
     members_of: dict[str, set[str]] = defaultdict(set)
     ips_of: dict[str, tuple[str, ...]] = {}
     for key, (_ns, _node, _iface, ips) in memberships.items():
@@ -101,9 +101,9 @@ def expected_state(
     for c in compiled:
         by_applies[c.applies_uid].append(c)
     local: dict[str, list[str]] = defaultdict(list)
-    for ep in endpoints:
-        if ep.node is not None and ep.interface and ep.kind in LOCAL_KINDS:
-            local[ep.node].append(ep.key)
+    for record in endpoints:
+        if record.node is not None and record.interface and record.kind in LOCAL_KINDS:
+            local[record.node].append(record.key)
     uids_of_endpoint: dict[str, set[str]] = defaultdict(set)
     for uid, eps in members_of.items():
         if uid in by_applies:
@@ -123,7 +123,7 @@ def expected_state(
             contents: set[str] = set()
             for ep in members_of.get(uid, ()):
                 contents |= set_members(ips_of[ep], family)
-            node_sets[namer(uid)] = contents  # type: ignore[operator]
+            node_sets[namer(uid)] = contents
         sets[node] = node_sets
     return Expected(memberships, sets, dict(members_of))
 

@@ -226,7 +226,7 @@ def _dns_rules() -> list[dict[str, Any]]:
 def _saas_cidrs(rng: random.Random, index: int, count: int) -> list[str]:
     """CIDRs of one SaaS vendor, from 100.64.0.0/10 (never overlapping pod or host ranges)."""
     base = int(ipaddress.ip_address("100.64.0.0")) + index * (1 << 16)
-    out = set()
+    out: set[str] = set()
     while len(out) < count:
         prefix = rng.choice((24, 26, 28, 32))
         offset = rng.randrange(0, 1 << 16) & ~((1 << (32 - prefix)) - 1)

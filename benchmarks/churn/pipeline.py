@@ -159,10 +159,10 @@ class NaivePipeline:
                 rec = MembershipRecord(uid, ep, namespace, node, interface, ips, at)
                 self.memberships[key] = rec
                 self.fleet.membership(key, rec, now)
-        for node in self.fleet.nodes.values():
-            node.dirty = True  # naive: every node redoes everything, changed or not
-            if not node.pending:
-                node.pending.append((now, _nothing, ()))
+        for sim in self.fleet.nodes.values():
+            sim.dirty = True  # naive: every node redoes everything, changed or not
+            if not sim.pending:
+                sim.pending.append((now, _nothing, ()))
         self.fleet.program(self.events)
 
     def programmed_sets(self) -> dict[str, dict[str, set[str]]]:
