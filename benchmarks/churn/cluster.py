@@ -242,6 +242,34 @@ def growth_cidrs(count: int, start: int = 0) -> list[str]:
     return [str(ipaddress.ip_address(base + start + i)) + "/32" for i in range(count)]
 
 
+def storm_documents(cluster: Cluster, growth: int) -> list[tuple[str, dict[str, Any]]]:
+    """The storm: a global policy selecting every pod, then a SaaS set grown by `growth`."""
+    doc = _doc("GlobalNetworkPolicy", "security.storm-block", {
+        "tier": "security", "order": 5, "namespaceSelector": "all()", "types": ["Egress"],
+        "egress": [{"action": "Deny", "destination": {
+            "selector": "role == 'blocklist'", "namespaceSelector": "global()"}},
+            {"action": "Pass"}],
+    })
+    saas = next(o for o in cluster.policy_objects
+                if o.kind == "GlobalNetworkSet" and o.name.startswith("saas-"))
+    grown = saas.to_document()
+    grown["spec"]["nets"] = [*grown["spec"].get("nets", []), *growth_cidrs(growth)]
+    return [("global policy selecting every pod", doc),
+            (f"network set {saas.name} + {growth} CIDRs", grown)]
+
+
+def storm_records(
+    obj: policy.PolicyObject, at: float
+) -> tuple[PolicyRecord, EndpointRecord | None]:
+    """The records `portcullis apply` publishes for a storm object, observed at `at`."""
+    from watchers.translate import policy_publications
+
+    pubs = policy_publications(obj, actor=ACTOR, applied_at=at, observed_at=at, source="apply")
+    pol = next(p.value for p in pubs if isinstance(p.value, PolicyRecord))
+    ep = next((p.value for p in pubs if isinstance(p.value, EndpointRecord)), None)
+    return pol, ep
+
+
 def _documents(spec: ClusterSpec, rng: random.Random, namespaces: dict[str, dict[str, str]],
                apps: list[App], nodes: list[str]) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = [

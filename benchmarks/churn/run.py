@@ -37,8 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import policy
 from benchmarks.churn import checker
-from benchmarks.churn.cluster import ChurnGenerator, Cluster, build_cluster
+from benchmarks.churn.cluster import (
+    ChurnGenerator,
+    Cluster,
+    build_cluster,
+    storm_documents,
+    storm_records,
+)
 from benchmarks.churn.fleet import Fleet, Sample
 from benchmarks.churn.pipeline import NaivePipeline, PurePipeline, initial_records
 from benchmarks.churn.scenarios import Phase, Scenario
@@ -1004,11 +1011,37 @@ def baseline(scn: Scenario, seed: int, budget_events: int, budget_s: float,
         out[name] = {"events": len(times), "initial_s": round(load, 2),
                      "per_event_s": percentiles(times),
                      "mean_per_event_s": sum(times) / len(times) if times else None}
+        if scn.storm:
+            storms = []
+            for label, doc in storm_documents(cluster, scn.growth_cidrs):
+                obj = policy.load_document(doc, source="bench storm")
+                pol, ep = storm_records(obj, 3e9 + len(storms))
+                t = time.perf_counter()
+                if name == "naive":
+                    naive.policies[pol.key] = pol
+                    if ep is not None:
+                        naive.endpoints[ep.key] = ep
+                        naive.fleet.endpoint(ep.key, ep, pol.observed_at)
+                    naive.fleet.policy(pol.key, pol, pol.observed_at)
+                    naive.events.add(pol.observed_at)
+                    naive.recompute(pol.observed_at)
+                else:
+                    pure.publish_policy(pol)
+                    if ep is not None:
+                        pure.publish_endpoint(ep)
+                    pure.settle()
+                storms.append({"step": label, "seconds": time.perf_counter() - t})
+            out[name]["storm"] = storms
     n = min(out["naive"]["events"], out["portcullis (pure core)"]["events"])
     out["events_compared"] = n
     ours = out["portcullis (pure core)"]["mean_per_event_s"]
     naive_mean = out["naive"]["mean_per_event_s"]
     out["speedup"] = round(naive_mean / ours, 1) if ours and naive_mean else None
+    if scn.storm:
+        out["storm_speedup"] = [
+            round(n["seconds"] / o["seconds"], 1) if o["seconds"] else None
+            for o, n in zip(out["portcullis (pure core)"]["storm"], out["naive"]["storm"],
+                            strict=True)]
     out["note"] = ("time per event, in process, no broker: ours = incremental match (index) + "
                    "incremental plan/apply on each simulated node; naive = every selector "
                    "recomputed against every endpoint, then every node rendered from scratch "
@@ -1069,6 +1102,10 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{ms(naive['per_event_s']['p99'])} |",
                   "", f"Portcullis is **{base['speedup']}x** faster per event than the naive "
                   "pipeline."]
+        for o, n in zip(ours.get("storm", []), naive.get("storm", []), strict=False):
+            lines.append(f"Storm step '{o['step']}' in process: portcullis "
+                         f"{o['seconds'] * 1000:.0f} ms, naive {n['seconds'] * 1000:.0f} ms "
+                         f"({n['seconds'] / max(o['seconds'], 1e-9):.1f}x).")
     if result.get("broker") != "kafka":
         lines += ["", "Note: the embedded Tansu broker answers a fetch only after a good part "
                   "of the consumer's fetch wait even when data is there; Faust's consumer "

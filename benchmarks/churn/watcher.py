@@ -23,7 +23,12 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.churn.cluster import ChurnGenerator, ClusterSpec, build_cluster, growth_cidrs
+from benchmarks.churn.cluster import (
+    ChurnGenerator,
+    ClusterSpec,
+    build_cluster,
+    storm_documents,
+)
 
 
 def _say(obj: Any) -> None:
@@ -90,34 +95,16 @@ class Watcher:
         import policy as policy_mod
         from watchers.translate import policy_publications
 
-        doc = {
-            "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
-            "metadata": {"name": "security.storm-block"},
-            "spec": {"tier": "security", "order": 5, "namespaceSelector": "all()",
-                     "types": ["Egress"],
-                     "egress": [{"action": "Deny", "destination": {
-                         "selector": "role == 'blocklist'", "namespaceSelector": "global()"}},
-                         {"action": "Pass"}]},
-        }
-        saas = next(o for o in self.cluster.policy_objects
-                    if o.kind == "GlobalNetworkSet" and o.name.startswith("saas-"))
-        grown = saas.to_document()
-        grown["spec"]["nets"] = [*grown["spec"].get("nets", []), *growth_cidrs(growth)]
-        name = "global policy selecting every pod"
-        obj = policy_mod.load_document(doc, source="bench storm")
-        at = self.stamp()
-        _say({"e": [at, obj.key, name]})
-        await self.publisher.publish(policy_publications(
-            obj, actor="bench", applied_at=at, observed_at=at, source="apply"))
-        _say({"done": {"phase": name, "at": at}})
-        await self.lines.get()
-        name = f"network set {saas.name} + {growth} CIDRs"
-        obj = policy_mod.load_document(grown, source="bench storm")
-        at = self.stamp()
-        _say({"e": [at, f"globalnetworkset//{saas.name}", name]})
-        await self.publisher.publish(policy_publications(
-            obj, actor="bench", applied_at=at, observed_at=at, source="apply"))
-        _say({"done": {"phase": name, "at": at}})
+        for step, (name, doc) in enumerate(storm_documents(self.cluster, growth)):
+            if step:
+                await self.lines.get()  # the parent has measured the previous step
+            obj = policy_mod.load_document(doc, source="bench storm")
+            at = self.stamp()
+            key = obj.key if obj.kind != "GlobalNetworkSet" else f"globalnetworkset//{obj.name}"
+            _say({"e": [at, key, name]})
+            await self.publisher.publish(policy_publications(
+                obj, actor="bench", applied_at=at, observed_at=at, source="apply"))
+            _say({"done": {"phase": name, "at": at}})
 
     async def main(self) -> None:
         await self.start()
