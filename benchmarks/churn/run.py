@@ -1012,7 +1012,7 @@ def baseline(scn: Scenario, seed: int, budget_events: int, budget_s: float,
                      "per_event_s": percentiles(times),
                      "mean_per_event_s": sum(times) / len(times) if times else None}
         if scn.storm:
-            storms = []
+            storms: list[dict[str, Any]] = []
             for label, doc in storm_documents(cluster, scn.growth_cidrs):
                 obj = policy.load_document(doc, source="bench storm")
                 pol, ep = storm_records(obj, 3e9 + len(storms))
