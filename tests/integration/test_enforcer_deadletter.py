@@ -162,8 +162,8 @@ async def test_owned_malformed_records_are_dead_lettered_and_enforcement_goes_on
     sent = {key: (suffix, partition, value) for suffix, partition, key, value
             in [*AT_START, WHILE_RUNNING]}
     for (_topic, text_key), (kafka_key, letter) in ours.items():
-        assert kafka_key == text_key.encode()  # keyed with the original key
-        _suffix, partition, value = sent[kafka_key]
+        assert text_key is not None and kafka_key == text_key.encode()  # the original key
+        _suffix, partition, value = sent[text_key.encode()]
         assert letter.partition == partition and letter.offset >= 0
         assert letter.raw_value() == value  # the original bytes, for replay after a fix
     assert "missing" in ours[(topic_prefix + "endpoints", "pod/shop/broken")][1].reason
