@@ -42,7 +42,8 @@ one process a record (topic, partition, offset) is dead-lettered once (a members
 re-read does not repeat it); a restart re-reads the topics and may repeat it, which is
 why every dead letter carries topic, partition and offset for consumers to dedupe on.
 Publishing runs in the background and never blocks or stops enforcement (fail static):
-a failed publish is retried a few times, then logged and counted.
+a failed publish is retried a few times (so a letter may repeat: at-least-once), then
+logged and counted (``portcullis_enforcer_dead_letter_failures_total``).
 """
 
 from __future__ import annotations
@@ -415,7 +416,8 @@ def _names_node(value: bytes | None, node: str) -> bool:
 
 class DeadLetterPublisher:
     """Publishes dead letters in the background, so a slow or absent broker never holds up
-    enforcement; each (topic, partition, offset) at most once per process."""
+    enforcement; each (topic, partition, offset) is queued once per process (a retry after
+    a send timed out may still repeat it: dead letters are at-least-once)."""
 
     def __init__(
         self,
