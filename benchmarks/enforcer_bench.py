@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -258,15 +259,16 @@ async def join_latency(bootstrap: str, prefix: str, ns: str, data: Data, joins: 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0)
     await producer.start()
     results: dict[str, Any] = {}
+    cases: tuple[tuple[str, Callable[[int], MembershipRecord]], ...] = (
+        ("remote_join_10k_set", lambda i: MembershipRecord(
+            data.peers[0], f"pod/late/r{i}", "late", "node-x", "eth0",
+            (f"10.200.{i >> 8}.{i & 255}",), time.time())),
+        ("local_join_applies_to", lambda i: MembershipRecord(
+            data.applies[1], f"pod/shop/local-{i * 10 % 100}", "shop", NODE,
+            f"veth{i * 10 % 100}", (f"10.64.0.{i * 10 % 100}",), time.time())),
+    )
     try:
-        for label, make in (
-            ("remote_join_10k_set", lambda i: MembershipRecord(
-                data.peers[0], f"pod/late/r{i}", "late", "node-x", "eth0",
-                (f"10.200.{i >> 8}.{i & 255}",), time.time())),
-            ("local_join_applies_to", lambda i: MembershipRecord(
-                data.applies[1], f"pod/shop/local-{i * 10 % 100}", "shop", NODE,
-                f"veth{i * 10 % 100}", (f"10.64.0.{i * 10 % 100}",), time.time())),
-        ):
+        for label, make in cases:
             enforcer.metrics.latency.samples.clear()
             floor.clear()
             n = joins if label.startswith("remote") else min(joins, 10)
