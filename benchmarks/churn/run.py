@@ -1200,7 +1200,8 @@ def run(scn: Scenario, opts: Options, small: bool = False) -> dict[str, Any]:
     result["markdown"] = table
     if opts.write:
         opts.out.mkdir(parents=True, exist_ok=True)
-        stem = scn.name + ("_small" if small else "")
+        stem = scn.name + ("_small" if small else "") + (
+            "_kafka" if opts.broker == "kafka" else "")
         (opts.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
         plot(result, opts.out / f"{stem}.png")
         (opts.out / f"{stem}.md").write_text(table + "\n")
