@@ -55,7 +55,8 @@ class Command:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         import faust
 
-        from streams.app import Processor, StreamsConfig
+        from portcullis.cli import run_async
+        from streams.app import Processor, StreamsConfig, prepare_changelogs
 
         if args.session_timeout <= 0:
             raise CommandError(f"--session-timeout must be positive, got {args.session_timeout:g}")
@@ -91,6 +92,10 @@ class Command:
         # from the busy consumer thread. A short interval keeps produce calls from stalling.
         sys.setswitchinterval(0.0005)
         processor = Processor(config)
+        try:
+            run_async(prepare_changelogs(processor, kafka.aiokafka_kwargs()))
+        except RuntimeError as exc:
+            raise CommandError(str(exc)) from None
         worker = faust.Worker(
             processor.app,
             loglevel=settings.log_level,
