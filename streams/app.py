@@ -385,7 +385,7 @@ class Processor:
         if not deltas:
             return
         store = self.members.data
-        producer = self.app.producer._ensure_producer()  # aiokafka's, for its batch API
+        producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
         batch = producer.create_batch()
         for delta in deltas:
             key = delta.key.encode()
