@@ -357,6 +357,10 @@ class Run:
                                     fetch_max_wait_ms=20)
         await consumer.start()
         try:
+            await consumer.topics()  # load metadata: Kafka sends only what was asked for
+            missing = [t for t in names if not consumer.partitions_for_topic(t)]
+            if missing:
+                raise BenchError(f"topics without partitions: {', '.join(missing)}")
             parts = [TopicPartition(t, p) for t in names
                      for p in sorted(consumer.partitions_for_topic(t) or ())]
             consumer.assign(parts)
