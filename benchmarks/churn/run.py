@@ -301,6 +301,7 @@ class Run:
         self.events_published = 0
         self.marks: list[tuple[float, str]] = []
         self.loading = True
+        self.tasks: list[asyncio.Task[Any]] = []
         self.actions: dict[str, Callable[[], Any]] = {}
 
     def log(self, text: str) -> None:
@@ -357,12 +358,10 @@ class Run:
                                     fetch_max_wait_ms=20)
         await consumer.start()
         try:
-            await consumer.topics()  # load metadata: Kafka sends only what was asked for
-            missing = [t for t in names if not consumer.partitions_for_topic(t)]
-            if missing:
-                raise BenchError(f"topics without partitions: {', '.join(missing)}")
+            # the producer asks the brokers for each topic's metadata (a bare consumer's
+            # view can be empty on Apache Kafka until it subscribes)
             parts = [TopicPartition(t, p) for t in names
-                     for p in sorted(consumer.partitions_for_topic(t) or ())]
+                     for p in sorted(await self.producer.partitions_for(t))]
             consumer.assign(parts)
             await consumer.seek_to_beginning(*parts)
             self.consumer = consumer
@@ -510,6 +509,10 @@ class Run:
         still_since = time.monotonic()
         while time.monotonic() - t0 < timeout:
             await asyncio.sleep(0.25)
+            for task in self.tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise BenchError(f"the harness's {task.get_name()} failed: "
+                                     f"{task.exception()!r}")
             if self.processor is not None:
                 self.processor.check()
             count = self.fleet.records
@@ -698,6 +701,15 @@ class Run:
     # ---------------------------------------------------------------- main
 
     async def main(self) -> dict[str, Any]:
+        """Set up, run and tear down; SIGTERM or SIGINT cancel it and still clean up."""
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        return await self._main()
+
+    async def _main(self) -> dict[str, Any]:
         scn = self.scn
         self.log(f"portcullis bench {scn.name}: seed {self.spec.seed} (reuse with --seed "
                  f"{self.spec.seed}); broker {self.opts.broker} {self.bootstrap}; "
@@ -712,15 +724,15 @@ class Run:
         await self.setup()
         self.processor = ProcessorProcess(self.bootstrap, self.prefix, self.partitions,
                                           self.workdir)
-        tasks: list[asyncio.Task[Any]] = []
+        tasks = self.tasks
         want_real = self.opts.real_enforcer
         if want_real is None:
             want_real = os.geteuid() == 0
         try:
             await self.load()
             self.processor.start()
-            tasks.append(asyncio.create_task(self.follow()))
-            tasks.append(asyncio.create_task(self.monitor()))
+            tasks.append(asyncio.create_task(self.follow(), name="fleet consumer"))
+            tasks.append(asyncio.create_task(self.monitor(), name="monitor"))
             if want_real:
                 await self.start_real_enforcer()
             t_load = time.monotonic()
@@ -1188,7 +1200,11 @@ def run(scn: Scenario, opts: Options, small: bool = False) -> dict[str, Any]:
     assert bootstrap is not None
     try:
         runner = Run(scn, opts, bootstrap, broker_pid)
-        result = asyncio.run(runner.main())
+        try:
+            result = asyncio.run(runner.main())
+        except asyncio.CancelledError:
+            raise BenchError("interrupted; the processor, enforcer, network namespace and "
+                             "broker this run started were stopped and removed") from None
     finally:
         if broker is not None:
             broker.stop()
