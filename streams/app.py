@@ -11,14 +11,12 @@ message with ``concurrency > 1``):
   over the three topics, so one worker owns a namespace's whole stream). Per partition a
   `PartitionState` is restored from the ``endpoints``, ``profiles`` and ``selectors``
   tables plus the ``members`` table, then resynced. The ``members`` table's changelog
-  IS the ``memberships`` topic: an event's deltas are published there as one batch (and
-  written to the table's local store), and recovering the table is reading what was
-  published, so the two can never disagree.
+  IS the ``memberships`` topic: writing a member is publishing it, and recovering the
+  table is reading what was published, so the two can never disagree.
 
-Partition states are rebuilt lazily, on the first event of a partition newly assigned to
-this worker (states of partitions it keeps across a rebalance are kept); rebuilding
-resyncs desired members (from the inputs) against the published ones, which repairs
-anything a crash left half-done. Malformed records go to the
+Partition states are rebuilt lazily, on the first event of a partition after every
+rebalance; rebuilding resyncs desired members (from the inputs) against the published
+ones, which repairs anything a crash left half-done. Malformed records go to the
 dead-letter topic and processing continues.
 """
 
@@ -209,12 +207,13 @@ class Processor:
         app.agent(self.policies_topic, name="compile")(self._compile_agent)
         app.agent(self.match_topic, name="match")(self._match_agent)
 
-        self._owned_match: set[int] = set()
-        self._owned_compile: set[int] = set()
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+        async def _revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+            self._forget(revoked)
 
         @app.on_partitions_assigned.connect  # type: ignore[arg-type]
         async def _assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
-            self._reassigned(assigned)
+            self._forget(assigned)
 
     def changelog_topics(self) -> list[str]:
         """The changelog topics Faust names for our own tables (memberships excluded).
@@ -226,20 +225,13 @@ class Processor:
         tables = (self.policy_refs, self.endpoints, self.profiles, self.selectors)
         return [table.changelog_topic.get_topic_name() for table in tables]
 
-    def _reassigned(self, assigned: Iterable[TP]) -> None:
-        """Keep the states of partitions this worker owned before and still owns; drop the rest.
-
-        A kept state is the truth (tables and topics may lag it by in-flight writes); a
-        partition that is new here is rebuilt from its recovered tables on its first event.
-        """
-        tps = list(assigned)
-        match = {tp.partition for tp in tps if tp.topic == self.endpoints_name}
-        compile_ = {tp.partition for tp in tps if tp.topic == self.policies_name}
-        for p in set(self._match_states) - (match & self._owned_match):
-            del self._match_states[p]
-        for p in set(self._compile_states) - (compile_ & self._owned_compile):
-            del self._compile_states[p]
-        self._owned_match, self._owned_compile = match, compile_
+    def _forget(self, tps: Iterable[TP]) -> None:
+        """Drop cached states of these partitions: they are rebuilt from the tables."""
+        for tp in tps:
+            if tp.topic == self.policies_name:
+                self._compile_states.pop(tp.partition, None)
+            elif tp.topic in (self.endpoints_name, self.profiles_name, self.selectors_name):
+                self._match_states.pop(tp.partition, None)
 
     # ------------------------------------------------------------------ dead letters
 
@@ -348,7 +340,7 @@ class Processor:
             try:
                 key = decode_key(msg.key)
                 state, deltas = self._match_state(partition)
-                await self._publish_members(partition, deltas)
+                self._write_members(deltas)
                 if msg.topic == self.endpoints_name:
                     endpoint: EndpointRecord | None = decode_as(EndpointRecord, msg.value)
                     if _partition_of_endpoint_key(key, self.partitions) != partition:
@@ -371,7 +363,7 @@ class Processor:
             except (RecordError, SelectorError) as exc:
                 await self._reject(event, exc, "match")
                 continue
-            await self._publish_members(partition, deltas)
+            self._write_members(deltas)
             self.processed += 1
 
     @staticmethod
@@ -381,30 +373,14 @@ class Processor:
         elif key in table:
             del table[key]
 
-    async def _publish_members(self, partition: int, deltas: list[Delta]) -> None:
-        """Publish an event's membership deltas as one batch.
-
-        The memberships topic is the members table's changelog, but the table's local store
-        is deliberately NOT written here: it only ever holds what Faust recovered from the
-        topic, so a partition rebuilt from it sees exactly what was published (a store
-        written ahead of its changelog would keep phantom members after a crash, or lose
-        members when Faust re-recovers it during a rebalance). The live members are in
-        the partition's `PartitionState`. The producer is the app's own, which Faust flushes
-        before committing an offset, so at-least-once holds; batching one event's deltas
-        costs about a tenth of Faust's per-write table path.
-        """
-        if not deltas:
-            return
-        producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
-        batch = producer.create_batch()
+    def _write_members(self, deltas: Iterable[Delta]) -> None:
+        members = self.members
         for delta in deltas:
             key = delta.key.encode()
-            value = encode(delta.record) if delta.record is not None else None
-            if batch.append(key=key, value=value, timestamp=None) is None:  # batch full
-                await producer.send_batch(batch, self.memberships_name, partition=partition)
-                batch = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)
-        await producer.send_batch(batch, self.memberships_name, partition=partition)
+            if delta.record is not None:
+                members[key] = encode(delta.record)
+            elif key in members:
+                del members[key]
 
 
 async def prepare_changelogs(
