@@ -66,16 +66,19 @@ def _digest(text: str, length: int) -> str:
     return hashlib.sha224(text.encode()).hexdigest()[:length]
 
 
+@functools.lru_cache(maxsize=65536)
 def workload_chain(interface: str) -> str:
     """The egress chain of a local workload interface."""
     return f"pc-tw-{_digest('wl:' + interface, 20)}"
 
 
+@functools.lru_cache(maxsize=65536)
 def host_chain(endpoint_key: str) -> str:
     """The egress chain of a host endpoint."""
     return f"pc-th-{_digest('hep:' + endpoint_key, 20)}"
 
 
+@functools.lru_cache(maxsize=65536)
 def policy_chain(policy_key: str) -> str:
     """The egress chain of one policy, shared by every endpoint it applies to."""
     return f"pc-pi-{_digest('pol:' + policy_key, 20)}"
@@ -483,11 +486,13 @@ def render_endpoint(endpoint: EndpointSpec) -> Chain:
         (t.name, t.default_action, tuple(p.key for p in t.policies)) for t in endpoint.tiers
     )
     key = endpoint.key if endpoint.kind == "host" else ""
-    return _endpoint_chain(endpoint.kind, endpoint.interface, key, outline)
+    return endpoint_chain(endpoint.kind, endpoint.interface, key, outline)
 
 
 @functools.lru_cache(maxsize=16384)
-def _endpoint_chain(kind: EndpointKind, interface: str, key: str, tiers: TierOutline) -> Chain:
+def endpoint_chain(kind: EndpointKind, interface: str, key: str, tiers: TierOutline) -> Chain:
+    """An endpoint's chain from its outline: (tier, default action, policy keys) in order;
+    ``key`` names a host endpoint's chain ("" for workloads, named by interface)."""
     name = workload_chain(interface) if kind == "workload" else host_chain(key)
     rules = [
         IptRule((CtState(("RELATED", "ESTABLISHED")),), ACCEPT),

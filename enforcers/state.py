@@ -190,11 +190,14 @@ class EnforcerState:
         self._uid_of_set: dict[str, str] = {}
         self._dirty_members: dict[str, set[str]] = defaultdict(set)
         self._observed: list[float] = []
-        # chains and sets in use only change with policies, tiers, local endpoints and
-        # the memberships of local endpoints: other membership changes reuse them
-        self._rules_dirty = True
+        # Incremental rendering. Chains and sets in use only change with policies, tiers,
+        # local endpoints and the applies-to memberships of local endpoints; a plan
+        # re-renders only what such a change touched: the endpoint's chain (from its
+        # outline: tiers and policy keys), the chains of policies that changed or came into
+        # use, and the dispatch chains when the local interfaces changed.
         self._chains: dict[str, Chain] = {}
         self._in_use: dict[str, str] = {}
+        self._reset_render_cache()
         # Keeping only what local endpoints need: memberships of other nodes' endpoints in
         # selectors no known policy uses as a rule peer are dropped (``prune=True``). A
         # selector whose memberships were dropped and that later becomes a rule peer asks
@@ -213,24 +216,30 @@ class EnforcerState:
 
     # ------------------------------------------------------------------ updates
 
-    def _note(self, observed_at: float | None, rules_changed: bool = True) -> None:
+    def _note(self, observed_at: float | None) -> None:
         if observed_at is not None:
             self._observed.append(observed_at)
-        if rules_changed:
-            self._rules_dirty = True
 
-    def upsert_policy(self, policy: CompiledPolicy, observed_at: float | None = None) -> None:
-        self.delete_policy(policy.key)
-        self.policies[policy.key] = policy
-        self.policies_by_uid[policy.applies_uid].add(policy.key)
-        for rule in policy.rules:
-            for uid in rule.uids():
-                self.peer_refs[uid] += 1
-                if uid in self.pruned:
-                    self.needs_reread = True
-        self._note(observed_at)
+    def _reset_render_cache(self) -> None:
+        """Forget every rendered piece: the next plan renders everything again."""
+        self._all_dirty = True
+        self._dirty_eps: set[str] = set()
+        self._dirty_pols: set[str] = set()
+        self._dispatch_dirty = True
+        self._ep_chain: dict[str, Chain] = {}  # local endpoint key -> its chain
+        self._ep_policies: dict[str, tuple[str, ...]] = {}  # ... -> policy keys it jumps to
+        self._pol_refs: Counter[str] = Counter()  # policy key -> endpoint chains using it
+        self._pol_chain: dict[str, Chain] = {}  # policy key -> chain (policies in use)
+        self._pol_uids: dict[str, frozenset[str]] = {}  # ... -> rule peers it counts in
+        self._uid_refs: Counter[str] = Counter()  # uid -> policies in use referring to it
+        self._dispatch: tuple[Chain, ...] = ()
+        self._in_use = {}
 
-    def delete_policy(self, key: str, observed_at: float | None = None) -> None:
+    def _local_members(self, uid: str) -> list[str]:
+        """Local endpoints in a selector (a scan of the few local endpoints)."""
+        return [k for k in self.endpoints if uid in self.uids_of_endpoint.get(k, ())]
+
+    def _unindex_policy(self, key: str) -> CompiledPolicy | None:
         old = self.policies.pop(key, None)
         if old is not None:
             keys = self.policies_by_uid[old.applies_uid]
@@ -242,6 +251,37 @@ class EnforcerState:
                     self.peer_refs[uid] -= 1
                     if self.peer_refs[uid] <= 0:
                         del self.peer_refs[uid]
+        return old
+
+    def _policy_changed(self, old: CompiledPolicy | None, new: CompiledPolicy | None) -> None:
+        """Mark what a policy change re-renders: its chain, and the chains of the local
+        endpoints it applies to only if where it sorts or what it applies to changed."""
+        if old == new:
+            return
+        key = (old or new).key  # type: ignore[union-attr]
+        self._dirty_pols.add(key)
+        if old is not None and new is not None and (
+            old.applies_uid, old.tier, old.sort_key, old.egress
+        ) == (new.applies_uid, new.tier, new.sort_key, new.egress):
+            return
+        for pol in (old, new):
+            if pol is not None and pol.egress:
+                self._dirty_eps.update(self._local_members(pol.applies_uid))
+
+    def upsert_policy(self, policy: CompiledPolicy, observed_at: float | None = None) -> None:
+        old = self._unindex_policy(policy.key)
+        self.policies[policy.key] = policy
+        self.policies_by_uid[policy.applies_uid].add(policy.key)
+        for rule in policy.rules:
+            for uid in rule.uids():
+                self.peer_refs[uid] += 1
+                if uid in self.pruned:
+                    self.needs_reread = True
+        self._policy_changed(old, policy)
+        self._note(observed_at)
+
+    def delete_policy(self, key: str, observed_at: float | None = None) -> None:
+        self._policy_changed(self._unindex_policy(key), None)
         self._note(observed_at)
 
     def reread_done(self) -> None:
@@ -250,20 +290,34 @@ class EnforcerState:
         self.needs_reread = False
 
     def upsert_tier(self, tier: CompiledTier, observed_at: float | None = None) -> None:
-        self.tiers[tier.name] = tier
+        if self.tiers.get(tier.name) != tier:
+            self.tiers[tier.name] = tier
+            self._all_dirty = True  # rare: every endpoint chain is looked at again
         self._note(observed_at)
 
     def delete_tier(self, name: str, observed_at: float | None = None) -> None:
-        self.tiers.pop(name, None)
+        if self.tiers.pop(name, None) is not None:
+            self._all_dirty = True
         self._note(observed_at)
 
     def upsert_endpoint(self, ep: LocalEndpoint, observed_at: float | None = None) -> None:
+        old = self.endpoints.get(ep.key)
         self.endpoints[ep.key] = ep
+        if old is None or (old.kind, old.interface) != (ep.kind, ep.interface):
+            self._dirty_eps.add(ep.key)  # its IPs alone change no chain
+            self._dispatch_dirty = True
         self._note(observed_at)
 
     def delete_endpoint(self, key: str, observed_at: float | None = None) -> None:
-        self.endpoints.pop(key, None)
+        if self.endpoints.pop(key, None) is not None:
+            self._dirty_eps.add(key)
+            self._dispatch_dirty = True
         self._note(observed_at)
+
+    def _membership_changed(self, uid: str, endpoint_key: str) -> None:
+        """A local endpoint joined or left a selector: its chain changes if policies apply."""
+        if endpoint_key in self.endpoints and uid in self.policies_by_uid:
+            self._dirty_eps.add(endpoint_key)
 
     def upsert_membership(
         self,
@@ -292,7 +346,9 @@ class EnforcerState:
             known = self.uids_of_endpoint.get(endpoint_key, ())
             self.uids_of_endpoint[endpoint_key] = (*known, uid)
         self._recount(uid, old or (), new)
-        self._note(observed_at, old is None and endpoint_key in self.endpoints)
+        if old is None:
+            self._membership_changed(uid, endpoint_key)
+        self._note(observed_at)
 
     def delete_membership(
         self, uid: str, endpoint_key: str, observed_at: float | None = None
@@ -306,7 +362,8 @@ class EnforcerState:
         else:
             del self.uids_of_endpoint[endpoint_key]
         self._recount(uid, old, ())
-        self._note(observed_at, endpoint_key in self.endpoints)
+        self._membership_changed(uid, endpoint_key)
+        self._note(observed_at)
 
     def _recount(self, uid: str, old: Iterable[str], new: Iterable[str]) -> None:
         counter = self.contents[uid]
@@ -397,12 +454,94 @@ class EnforcerState:
         sets = {self._name(uid): set(self.contents.get(uid, ())) for uid in self.uids_in_use()}
         return Dataplane(sets, chains)
 
+    def _outline(self, ep: LocalEndpoint) -> render.TierOutline:
+        """What an endpoint's chain depends on: its tiers in order, with their policy keys
+        (the outline ``endpoint_specs`` gives ``render.render_endpoint``)."""
+        tiers: list[tuple[str, str, tuple[str, ...]]] = []
+        for pol in self.applying(ep.key):
+            tier = self._tier(pol.tier)
+            if not tiers or tiers[-1][0] != tier.name:
+                tiers.append((tier.name, tier.default_action, ()))
+            name, default, keys = tiers[-1]
+            tiers[-1] = (name, default, (*keys, pol.key))
+        return tuple(tiers)
+
+    def _use_policy(self, key: str) -> None:
+        """(Re-)render a policy chain in use and count the sets its rules refer to."""
+        self._unuse_policy(key)
+        pol = self.policies[key]
+        self._pol_chain[key] = render.render_policy(self._policy_spec(pol), self.family)
+        uids = frozenset(u for r in pol.rules if r.spec.never is None for u in r.uids())
+        self._pol_uids[key] = uids
+        for uid in uids:
+            self._uid_refs[uid] += 1
+            if self._uid_refs[uid] == 1:
+                self._in_use[self._name(uid)] = uid
+
+    def _unuse_policy(self, key: str) -> None:
+        self._pol_chain.pop(key, None)
+        for uid in self._pol_uids.pop(key, ()):
+            self._uid_refs[uid] -= 1
+            if self._uid_refs[uid] <= 0:
+                del self._uid_refs[uid]
+                if self._in_use.get(self._name(uid)) == uid:
+                    del self._in_use[self._name(uid)]
+
+    def _rerender(self) -> bool:
+        """Bring the rendered chains up to date with what changed; True if any did."""
+        if self._all_dirty:
+            self._dirty_eps |= set(self.endpoints) | set(self._ep_chain)
+            self._all_dirty = False
+        if not (self._dirty_eps or self._dirty_pols or self._dispatch_dirty):
+            return False
+        fresh: set[str] = set()
+        for key in self._dirty_eps:
+            old_keys = self._ep_policies.pop(key, ())
+            self._ep_chain.pop(key, None)
+            ep = self.endpoints.get(key)
+            new_keys: tuple[str, ...] = ()
+            if ep is not None:
+                outline = self._outline(ep)
+                self._ep_chain[key] = render.endpoint_chain(
+                    ep.kind, ep.interface, ep.key if ep.kind == "host" else "", outline)
+                new_keys = tuple(k for _t, _d, keys in outline for k in keys)
+                self._ep_policies[key] = new_keys
+            for pkey in new_keys:
+                self._pol_refs[pkey] += 1
+                if self._pol_refs[pkey] == 1:
+                    fresh.add(pkey)
+            for pkey in old_keys:
+                self._pol_refs[pkey] -= 1
+                if self._pol_refs[pkey] <= 0:
+                    del self._pol_refs[pkey]
+                    self._unuse_policy(pkey)
+                    fresh.discard(pkey)
+        for pkey in fresh | self._dirty_pols:
+            if pkey in self._pol_refs:
+                self._use_policy(pkey)
+        self._dirty_eps.clear()
+        self._dirty_pols.clear()
+        if self._dispatch_dirty:
+            self._dispatch = render.render_dispatch(
+                (EndpointSpec(ep.key, ep.kind, ep.interface) for ep in self.endpoints.values()),
+                self.family,
+            )
+            self._dispatch_dirty = False
+        # a new dict every time something changed: the programmer skips the very same one
+        chains: dict[str, Chain] = {}
+        for key in self.endpoints:  # in this order, as render.render (a shared interface:
+            chain = self._ep_chain[key]  # the last endpoint's chain wins)
+            chains[chain.name] = chain
+        for chain in self._pol_chain.values():
+            chains.setdefault(chain.name, chain)
+        for chain in self._dispatch:
+            chains[chain.name] = chain
+        self._chains = chains
+        return True
+
     def plan(self) -> Plan:
         """The changes since the previous plan (the first plan programs everything)."""
-        if self._rules_dirty:
-            self._chains = render.render(self.endpoint_specs(), self.family)
-            self._in_use = {self._name(uid): uid for uid in self.uids_in_use()}
-            self._rules_dirty = False
+        self._rerender()
         chains, in_use = self._chains, self._in_use
         plan = Plan(chains=chains, observed_at=self._observed)
         self._observed = []
@@ -436,7 +575,7 @@ class EnforcerState:
 
     def forget_programmed(self) -> None:
         """Make the next plan program every set from scratch (after a restart or a loss)."""
-        self._rules_dirty = True
+        self._reset_render_cache()
         self._programmed_sets.clear()
         self._uid_of_set.clear()
         self._dirty_members = defaultdict(set)
