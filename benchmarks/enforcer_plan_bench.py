@@ -3,9 +3,11 @@
 A node with 200 local endpoints and 500 policies (3 tiers, 2-3 rules each with peer
 selectors and ports). Each step makes one local change (a local endpoint joins or leaves
 an applies-to selector, a local endpoint is added or removed, a policy applying here is
-edited) and times the ``plan()`` that follows. The baseline, measured in the same run on
-the same state, is what a plan cost before incremental planning: the full render of every
-chain (``render.render(endpoint_specs())``) plus the sets in use.
+edited) and times the ``plan()`` that follows, and separately the engine's dry-run
+programmer applying that plan (iptables diff and restore text, ipset operations
+recorded). The baseline, measured in the same run on the same state, is what a plan
+cost before incremental planning: the full render of every chain
+(``render.render(endpoint_specs())``) plus the sets in use.
 
     .venv/bin/python benchmarks/enforcer_plan_bench.py [--steps 300]
 
@@ -23,6 +25,8 @@ import time
 from pathlib import Path
 
 from enforcers import render
+from enforcers.engine import DryRunIptables, Programmer
+from enforcers.ipsets import DryRunIpsets
 from enforcers.render import PeerSpec, PortRange, RuleSpec
 from enforcers.state import (
     CompiledPolicy,
@@ -117,15 +121,21 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(7)
     state = build(rng)
+    programmer = Programmer(DryRunIpsets(), DryRunIptables())
+    programmer.start(state)
     results: dict[str, dict[str, float]] = {}
     for kind in ("membership", "endpoint", "policy"):
         plans: list[float] = []
         fulls: list[float] = []
+        applies: list[float] = []
         for step in range(args.steps):
             change(state, rng, kind, step)
             started = time.perf_counter()
-            state.plan()
+            plan = state.plan()
             plans.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            programmer.apply(plan)
+            applies.append((time.perf_counter() - started) * 1000)
             if step % 3 == 0:  # the baseline on the very same state
                 started = time.perf_counter()
                 full_render(state)
@@ -135,11 +145,14 @@ def main() -> None:
             "full_render_median_ms": statistics.median(fulls),
             "full_render_p99_ms": pct(fulls, 0.99),
             "speedup_median": statistics.median(fulls) / max(statistics.median(plans), 1e-9),
+            "dry_run_apply_median_ms": statistics.median(applies),
+            "dry_run_apply_p99_ms": pct(applies, 0.99),
         }
         r = results[kind]
         print(f"{kind:10s} plan median {r['plan_median_ms']:7.3f} ms  p99 {r['plan_p99_ms']:7.3f}"
               f" ms | full render median {r['full_render_median_ms']:7.3f} ms  p99 "
-              f"{r['full_render_p99_ms']:7.3f} ms | x{r['speedup_median']:.0f}")
+              f"{r['full_render_p99_ms']:7.3f} ms | x{r['speedup_median']:.0f} | dry-run apply "
+              f"median {r['dry_run_apply_median_ms']:.3f} ms")
     # the incremental result is the from-scratch one
     assert state.plan().chains == state.desired().chains
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

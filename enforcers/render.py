@@ -247,11 +247,21 @@ class Chain:
     hashes: tuple[str, ...] = field(default=())
 
     @staticmethod
-    def build(name: str, rules: Iterable[IptRule]) -> Chain:
+    def build(name: str, rules: Iterable[IptRule], reuse: Chain | None = None) -> Chain:
+        """A chain with its rule hashes; the hashes of the rules it shares from the start
+        with ``reuse`` (an earlier version) are taken over (each hash covers only the rules
+        up to its own), so a rule inserted into a long chain rehashes only what follows."""
         rules = tuple(rules)
         hashes: list[str] = []
         previous = name
-        for rule in rules:
+        if reuse is not None and reuse.name == name:
+            for old, new in zip(reuse.rules, rules, strict=False):
+                if old is not new and old != new:
+                    break
+                hashes.append(reuse.hashes[len(hashes)])
+            if hashes:
+                previous = hashes[-1]
+        for rule in rules[len(hashes):]:
             previous = _digest(previous + "\0" + rule_body(rule), 16)
             hashes.append(previous)
         return Chain(name, rules, tuple(hashes))
@@ -302,6 +312,7 @@ def _target_text(target: Target) -> str:
     return f'-j LOG --log-prefix "{target.prefix}"'
 
 
+@functools.lru_cache(maxsize=65536)
 def rule_body(rule: IptRule) -> str:
     """The rule's matches and target, without chain and comment."""
     parts = [_cond_text(c) for c in rule.conds]
@@ -524,11 +535,14 @@ def _icmpv6_link_rules() -> list[IptRule]:
 
 
 def render_dispatch(
-    endpoints: Iterable[EndpointSpec], family: int = 4
+    endpoints: Iterable[EndpointSpec], family: int = 4, reuse: Mapping[str, Chain] | None = None,
 ) -> tuple[Chain, Chain, Chain]:
     """Dispatch chains: ``pc-fwd`` and ``pc-in`` (from workloads, forwarded or to the host
     itself: a pod's egress policy covers both, as in Calico) and ``pc-out`` (host egress).
-    With IPv6, neighbour discovery to and from the host is accepted before any policy."""
+    With IPv6, neighbour discovery to and from the host is accepted before any policy.
+    ``reuse``: the previous dispatch chains by name, whose unchanged heads keep their hashes
+    (the same result, less hashing)."""
+    before = reuse or {}
     eps = sorted(endpoints, key=lambda e: (e.interface, e.key))
     link = _icmpv6_link_rules() if family == 6 else []
     fwd = [
@@ -551,8 +565,9 @@ def render_dispatch(
         out.append(IptRule((), Jump(host_chain(wildcard[0].key), goto=True)))
     to_host = (link if fwd else []) + fwd
     return (
-        Chain.build(FORWARD_CHAIN, fwd), Chain.build(INPUT_CHAIN, to_host),
-        Chain.build(OUTPUT_CHAIN, out),
+        Chain.build(FORWARD_CHAIN, fwd, before.get(FORWARD_CHAIN)),
+        Chain.build(INPUT_CHAIN, to_host, before.get(INPUT_CHAIN)),
+        Chain.build(OUTPUT_CHAIN, out, before.get(OUTPUT_CHAIN)),
     )
 
 

@@ -524,7 +524,7 @@ class EnforcerState:
         if self._dispatch_dirty:
             self._dispatch = render.render_dispatch(
                 (EndpointSpec(ep.key, ep.kind, ep.interface) for ep in self.endpoints.values()),
-                self.family,
+                self.family, {chain.name: chain for chain in self._dispatch},
             )
             self._dispatch_dirty = False
         # a new dict every time something changed: the programmer skips the very same one

@@ -251,3 +251,19 @@ def test_ipv6_keeps_neighbour_discovery_working_under_default_deny() -> None:
     v4 = render.render(eps, family=4)
     assert "icmpv6" not in render.restore_text(v4.values())
     assert "-m icmp6 --icmpv6-type 135" in render.restore_text(v6.values())
+
+
+_RULES = [render.IptRule((render.Iface("in", f"veth{i}"),), render.Jump(f"pc-tw-{i}", True))
+          for i in range(6)] + [render.IptRule((), render.ACCEPT)]
+
+
+@given(st.lists(st.sampled_from(_RULES), max_size=8), st.lists(st.sampled_from(_RULES),
+                                                                max_size=8),
+       st.sampled_from([render.FORWARD_CHAIN, render.INPUT_CHAIN]))
+def test_reusing_an_earlier_chain_gives_the_hashes_of_building_it_afresh(
+    before: list, after: list, name: str
+) -> None:
+    earlier = render.Chain.build(render.FORWARD_CHAIN, before)
+    assert render.Chain.build(name, after, earlier) == render.Chain.build(name, after)
+    assert render.Chain.build(name, before + after, earlier) == render.Chain.build(
+        name, before + after)
