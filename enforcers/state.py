@@ -398,7 +398,9 @@ class EnforcerState:
                 pol = self.policies[pkey]
                 if pol.egress:
                     found.append(pol)
-        found.sort(key=lambda p: (self._tier(p.tier).sort_key, p.sort_key))
+        # the key breaks ties: the order never depends on set iteration (which a cached
+        # chain could not follow)
+        found.sort(key=lambda p: (self._tier(p.tier).sort_key, p.sort_key, p.key))
         return found
 
     def _policy_spec(self, pol: CompiledPolicy) -> PolicySpec:
