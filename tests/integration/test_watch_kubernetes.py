@@ -394,6 +394,10 @@ async def _partitioned_by_namespace(broker: Broker, topic: str) -> None:
                     namespace = msg.key.decode().split("/")[1]
                     assert tp.partition == partition_for_key(namespace, PARTITIONS)
                     seen += 1
-        assert seen == sum(ends.values()) > 1000
+        # Tansu reports a partition's end as the base offset of its last batch + 1, so reading
+        # to that position yields the whole last batch: at least the end offsets, on Kafka equal.
+        assert seen >= sum(ends.values()) > 1000
+        if broker.kind == "kafka":
+            assert seen == sum(ends.values())
     finally:
         await consumer.stop()
