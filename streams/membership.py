@@ -33,6 +33,7 @@ from topics.records import (
     SelectorRecord,
     membership_key,
     split_membership_key,
+    split_profile_key,
 )
 
 _K = TypeVar("_K", bound=Hashable)
@@ -45,7 +46,6 @@ __all__ = [
     "effective_labels",
     "member_record",
     "same_member",
-    "split_profile_key",
 ]
 
 
@@ -55,20 +55,6 @@ class Delta:
 
     key: str
     record: MembershipRecord | None
-
-
-def split_profile_key(key: str) -> tuple[str, str | None]:
-    """(namespace, service account or None) from ``kns.<ns>`` / ``ksa.<ns>.<sa>``.
-
-    Namespace names are DNS labels (no dots); service-account names may hold dots.
-    """
-    if key.startswith("kns.") and len(key) > 4:
-        return key[4:], None
-    if key.startswith("ksa."):
-        namespace, sep, account = key[4:].partition(".")
-        if sep and namespace and account:
-            return namespace, account
-    raise RecordError(f"not a profile key (kns.<ns> or ksa.<ns>.<sa>): {key!r}")
 
 
 def effective_labels(

@@ -14,9 +14,9 @@ from streams.compile import (
     selector_partitions,
     split_selector_message_key,
 )
-from streams.membership import PartitionState, split_profile_key
+from streams.membership import PartitionState
 from topics.partitioner import partition_for_key
-from topics.records import EndpointRecord, PolicyRecord, RecordError
+from topics.records import EndpointRecord, PolicyRecord, RecordError, split_profile_key
 
 P = 8
 
