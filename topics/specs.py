@@ -100,7 +100,7 @@ POLICIES_HISTORY = TopicSpec(
 )
 SELECTORS = TopicSpec(
     "selectors", "settings", "compact", SelectorRecord,
-    key="selector uid",
+    key="<selector-uid>@<policies-partition> (one registration per compiling partition)",
     partitioned_by="namespace; global selectors fan out to every partition",
 )
 MEMBERSHIPS = TopicSpec(
