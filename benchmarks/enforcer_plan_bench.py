@@ -90,7 +90,7 @@ def change(state: EnforcerState, rng: random.Random, kind: str, step: int) -> No
     ep = endpoint(i)
     if kind == "membership":  # a label change: the endpoint joins or leaves a selector
         uid = f"s:apply-{rng.randrange(N_APPLIES)}"
-        if (uid, ep.key) in state.memberships:
+        if state.membership(uid, ep.key) is not None:
             state.delete_membership(uid, ep.key)
         else:
             state.upsert_membership(uid, ep.key, ep.ips)

@@ -52,7 +52,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,7 +60,7 @@ import orjson
 
 from enforcers import state as state_mod
 from enforcers.ipsets import IpsetBackend, replace_contents
-from enforcers.iptables import Actual, ApplyResult, Iptables
+from enforcers.iptables import Actual, ApplyResult, Iptables, chains_to_write
 from enforcers.metrics import EnforcerMetrics
 from enforcers.render import Chain, restore_text
 from topics import codec
@@ -91,7 +91,10 @@ RejectHook = Callable[[Where, bytes | None, bytes | None, BaseException], None]
 class ChainBackend(Protocol):
     def save(self) -> Actual: ...
 
-    def apply(self, desired: Mapping[str, Chain], actual: Actual | None = None) -> ApplyResult: ...
+    def apply(
+        self, desired: Mapping[str, Chain], actual: Actual | None = None,
+        changed: Collection[str] | None = None,
+    ) -> ApplyResult: ...
 
 
 class DryRunIptables:
@@ -102,15 +105,26 @@ class DryRunIptables:
         self.restores: list[str] = []
 
     def save(self) -> Actual:
-        return Actual({k: list(v) for k, v in self.actual.chains.items()}, set(self.actual.hooks))
+        return Actual(dict(self.actual.chains), set(self.actual.hooks))
 
-    def apply(self, desired: Mapping[str, Chain], actual: Actual | None = None) -> ApplyResult:
+    def apply(
+        self, desired: Mapping[str, Chain], actual: Actual | None = None,
+        changed: Collection[str] | None = None,
+    ) -> ApplyResult:
+        """As ``Iptables.apply``: with ``changed``, only those chain names are looked at."""
         actual = actual or self.actual
-        write = [c for n, c in sorted(desired.items()) if actual.chains.get(n) != list(c.hashes)]
-        delete = tuple(sorted(set(actual.chains) - set(desired)))
+        write, delete = chains_to_write(desired, actual, changed)
         if write or delete:
             self.restores.append(restore_text(write, delete))
-        self.actual.chains = {n: list(c.hashes) for n, c in desired.items()}
+        if changed is None:
+            self.actual.chains = {n: c.hashes for n, c in desired.items()}
+        else:
+            for name in changed:
+                chain = desired.get(name)
+                if chain is None:
+                    self.actual.chains.pop(name, None)
+                else:
+                    self.actual.chains[name] = chain.hashes
         return ApplyResult(tuple(c.name for c in write), delete, ())
 
 
@@ -133,19 +147,33 @@ class Programmer:
         # the set names this programmer owns (and may destroy when nothing uses them)
         self.owned = (SET_PREFIX, TEMP_PREFIX) if family == 4 else (SET_PREFIX_V6,)
         self.actual: Actual | None = None
+        # the ruleset programmed (a copy: the state's own changes until it is applied)
         self.chains: dict[str, Chain] = {}
-        self._source: Mapping[str, Chain] | None = None
 
-    def _apply_chains(self, chains: Mapping[str, Chain]) -> int:
-        if chains is self._source and self.actual is not None:
-            return 0  # the very ruleset programmed last time (state reuses it when unchanged)
-        self._source = chains
+    def _apply_chains(
+        self, chains: Mapping[str, Chain], changed: Collection[str] | None = None
+    ) -> int:
+        """Make the chains so; with ``changed`` (the names that changed since the last
+        call), the cost is proportional to those, not to every chain."""
         if self.actual is None:
             self.actual = self.iptables.save()
-        result = self.iptables.apply(chains, self.actual)
-        self.actual.chains = {name: list(c.hashes) for name, c in chains.items()}
+            changed = None
+        if changed is not None and not changed:
+            return 0
+        result = self.iptables.apply(chains, self.actual, changed)
+        if changed is None:
+            self.actual.chains = {name: c.hashes for name, c in chains.items()}
+            self.chains = dict(chains)
+        else:
+            for name in changed:
+                chain = chains.get(name)
+                if chain is None:
+                    self.actual.chains.pop(name, None)
+                    self.chains.pop(name, None)
+                else:
+                    self.actual.chains[name] = chain.hashes
+                    self.chains[name] = chain
         self.actual.hooks |= set(result.hooks_added)
-        self.chains = dict(chains)
         return len(result.written) + len(result.deleted)
 
     def apply(self, plan: state_mod.Plan) -> ProgramResult:
@@ -156,7 +184,7 @@ class Programmer:
                 self.ipsets.add(name, members)
         for name, members in plan.add.items():
             self.ipsets.add(name, members)
-        written = self._apply_chains(plan.chains)
+        written = self._apply_chains(plan.chains, plan.changed_chains)
         for name, members in plan.remove.items():
             self.ipsets.delete(name, members)
         for name in plan.destroy_sets:
@@ -185,7 +213,6 @@ class Programmer:
                     self.ipsets.add(name, members)
                 ops += len(members)
         self.actual = self.iptables.save()
-        self._source = None
         written = self._apply_chains(plan.chains)
         for name in existing:
             if name.startswith(self.owned) and name not in plan.create_sets:
@@ -213,7 +240,7 @@ class Programmer:
         result = self.iptables.apply(self.chains, before)
         repairs += len(result.written) + len(result.deleted) + len(result.hooks_added)
         self.actual = Actual(
-            {name: list(c.hashes) for name, c in self.chains.items()},
+            {name: c.hashes for name, c in self.chains.items()},
             before.hooks | set(result.hooks_added),
         )
         for name in existing:
@@ -251,7 +278,8 @@ class RecordSink:
         self.deferred: list[tuple[str, Where, bytes | None, bytes | None, BaseException]] = []
         self.deferring = False
         self.states = [state, *more]
-        # drop memberships nothing here needs (the engine re-reads when that changes)
+        # drop remote memberships of selectors no policy uses as a rule peer; only for a
+        # reader that re-reads the memberships when ``needs_reread`` says so (the engine)
         self.prune = prune
         self.metrics = metrics
         self.policy_kinds: dict[str, tuple[str, str]] = {}  # kafka key -> (what, state key)
@@ -618,7 +646,7 @@ class Enforcer:
         parts = [tp for tp in consumer.assignment()
                  if self.topics[tp.topic] == MEMBERSHIPS.suffix]
         until = {tp: await consumer.position(tp) for tp in parts}
-        marks = [len(st._observed) for st in self.sink.states]  # history is not latency
+        marks = [len(st.observed) for st in self.sink.states]  # history is not latency
         reader = AIOKafkaConsumer(**self.kafka_kwargs, group_id=None, enable_auto_commit=False,
                                   max_poll_records=10_000)
         await reader.start()
@@ -641,7 +669,7 @@ class Enforcer:
             await _close(reader)
         for st, mark in zip(self.sink.states, marks, strict=True):
             st.reread_done()
-            del st._observed[mark:]
+            del st.observed[mark:]
         self.metrics.rereads.inc()
         log.info("re-read %d memberships for selectors that became rule peers in %.0f ms",
                  n, (time.monotonic() - started) * 1000)
@@ -656,12 +684,12 @@ class Enforcer:
             try:
                 if initial:
                     result = programmer.start(st)
-                    plane_observed, st._observed = st._observed, []
+                    plane_observed = st.take_observed()
                 else:
                     plan = st.plan()
                     plane_observed = plan.observed_at
                     if not plan.member_ops and not plan.destroy_sets and (
-                        plan.chains is programmer._source
+                        plan.chains_unchanged
                     ):
                         result = ProgramResult()
                     else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from enforcers.render import CHAIN_PREFIX, HOOK_COMMENT, HOOKS, Chain, restore_text
@@ -30,7 +30,7 @@ class IptablesError(RuntimeError):
 class Actual:
     """What the kernel has: our chains (name -> rule hashes) and which hooks exist."""
 
-    chains: dict[str, list[str]] = field(default_factory=dict)
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     hooks: set[tuple[str, str]] = field(default_factory=set)
 
 
@@ -48,6 +48,7 @@ class ApplyResult:
 def parse_save(text: str) -> Actual:
     """Our chains and hooks from ``iptables-save`` output (filter table only)."""
     actual = Actual()
+    chains: dict[str, list[str]] = {}
     table = None
     for line in text.splitlines():
         if line.startswith("*"):
@@ -56,20 +57,42 @@ def parse_save(text: str) -> Actual:
         if table != "filter":
             continue
         if line.startswith(":" + CHAIN_PREFIX):
-            actual.chains.setdefault(line[1:].split()[0], [])
+            chains.setdefault(line[1:].split()[0], [])
         elif line.startswith("-A "):
             parts = line.split()
             chain = parts[1]
             if chain.startswith(CHAIN_PREFIX):
                 match = _COMMENT.search(line)
-                actual.chains.setdefault(chain, []).append(
+                chains.setdefault(chain, []).append(
                     match.group(1)[3:] if match else "?"
                 )
             else:
                 for builtin, ours in HOOKS:
                     if chain == builtin and f"-j {ours}" in line and HOOK_COMMENT in line:
                         actual.hooks.add((builtin, ours))
+    actual.chains = {name: tuple(hashes) for name, hashes in chains.items()}
     return actual
+
+
+def chains_to_write(
+    desired: Mapping[str, Chain], actual: Actual, changed: Collection[str] | None = None
+) -> tuple[list[Chain], tuple[str, ...]]:
+    """The chains whose hashes differ from the kernel's, and ours it should no longer have.
+
+    With ``changed`` (the names that may differ), only those are compared: a batch costs
+    the chains it changed, not every chain of the node. None compares everything (start
+    and resync, where anything may differ).
+    """
+    if changed is None:
+        write = [c for name, c in sorted(desired.items()) if actual.chains.get(name) != c.hashes]
+        return write, tuple(sorted(set(actual.chains) - set(desired)))
+    write = []
+    for name in sorted(changed):
+        chain = desired.get(name)
+        if chain is not None and actual.chains.get(name) != chain.hashes:
+            write.append(chain)
+    delete = tuple(sorted(n for n in changed if n not in desired and n in actual.chains))
+    return write, delete
 
 
 class Iptables:
@@ -109,16 +132,17 @@ class Iptables:
             raise IptablesError(f"iptables-restore failed: {error}\n{context}")
 
     def apply(
-        self, desired: Mapping[str, Chain], actual: Actual | None = None
+        self, desired: Mapping[str, Chain], actual: Actual | None = None,
+        changed: Collection[str] | None = None,
     ) -> ApplyResult:
-        """Make our chains equal ``desired`` in one atomic restore; return what changed."""
+        """Make our chains equal ``desired`` in one atomic restore; return what changed.
+
+        ``changed``: the only chain names that may differ from ``actual`` (see
+        ``chains_to_write``); None compares every chain."""
         if actual is None:
             actual = self.save()
-        write = [
-            c for name, c in sorted(desired.items())
-            if actual.chains.get(name) != list(c.hashes)
-        ]
-        delete = tuple(sorted(set(actual.chains) - set(desired)))
+            changed = None
+        write, delete = chains_to_write(desired, actual, changed)
         hooks = tuple(
             h for h in HOOKS if h not in actual.hooks and h[1] in desired
         )

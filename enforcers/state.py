@@ -14,6 +14,30 @@ Set contents are refcounted: an IP (or a network set's CIDR) stays in a set
 while any member endpoint contributes it, so shared and reused IPs never drop
 early. Only sets that a rule of a policy applying to a local endpoint refers
 to are programmed.
+
+What is kept of the memberships topic, in three grades:
+
+* **needed** (a rule of a policy applying to a local endpoint refers to the
+  selector): refcounted set contents, diffed into every plan, programmed;
+* **kept compactly** (some policy of the cluster uses the selector as a rule
+  peer, or the member is a local endpoint): only ``members[uid][endpoint] =
+  ips`` (interned strings, a single IP stored bare), about 100 bytes a
+  membership instead of about 400 with the refcounts and indexes. When a
+  selector becomes needed, its contents are rebuilt from this record in
+  O(its members) (a 10,000-member selector in a few milliseconds); when it stops
+  being needed, its contents leave the desired state and its set is destroyed
+  once no chain refers to it. The record itself goes when the processor
+  tombstones the memberships (it does when no policy uses the selector any more);
+* **dropped** (with ``prune``: a remote member of a selector no policy of the
+  cluster uses as a rule peer): if a policy later uses it as one, the selector
+  is in ``pruned`` and ``needs_reread`` asks the engine to read the memberships
+  topic again (rare: a new peer's memberships normally follow its policy).
+
+Why not re-read whenever a selector becomes needed: that happens on every node
+whenever a pod of a new application lands there, and a re-read costs the whole
+memberships topic while the loop waits; the compact record costs memory
+proportional to the peer selectors' memberships instead (measured in
+``benchmarks/enforcer_plan_bench.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +48,7 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from enforcers import render
 from enforcers.render import Chain, EndpointSpec, PolicySpec, RuleSpec, TierSpec
@@ -32,6 +56,13 @@ from policy import compile as pcompile
 from policy import model
 
 SetNamer = Callable[[str], str]
+#: The IPs one member contributes to a set: one IP bare (most members), else a tuple.
+Ips: TypeAlias = str | tuple[str, ...]
+
+
+def ips_of(value: Ips) -> tuple[str, ...]:
+    """The IPs of a compactly stored membership, as a tuple."""
+    return (value,) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +123,19 @@ class Plan:
 
     create_sets: dict[str, set[str]] = field(default_factory=dict)  # new set -> full contents
     add: dict[str, set[str]] = field(default_factory=dict)
-    chains: dict[str, Chain] = field(default_factory=dict)  # the full desired ruleset
+    # the full desired ruleset; from ``EnforcerState.plan`` the state's own live mapping,
+    # valid until its next plan (copy what must outlive that)
+    chains: Mapping[str, Chain] = field(default_factory=dict)
     remove: dict[str, set[str]] = field(default_factory=dict)
     destroy_sets: set[str] = field(default_factory=set)
     observed_at: list[float] = field(default_factory=list)
+    # the chain names written or deleted since the previous plan; None: unknown, compare
+    # every chain (the first plan, a hand-made one)
+    changed_chains: set[str] | None = None
+
+    @property
+    def chains_unchanged(self) -> bool:
+        return self.changed_chains is not None and not self.changed_chains
 
     @property
     def member_ops(self) -> int:
@@ -179,29 +219,34 @@ class EnforcerState:
         self.policies: dict[str, CompiledPolicy] = {}
         self.tiers: dict[str, CompiledTier] = {}
         self.endpoints: dict[str, LocalEndpoint] = {}
-        # memberships: (uid, endpoint key) -> ips; and indexes over them
-        self.memberships: dict[tuple[str, str], tuple[str, ...]] = {}
+        # every membership kept (see the module docstring): uid -> endpoint key -> ips
+        self.members: dict[str, dict[str, Ips]] = {}
         # small tuples, not sets: most endpoints are in a handful of selectors
         self.uids_of_endpoint: dict[str, tuple[str, ...]] = {}
         self.policies_by_uid: dict[str, set[str]] = defaultdict(set)
-        self.contents: dict[str, Counter[str]] = defaultdict(Counter)
+        # refcounted contents of the needed selectors only (those some policy in use refers
+        # to); present, possibly empty, exactly while needed
+        self.contents: dict[str, Counter[str]] = {}
+        #: ``observed_at`` of every change taken since the last ``plan()`` (which hands them
+        #: over as ``Plan.observed_at``); whoever programs without a plan (a start-up sync)
+        #: takes them with ``take_observed()``. The latency clock.
+        self.observed: list[float] = []
         # what the last plan() left programmed
         self._programmed_sets: dict[str, set[str]] = {}
         self._uid_of_set: dict[str, str] = {}
         self._dirty_members: dict[str, set[str]] = defaultdict(set)
-        self._observed: list[float] = []
         # Incremental rendering. Chains and sets in use only change with policies, tiers,
         # local endpoints and the applies-to memberships of local endpoints; a plan
         # re-renders only what such a change touched: the endpoint's chain (from its
         # outline: tiers and policy keys), the chains of policies that changed or came into
-        # use, and the dispatch chains when the local interfaces changed.
+        # use, and the dispatch chains when the local interfaces changed. The ruleset is
+        # one dict updated in place; a plan names the chains that changed.
         self._chains: dict[str, Chain] = {}
         self._in_use: dict[str, str] = {}
         self._reset_render_cache()
-        # Keeping only what local endpoints need: memberships of other nodes' endpoints in
-        # selectors no known policy uses as a rule peer are dropped (``prune=True``). A
-        # selector whose memberships were dropped and that later becomes a rule peer asks
-        # for the memberships to be read again (``needs_reread``).
+        # Memberships of other nodes' endpoints in selectors no known policy uses as a rule
+        # peer are dropped (``prune=True``). A selector whose memberships were dropped and
+        # that later becomes a rule peer asks for them to be read again (``needs_reread``).
         self.peer_refs: Counter[str] = Counter()
         self.pruned: set[str] = set()
         self.needs_reread = False
@@ -218,7 +263,12 @@ class EnforcerState:
 
     def _note(self, observed_at: float | None) -> None:
         if observed_at is not None:
-            self._observed.append(observed_at)
+            self.observed.append(observed_at)
+
+    def take_observed(self) -> list[float]:
+        """The ``observed_at`` of the changes taken since the last plan, forgotten here."""
+        observed, self.observed = self.observed, []
+        return observed
 
     def _reset_render_cache(self) -> None:
         """Forget every rendered piece: the next plan renders everything again."""
@@ -227,13 +277,19 @@ class EnforcerState:
         self._dirty_pols: set[str] = set()
         self._dispatch_dirty = True
         self._ep_chain: dict[str, Chain] = {}  # local endpoint key -> its chain
+        self._eps_by_chain: dict[str, set[str]] = {}  # chain name -> endpoints with it
         self._ep_policies: dict[str, tuple[str, ...]] = {}  # ... -> policy keys it jumps to
         self._pol_refs: Counter[str] = Counter()  # policy key -> endpoint chains using it
         self._pol_chain: dict[str, Chain] = {}  # policy key -> chain (policies in use)
+        self._pol_of_chain: dict[str, str] = {}  # policy chain name -> policy key
         self._pol_uids: dict[str, frozenset[str]] = {}  # ... -> rule peers it counts in
         self._uid_refs: Counter[str] = Counter()  # uid -> policies in use referring to it
         self._dispatch: tuple[Chain, ...] = ()
         self._in_use = {}
+        self._chains = {}
+        self._touched: set[str] = set()  # chain names to look at again
+        self._changed: set[str] | None = None  # chain names changed since the last plan
+        self.contents = {}  # nothing is needed until the next render says so
 
     def _local_members(self, uid: str) -> list[str]:
         """Local endpoints in a selector (a scan of the few local endpoints)."""
@@ -319,6 +375,14 @@ class EnforcerState:
         if endpoint_key in self.endpoints and uid in self.policies_by_uid:
             self._dirty_eps.add(endpoint_key)
 
+    def membership(self, uid: str, endpoint_key: str) -> tuple[str, ...] | None:
+        """The set members one endpoint contributes to a selector's set (None: not a member)."""
+        value = self.members.get(uid, {}).get(endpoint_key)
+        return None if value is None else ips_of(value)
+
+    def membership_count(self) -> int:
+        return sum(len(by_endpoint) for by_endpoint in self.members.values())
+
     def upsert_membership(
         self,
         uid: str,
@@ -329,9 +393,11 @@ class EnforcerState:
         node: str | None = None,
         prune: bool = False,
     ) -> None:
-        """Record a membership; with ``prune``, one nothing here needs is dropped instead."""
+        """Record a membership; with ``prune``, one nothing here may need is dropped instead."""
         new = tuple(sorted(set_members(ips, self.family)))
-        old = self.memberships.get((uid, endpoint_key))
+        by_endpoint = self.members.get(uid)
+        stored = by_endpoint.get(endpoint_key) if by_endpoint is not None else None
+        old = ips_of(stored) if stored is not None else None
         if old == new:
             return
         if prune and old is None and node != self.node and uid not in self.peer_refs:
@@ -341,11 +407,15 @@ class EnforcerState:
         # one shared string each keeps 100,000s of memberships affordable
         uid, endpoint_key = sys.intern(uid), sys.intern(endpoint_key)
         new = tuple(sys.intern(ip) for ip in new)
-        self.memberships[(uid, endpoint_key)] = new
+        if by_endpoint is None:
+            by_endpoint = self.members[uid] = {}
+        by_endpoint[endpoint_key] = new[0] if len(new) == 1 else new
         if old is None:
             known = self.uids_of_endpoint.get(endpoint_key, ())
             self.uids_of_endpoint[endpoint_key] = (*known, uid)
-        self._recount(uid, old or (), new)
+        counter = self.contents.get(uid)
+        if counter is not None:
+            self._recount(uid, counter, old or (), new)
         if old is None:
             self._membership_changed(uid, endpoint_key)
         self._note(observed_at)
@@ -353,20 +423,26 @@ class EnforcerState:
     def delete_membership(
         self, uid: str, endpoint_key: str, observed_at: float | None = None
     ) -> None:
-        old = self.memberships.pop((uid, endpoint_key), None)
-        if old is None:
+        by_endpoint = self.members.get(uid)
+        stored = by_endpoint.pop(endpoint_key, None) if by_endpoint is not None else None
+        if stored is None:
             return
+        if not by_endpoint:
+            del self.members[uid]
         uids = tuple(u for u in self.uids_of_endpoint[endpoint_key] if u != uid)
         if uids:
             self.uids_of_endpoint[endpoint_key] = uids
         else:
             del self.uids_of_endpoint[endpoint_key]
-        self._recount(uid, old, ())
+        counter = self.contents.get(uid)
+        if counter is not None:
+            self._recount(uid, counter, ips_of(stored), ())
         self._membership_changed(uid, endpoint_key)
         self._note(observed_at)
 
-    def _recount(self, uid: str, old: Iterable[str], new: Iterable[str]) -> None:
-        counter = self.contents[uid]
+    def _recount(
+        self, uid: str, counter: Counter[str], old: Iterable[str], new: Iterable[str]
+    ) -> None:
         dirty = self._dirty_members[uid]
         for ip in old:
             counter[ip] -= 1
@@ -377,8 +453,35 @@ class EnforcerState:
             counter[ip] += 1
             if counter[ip] == 1:
                 dirty.add(ip)
-        if not counter:
-            del self.contents[uid]
+
+    def _need(self, uid: str) -> None:
+        """A selector became needed: its contents, from the compact record."""
+        counter: Counter[str] = Counter()
+        for value in self.members.get(uid, {}).values():
+            if isinstance(value, str):
+                counter[value] += 1
+            else:
+                counter.update(value)
+        self.contents[uid] = counter
+        # a set still programmed (needed again before the plan destroyed it) is diffed
+        programmed = self._programmed_sets.get(self._name(uid))
+        if programmed is not None:
+            self._dirty_members[uid] = set(counter) | programmed
+
+    def _unneed(self, uid: str) -> None:
+        """A selector is needed no more: its contents leave the desired state."""
+        self.contents.pop(uid, None)
+        self._dirty_members.pop(uid, None)
+
+    def set_contents(self, uid: str) -> set[str]:
+        """Every IP the members of a selector contribute, from scratch."""
+        out: set[str] = set()
+        for value in self.members.get(uid, {}).values():
+            if isinstance(value, str):
+                out.add(value)
+            else:
+                out.update(value)
+        return out
 
     # ------------------------------------------------------------------ derivation
 
@@ -453,7 +556,7 @@ class EnforcerState:
     def desired(self) -> Dataplane:
         """The whole dataplane from scratch (the oracle ``plan()`` must agree with)."""
         chains = render.render(self.endpoint_specs(), self.family)
-        sets = {self._name(uid): set(self.contents.get(uid, ())) for uid in self.uids_in_use()}
+        sets = {self._name(uid): self.set_contents(uid) for uid in self.uids_in_use()}
         return Dataplane(sets, chains)
 
     def _outline(self, ep: LocalEndpoint) -> render.TierOutline:
@@ -472,40 +575,72 @@ class EnforcerState:
         """(Re-)render a policy chain in use and count the sets its rules refer to."""
         self._unuse_policy(key)
         pol = self.policies[key]
-        self._pol_chain[key] = render.render_policy(self._policy_spec(pol), self.family)
+        chain = self._pol_chain[key] = render.render_policy(self._policy_spec(pol), self.family)
+        self._pol_of_chain[chain.name] = key
+        self._touched.add(chain.name)
         uids = frozenset(u for r in pol.rules if r.spec.never is None for u in r.uids())
         self._pol_uids[key] = uids
         for uid in uids:
             self._uid_refs[uid] += 1
             if self._uid_refs[uid] == 1:
                 self._in_use[self._name(uid)] = uid
+                self._need(uid)
 
     def _unuse_policy(self, key: str) -> None:
-        self._pol_chain.pop(key, None)
+        chain = self._pol_chain.pop(key, None)
+        if chain is not None:
+            self._pol_of_chain.pop(chain.name, None)
+            self._touched.add(chain.name)
         for uid in self._pol_uids.pop(key, ()):
             self._uid_refs[uid] -= 1
             if self._uid_refs[uid] <= 0:
                 del self._uid_refs[uid]
+                self._unneed(uid)
                 if self._in_use.get(self._name(uid)) == uid:
                     del self._in_use[self._name(uid)]
 
-    def _rerender(self) -> bool:
-        """Bring the rendered chains up to date with what changed; True if any did."""
+    def _chain_named(self, name: str) -> Chain | None:
+        """Which chain a name stands for now: a dispatch chain, else an endpoint's (the last
+        local endpoint's, when interfaces are shared, as ``render.render``), else a
+        policy's."""
+        for chain in self._dispatch:
+            if chain.name == name:
+                return chain
+        keys = self._eps_by_chain.get(name)
+        if keys:
+            if len(keys) == 1:
+                return self._ep_chain[next(iter(keys))]
+            last = [k for k in self.endpoints if k in keys][-1]
+            return self._ep_chain[last]
+        pkey = self._pol_of_chain.get(name)
+        return self._pol_chain[pkey] if pkey is not None else None
+
+    def _rerender(self) -> None:
+        """Bring the rendered chains up to date with what changed."""
         if self._all_dirty:
             self._dirty_eps |= set(self.endpoints) | set(self._ep_chain)
             self._all_dirty = False
         if not (self._dirty_eps or self._dirty_pols or self._dispatch_dirty):
-            return False
+            return
         fresh: set[str] = set()
+        touched = self._touched
         for key in self._dirty_eps:
             old_keys = self._ep_policies.pop(key, ())
-            self._ep_chain.pop(key, None)
+            old_chain = self._ep_chain.pop(key, None)
+            if old_chain is not None:
+                sharing = self._eps_by_chain[old_chain.name]
+                sharing.discard(key)
+                if not sharing:
+                    del self._eps_by_chain[old_chain.name]
+                touched.add(old_chain.name)
             ep = self.endpoints.get(key)
             new_keys: tuple[str, ...] = ()
             if ep is not None:
                 outline = self._outline(ep)
-                self._ep_chain[key] = render.endpoint_chain(
+                chain = self._ep_chain[key] = render.endpoint_chain(
                     ep.kind, ep.interface, ep.key if ep.kind == "host" else "", outline)
+                self._eps_by_chain.setdefault(chain.name, set()).add(key)
+                touched.add(chain.name)
                 new_keys = tuple(k for _t, _d, keys in outline for k in keys)
                 self._ep_policies[key] = new_keys
             for pkey in new_keys:
@@ -528,28 +663,30 @@ class EnforcerState:
                 (EndpointSpec(ep.key, ep.kind, ep.interface) for ep in self.endpoints.values()),
                 self.family, {chain.name: chain for chain in self._dispatch},
             )
+            touched.update(chain.name for chain in self._dispatch)
             self._dispatch_dirty = False
-        # a new dict every time something changed: the programmer skips the very same one
-        chains: dict[str, Chain] = {}
-        for key in self.endpoints:  # in this order, as render.render (a shared interface:
-            chain = self._ep_chain[key]  # the last endpoint's chain wins)
-            chains[chain.name] = chain
-        for chain in self._pol_chain.values():
-            chains.setdefault(chain.name, chain)
-        for chain in self._dispatch:
-            chains[chain.name] = chain
-        self._chains = chains
-        return True
+        for name in touched:
+            now = self._chain_named(name)
+            if now is self._chains.get(name):
+                continue
+            if now is None:
+                del self._chains[name]
+            else:
+                self._chains[name] = now
+            if self._changed is not None:
+                self._changed.add(name)
+        touched.clear()
 
     def plan(self) -> Plan:
         """The changes since the previous plan (the first plan programs everything)."""
         self._rerender()
-        chains, in_use = self._chains, self._in_use
-        plan = Plan(chains=chains, observed_at=self._observed)
-        self._observed = []
+        in_use = self._in_use
+        plan = Plan(chains=self._chains, observed_at=self.take_observed(),
+                    changed_chains=self._changed)
+        self._changed = set()
         for name, uid in in_use.items():
             if name not in self._programmed_sets:
-                members = set(self.contents.get(uid, ()))
+                members = set(self.contents[uid])
                 plan.create_sets[name] = members
                 self._programmed_sets[name] = set(members)
                 self._uid_of_set[name] = uid
@@ -563,7 +700,7 @@ class EnforcerState:
             if name not in in_use or name in plan.create_sets:
                 continue
             programmed = self._programmed_sets[name]
-            counter = self.contents.get(uid, Counter())
+            counter = self.contents[uid]
             for ip in ips:
                 want = counter.get(ip, 0) > 0
                 if want and ip not in programmed:

@@ -7,9 +7,11 @@ hands each node the records it would read itself.
 
 What a node receives: every policy record; its own endpoints; every membership of one of
 its own endpoints; and every membership of a selector some egress rule refers to (a
-superset of what its rules need, as issue 5 asks: "keeping only what its local endpoints
-need"). When a new policy refers to a new peer selector, the members already known are
-replayed to every node, so nothing is missed whatever order the topics are read in.
+superset of what its rules need; the node's state keeps set contents only for the
+selectors its local rules need, the rest as a compact record, as the real enforcer does).
+When a new policy refers to a new peer selector, the members already known are replayed to
+every node (the simulation's re-read), so nothing is missed whatever order the topics are
+read in.
 
 Timing. The nodes share this process and two cores, so wall-clock time would charge each
 node for the work of all the others. Each node therefore keeps a simulated clock: a batch
@@ -68,12 +70,12 @@ class NodeSim:
         state = EnforcerState(name, set_name)
         ipsets = DryRunIpsets()
         return cls(name, state, Programmer(ipsets, DryRunIptables()),
-                   RecordSink(state, EnforcerMetrics()), ipsets)
+                   RecordSink(state, EnforcerMetrics(), prune=True), ipsets)
 
     def restart(self) -> None:
         """A crashed enforcer: its memory is gone, the kernel (dry-run sets) keeps its state."""
         self.state = EnforcerState(self.name, set_name)
-        self.sink = RecordSink(self.state, EnforcerMetrics())
+        self.sink = RecordSink(self.state, EnforcerMetrics(), prune=True)
         self.programmer = Programmer(self.ipsets, DryRunIptables())
         self.started = False
         self.dirty = False
@@ -134,6 +136,8 @@ class Fleet:
             self.rejected += 1
         for uid, ep, ips in replay:  # what the node filtered out before it needed it
             node.state.upsert_membership(uid, ep, ips, None)
+        if node.state.needs_reread:  # the replay is this simulation's re-read
+            node.state.reread_done()
 
     def _update_peers(self, key: str, rec: PolicyRecord | None) -> set[str]:
         old = self.peer_uids.pop(key, set())
@@ -251,12 +255,10 @@ class Fleet:
                      events: Container[float] | None) -> int:
         if self.naive:
             result = _naive_transaction(node)
-            observed = node.state._observed
-            node.state._observed = []
+            observed = node.state.take_observed()
         elif not node.started:
             result = node.programmer.start(node.state)
-            observed = node.state._observed
-            node.state._observed = []
+            observed = node.state.take_observed()
             node.started = True
         else:
             plan = node.state.plan()
@@ -295,7 +297,7 @@ class Fleet:
             uid, _ep = split_membership_key(key)
             if m.node == name or self.peer_count.get(uid, 0) > 0:
                 node.state.upsert_membership(uid, m.endpoint_key, m.ips, None)
-        node.state._observed = []
+        node.state.take_observed()  # history, not latency
         node.busy_until = max(node.busy_until, arrival)
         self._enqueue(node, arrival, _nothing)
 

@@ -500,7 +500,7 @@ class Simulated:
         from enforcers.metrics import EnforcerMetrics
 
         state = state_mod.EnforcerState(scenario.NODE, set_name)
-        sink = engine.RecordSink(state, EnforcerMetrics())
+        sink = engine.RecordSink(state, EnforcerMetrics(), prune=True)  # policies come first
         for suffix in ("policies", "endpoints", "memberships"):
             for key, value in self.reader.latest.get(suffix, {}).items():
                 sink.message(suffix, key.encode(), value)

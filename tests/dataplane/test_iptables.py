@@ -48,7 +48,7 @@ def test_apply_writes_only_changed_chains_and_keeps_foreign_rules(netns: Netns) 
     assert saved.count("-j pc-fwd") == 1 and saved.count("-j pc-out") == 1
     assert saved.count("-j pc-in") == 1
     actual = parse_save(saved)
-    assert actual.chains == {name: list(c.hashes) for name, c in second.items()}
+    assert actual.chains == {name: c.hashes for name, c in second.items()}
     assert host_rules() == host_before  # the host's own firewall is untouched
 
 
@@ -61,7 +61,7 @@ def test_a_rule_deleted_by_hand_is_noticed_and_restored(netns: Netns) -> None:
     result = ipt.apply(chains)
     assert result.written == ("pc-fwd",)
     assert result.hooks_added == (("FORWARD", "pc-fwd"),)
-    assert parse_save(netns.run("iptables-save").stdout).chains["pc-fwd"] == list(
+    assert parse_save(netns.run("iptables-save").stdout).chains["pc-fwd"] == (
         chains["pc-fwd"].hashes)
 
 
@@ -96,4 +96,4 @@ def test_rendered_sets_and_marks_load_into_the_kernel(netns: Netns) -> None:
                                          (TierSpec("t", "Pass", (pol,)),))])
     Iptables(netns.name).apply(chains)
     assert parse_save(netns.run("iptables-save").stdout).chains == {
-        n: list(c.hashes) for n, c in chains.items()}
+        n: c.hashes for n, c in chains.items()}

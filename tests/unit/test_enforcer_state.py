@@ -257,13 +257,13 @@ def test_record_sink_fast_paths_agree_with_full_decoding_and_reject_bad_records(
     fast_sink = RecordSink(fast, EnforcerMetrics())
     fast_sink.message("memberships", rec.key.encode(), codec.encode(rec))
     RecordSink(slow, EnforcerMetrics()).membership(rec.key, rec)
-    assert fast.memberships == slow.memberships and fast._observed == slow._observed
+    assert fast.members == slow.members and fast.observed == slow.observed
     fast_sink.message("memberships", rec.key.encode(), None)  # tombstone
-    assert fast.memberships == {}
+    assert fast.members == {}
 
     bad = dict(rec.to_dict(), ips=["10.0.0.300"])
     fast_sink.message("memberships", rec.key.encode(), orjson.dumps(bad))
-    assert fast_sink.metrics.rejected.value == 1 and fast.memberships == {}
+    assert fast_sink.metrics.rejected.value == 1 and fast.members == {}
     fast_sink.message("memberships", rec.key.encode(), orjson.dumps({"v": 99}))
     assert fast_sink.metrics.rejected.value == 2
 
@@ -358,7 +358,7 @@ def test_pruning_with_rereads_equals_keeping_everything(sequence: list) -> None:
     want = full.desired()
     assert dp.sets == want.sets
     assert dp.chains == want.chains
-    assert len(state.memberships) <= len(full.memberships)
+    assert state.membership_count() <= full.membership_count()
 
 
 # Incremental rendering: after every plan, the chains equal a full render from scratch.
@@ -421,3 +421,116 @@ def test_every_incremental_plan_renders_exactly_what_a_full_render_does(
         assert set(dp.sets) == set(want.sets)
         again = state.plan()
         assert again.chains is plan.chains  # nothing changed: the very same ruleset
+
+
+# Membership pruning: a selector no local rule needs leaves the desired state and the
+# kernel, and comes back complete when it is needed again.
+
+
+def oracle_sets(sequence: list) -> dict[str, set[str]]:
+    """The sets a node must have, from scratch over the final inputs (no EnforcerState)."""
+    policies: dict[str, CompiledPolicy] = {}
+    endpoints: set[str] = set()
+    members: dict[tuple[str, str], list[str]] = {}
+    for kind, arg in sequence:
+        if kind == "policy":
+            policies[arg.key] = arg
+        elif kind == "unpolicy":
+            policies.pop(arg, None)
+        elif kind == "endpoint":
+            endpoints.add(arg.key)
+        elif kind == "unendpoint":
+            endpoints.discard(arg)
+        elif kind == "member":
+            uid, key, ips = arg
+            members[(uid, key)] = ips
+        elif kind == "unmember":
+            members.pop(arg, None)
+    needed = {
+        uid
+        for p in policies.values() if p.egress
+        if any((p.applies_uid, ep) in members for ep in endpoints)
+        for rule in p.rules if rule.spec.never is None
+        for uid in rule.uids()
+    }
+    return {
+        namer(uid): set_members(ip for (u, _k), ips in members.items() if u == uid for ip in ips)
+        for uid in needed
+    }
+
+
+prune_ops = st.one_of(ops, st.tuples(st.just("restart"), st.none()))
+
+
+# a node where policies apply and their peers have members, before the random changes
+PRUNE_SEED: list[tuple[str, object]] = [
+    *(("policy", p) for p in POLICIES[:3]), *(("endpoint", e) for e in ENDPOINTS[:3]),
+    *(("member", (uid, key, ["10.0.0.1"])) for uid in APPLY for key in sorted(LOCAL_KEYS)),
+    *(("member", (uid, "pod/other/x", [ip])) for uid, ip in zip(PEERS, IPS[2:5], strict=True)),
+    ("plan", None),
+]
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.booleans(), st.lists(prune_ops, max_size=50))
+@example(True, [("unpolicy", "p1"), ("unpolicy", "p2"), ("plan", None)])
+@example(True, [("unendpoint", "pod/ns/a"), ("plan", None), ("unendpoint", "pod/ns/b")])
+@example(False, [  # the only policy needing a set goes, members change meanwhile, it returns
+    ("policy", POLICIES[0]), ("endpoint", ENDPOINTS[0]),
+    ("member", (APPLY[0], "pod/ns/a", ["10.0.0.1"])),
+    ("member", (PEERS[0], "pod/other/x", ["10.0.0.9"])), ("plan", None),
+    ("unpolicy", "p1"), ("plan", None),
+    ("member", (PEERS[0], "pod/ns/b", ["10.9.0.0/16"])), ("unmember", (PEERS[0], "pod/other/x")),
+    ("plan", None), ("policy", POLICIES[0]), ("plan", None),
+])
+@example(False, [  # the last local endpoint using a set leaves, then another one needs it
+    ("policy", POLICIES[0]), ("endpoint", ENDPOINTS[0]),
+    ("member", (APPLY[0], "pod/ns/a", ["10.0.0.1"])),
+    ("member", (PEERS[0], "pod/other/x", ["10.0.0.9"])), ("plan", None),
+    ("unendpoint", "pod/ns/a"), ("plan", None), ("member", (PEERS[0], "pod/y/z", ["10.0.0.2"])),
+    ("endpoint", ENDPOINTS[1]), ("member", (APPLY[0], "pod/ns/b", ["10.0.0.2"])),
+])
+def test_programmed_sets_are_what_local_rules_need_after_any_changes(
+    seeded: bool, sequence: list
+) -> None:
+    """Through the real programmer (dry run), with pruning and re-reads as the engine does:
+    the kernel's sets equal a from-scratch computation over the final inputs, no set is
+    kept that no programmed rule refers to, and only needed selectors keep contents."""
+    from enforcers.engine import DryRunIptables, Programmer
+    from enforcers.ipsets import DryRunIpsets
+
+    state = EnforcerState("n1", namer)
+    ipsets, iptables = DryRunIpsets(), DryRunIptables()
+    programmer = Programmer(ipsets, iptables)
+    history: list[tuple[str, object]] = []
+
+    def take(op: tuple[str, object]) -> None:
+        kind, arg = op
+        if kind == "member":
+            uid, key, ips = arg  # type: ignore[misc]
+            node = "n1" if key in LOCAL_KEYS else "n2"
+            state.upsert_membership(uid, key, ips, node=node, prune=True)
+        elif kind == "restart":
+            programmer.start(state)
+        elif kind == "plan":
+            plan = state.plan()
+            programmer.apply(plan)
+            assert render.sets_referenced(programmer.chains.values()) <= set(ipsets.sets)
+        else:
+            apply_op(state, op)
+
+    sequence = [*(PRUNE_SEED if seeded else []), *sequence]
+    for op in sequence:
+        take(op)
+        if op[0] in ("member", "unmember"):
+            history.append(op)
+        if state.needs_reread:
+            for old in history:
+                take(old)
+            state.reread_done()
+    programmer.apply(state.plan())
+    want = oracle_sets(sequence)
+    assert ipsets.list_sets() == want
+    assert render.sets_referenced(programmer.chains.values()) == set(want)
+    assert {namer(uid) for uid in state.contents} == set(want)
+    assert iptables.actual.chains == {n: c.hashes for n, c in state.desired().chains.items()}
