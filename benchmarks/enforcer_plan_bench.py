@@ -9,6 +9,17 @@ recorded). The baseline, measured in the same run on the same state, is what a p
 cost before incremental planning: the full render of every chain
 (``render.render(endpoint_specs())``) plus the sets in use.
 
+Two more sections, each with its baseline in the same run:
+
+* ``one_changed_chain``: 100 and 1,000 local endpoints, one policy edited per batch (one
+  chain changes): ``plan()`` + the programmer's apply (dry run), against the same plan
+  applied the way the programmer did before (every chain's hashes compared and copied,
+  the ruleset rebuilt: cost proportional to all chains).
+* ``memory``: bytes per membership kept, for a selector local rules need (refcounted
+  contents) and for one they do not (the compact record), 20,000 remote endpoints in 5
+  selectors each; and the time a 10,000-member selector takes to become needed (its set
+  created from the record) and to stop being needed (its contents dropped, set destroyed).
+
     .venv/bin/python benchmarks/enforcer_plan_bench.py [--steps 300]
 
 Prints medians and p99s and saves ``benchmarks/results/enforcer_plan_bench.json``.
@@ -22,12 +33,15 @@ import platform
 import random
 import statistics
 import time
+import tracemalloc
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from enforcers import render
 from enforcers.engine import DryRunIptables, Programmer
 from enforcers.ipsets import DryRunIpsets
-from enforcers.render import PeerSpec, PortRange, RuleSpec
+from enforcers.render import Chain, PeerSpec, PortRange, RuleSpec, restore_text
 from enforcers.state import (
     CompiledPolicy,
     CompiledRule,
@@ -115,6 +129,120 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class WholeRulesetApply:
+    """The baseline: how a batch's chains were applied before (``Programmer._apply_chains``
+    with ``DryRunIptables``): the ruleset rebuilt, every chain's hashes listed and compared,
+    and the kernel's and the programmer's copies rebuilt in full."""
+
+    def __init__(self, chains: Mapping[str, Chain]) -> None:
+        self.actual = {n: list(c.hashes) for n, c in chains.items()}
+        self.kernel = dict(self.actual)
+        self.chains = dict(chains)
+        self.restores: list[str] = []
+
+    def apply(self, chains: Mapping[str, Chain]) -> None:
+        ruleset = dict(chains)  # the state built a new dict for every change
+        write = [c for n, c in sorted(ruleset.items()) if self.actual.get(n) != list(c.hashes)]
+        delete = tuple(sorted(set(self.actual) - set(ruleset)))
+        if write or delete:
+            self.restores.append(restore_text(write, delete))
+        self.kernel = {n: list(c.hashes) for n, c in ruleset.items()}
+        self.actual = {n: list(c.hashes) for n, c in ruleset.items()}
+        self.chains = dict(ruleset)
+
+
+def one_changed_chain(n_endpoints: int, steps: int) -> dict[str, Any]:
+    """One policy edited per batch among ``n_endpoints`` local endpoints' chains."""
+    state = EnforcerState("n1", namer)
+
+    def pol(k: int, port: int) -> CompiledPolicy:
+        rule = CompiledRule(RuleSpec("Allow", "tcp", destination=PeerSpec(
+            ports=(PortRange(port, port),))), dst_uid=f"s:peer-{k}")
+        return CompiledPolicy(f"GlobalNetworkPolicy//q{k}", "default", (float(k), f"q{k}"),
+                              f"s:apply-{k}", True, (rule,))
+
+    for k in range(10):
+        state.upsert_policy(pol(k, 443))
+        for j in range(20):
+            state.upsert_membership(f"s:peer-{k}", f"pod/other/r{k}-{j}", [f"10.9.{k}.{j}"])
+    for i in range(n_endpoints):
+        ep = endpoint(i)
+        state.upsert_endpoint(ep)
+        state.upsert_membership(f"s:apply-{i % 10}", ep.key, ep.ips)
+    programmer = Programmer(DryRunIpsets(), DryRunIptables())
+    programmer.start(state)
+    baseline = WholeRulesetApply(programmer.chains)
+    after: list[float] = []
+    before: list[float] = []
+    for step in range(steps):
+        state.upsert_policy(pol(step % 10, 1000 + step))
+        started = time.perf_counter()
+        plan = state.plan()
+        programmer.apply(plan)
+        after.append((time.perf_counter() - started) * 1000)
+        assert plan.changed_chains is not None and len(plan.changed_chains) == 1
+        started = time.perf_counter()
+        baseline.apply(plan.chains)  # the same plan, the old way
+        before.append((time.perf_counter() - started) * 1000)
+    assert baseline.actual == {n: list(h) for n, h in programmer.actual.chains.items()}  # type: ignore[union-attr]
+    return {
+        "chains": len(programmer.chains),
+        "plan_and_apply_median_ms": statistics.median(after),
+        "plan_and_apply_p99_ms": pct(after, 0.99),
+        "baseline_whole_ruleset_apply_median_ms": statistics.median(before),
+        "baseline_whole_ruleset_apply_p99_ms": pct(before, 0.99),
+    }
+
+
+def memory(n_remote: int = 20_000, per_endpoint: int = 5) -> dict[str, Any]:
+    """Bytes per membership kept, needed and not; a big selector needed and dropped again."""
+    out: dict[str, Any] = {"remote_endpoints": n_remote, "selectors_per_endpoint": per_endpoint}
+    n_sel = 10
+    for label, needed in (("needed", True), ("not_needed", False)):
+        state = EnforcerState("n1", namer)
+        state.upsert_endpoint(endpoint(0))
+        state.upsert_membership("s:apply-0", endpoint(0).key, endpoint(0).ips)
+        if needed:
+            rules = tuple(CompiledRule(RuleSpec("Allow"), dst_uid=f"s:peer-{k}")
+                          for k in range(n_sel))
+            state.upsert_policy(CompiledPolicy("p", "default", (1.0, "p"), "s:apply-0", True,
+                                               rules))
+        state.plan()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(n_remote):
+            ip = f"10.{100 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}"
+            for k in range(per_endpoint):
+                state.upsert_membership(f"s:peer-{(i + k) % n_sel}", f"pod/ns{i % 50}/r{i}", [ip])
+        state.plan()
+        used = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        out[f"bytes_per_membership_{label}"] = used / (n_remote * per_endpoint)
+    # a 10,000-member selector becomes needed (a policy now refers to it), then not
+    state = EnforcerState("n1", namer)
+    state.upsert_endpoint(endpoint(0))
+    state.upsert_membership("s:apply-0", endpoint(0).key, endpoint(0).ips)
+    for i in range(10_000):
+        state.upsert_membership("s:big", f"pod/ns/b{i}", [f"10.200.{i >> 8}.{i & 255}"])
+    state.plan()
+    need, drop = [], []
+    for _ in range(5):
+        state.upsert_policy(CompiledPolicy("p", "default", (1.0, "p"), "s:apply-0", True,
+                                           (CompiledRule(RuleSpec("Allow"), dst_uid="s:big"),)))
+        started = time.perf_counter()
+        plan = state.plan()
+        need.append((time.perf_counter() - started) * 1000)
+        assert len(plan.create_sets[namer("s:big")]) == 10_000
+        state.delete_policy("p")
+        started = time.perf_counter()
+        plan = state.plan()
+        drop.append((time.perf_counter() - started) * 1000)
+        assert plan.destroy_sets == {namer("s:big")} and not state.contents
+    out["selector_10k_becomes_needed_median_ms"] = statistics.median(need)
+    out["selector_10k_dropped_median_ms"] = statistics.median(drop)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -155,12 +283,27 @@ def main() -> None:
               f"median {r['dry_run_apply_median_ms']:.3f} ms")
     # the incremental result is the from-scratch one
     assert state.plan().chains == state.desired().chains
+    scaling = {}
+    for n in (100, 1000):
+        r2 = scaling[str(n)] = one_changed_chain(n, args.steps)
+        print(f"one changed chain of {r2['chains']:5d}: plan+apply median "
+              f"{r2['plan_and_apply_median_ms']:.3f} ms p99 {r2['plan_and_apply_p99_ms']:.3f} ms"
+              f" | baseline whole-ruleset apply median "
+              f"{r2['baseline_whole_ruleset_apply_median_ms']:.3f} ms p99 "
+              f"{r2['baseline_whole_ruleset_apply_p99_ms']:.3f} ms")
+    mem = memory()
+    print(f"memory: {mem['bytes_per_membership_needed']:.0f} bytes/membership needed, "
+          f"{mem['bytes_per_membership_not_needed']:.0f} not needed (compact); a 10,000-member "
+          f"selector needed in {mem['selector_10k_becomes_needed_median_ms']:.1f} ms, dropped "
+          f"in {mem['selector_10k_dropped_median_ms']:.1f} ms")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "endpoints": N_ENDPOINTS, "policies": N_POLICIES, "steps": args.steps,
         "machine": {"python": platform.python_version(), "cpu": platform.processor()
                     or platform.machine()},
         "results": results,
+        "one_changed_chain": scaling,
+        "memory": mem,
     }, indent=2) + "\n")
     print(f"saved {RESULTS}")
 

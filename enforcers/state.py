@@ -221,7 +221,8 @@ class EnforcerState:
         self.endpoints: dict[str, LocalEndpoint] = {}
         # every membership kept (see the module docstring): uid -> endpoint key -> ips
         self.members: dict[str, dict[str, Ips]] = {}
-        # small tuples, not sets: most endpoints are in a handful of selectors
+        # the selectors of each local endpoint (small tuples: a handful each); remote
+        # endpoints are not indexed (only ``members`` knows them: it is the compact record)
         self.uids_of_endpoint: dict[str, tuple[str, ...]] = {}
         self.policies_by_uid: dict[str, set[str]] = defaultdict(set)
         # refcounted contents of the needed selectors only (those some policy in use refers
@@ -359,6 +360,10 @@ class EnforcerState:
     def upsert_endpoint(self, ep: LocalEndpoint, observed_at: float | None = None) -> None:
         old = self.endpoints.get(ep.key)
         self.endpoints[ep.key] = ep
+        if old is None:  # its memberships may have come first: one lookup per selector
+            uids = tuple(uid for uid, by_endpoint in self.members.items() if ep.key in by_endpoint)
+            if uids:
+                self.uids_of_endpoint[ep.key] = uids
         if old is None or (old.kind, old.interface) != (ep.kind, ep.interface):
             self._dirty_eps.add(ep.key)  # its IPs alone change no chain
             self._dispatch_dirty = True
@@ -366,6 +371,7 @@ class EnforcerState:
 
     def delete_endpoint(self, key: str, observed_at: float | None = None) -> None:
         if self.endpoints.pop(key, None) is not None:
+            self.uids_of_endpoint.pop(key, None)
             self._dirty_eps.add(key)
             self._dispatch_dirty = True
         self._note(observed_at)
@@ -410,7 +416,7 @@ class EnforcerState:
         if by_endpoint is None:
             by_endpoint = self.members[uid] = {}
         by_endpoint[endpoint_key] = new[0] if len(new) == 1 else new
-        if old is None:
+        if old is None and endpoint_key in self.endpoints:
             known = self.uids_of_endpoint.get(endpoint_key, ())
             self.uids_of_endpoint[endpoint_key] = (*known, uid)
         counter = self.contents.get(uid)
@@ -429,11 +435,12 @@ class EnforcerState:
             return
         if not by_endpoint:
             del self.members[uid]
-        uids = tuple(u for u in self.uids_of_endpoint[endpoint_key] if u != uid)
-        if uids:
-            self.uids_of_endpoint[endpoint_key] = uids
-        else:
-            del self.uids_of_endpoint[endpoint_key]
+        if endpoint_key in self.endpoints:
+            uids = tuple(u for u in self.uids_of_endpoint[endpoint_key] if u != uid)
+            if uids:
+                self.uids_of_endpoint[endpoint_key] = uids
+            else:
+                del self.uids_of_endpoint[endpoint_key]
         counter = self.contents.get(uid)
         if counter is not None:
             self._recount(uid, counter, ips_of(stored), ())
