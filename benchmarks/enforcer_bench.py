@@ -16,8 +16,11 @@ Figures, each beside a baseline measured in the same run:
 - ``join_latency``: a remote pod joins a selector with 10,000 members already
   programmed: ``observed_at`` (set when published) to its IP being in the kernel set,
   p50/p99, at ~100 joins/s. Baseline: a bare consumer's publish-to-receive latency for the
-  same records (the broker's floor). Also a local pod joining an applies-to selector
-  (its chain is rewritten with iptables-restore).
+  same records (the broker's floor), with the same ``fetch_max_wait_ms``. Also a local pod
+  joining an applies-to selector (its chain is rewritten with iptables-restore). Run once
+  per ``--fetch-waits`` value (the enforcer's ``fetch_max_wait_ms``, default 50 and 10):
+  Tansu answers a held fetch only when its wait runs out, never when a record arrives,
+  so on Tansu the wait is part of the latency; Apache Kafka answers at once.
 
 Results: ``benchmarks/results/enforcer_bench.json``.
 """
@@ -219,17 +222,25 @@ def kernel_floor(ns: str, data: Data) -> float:
     return time.perf_counter() - started
 
 
+def late_ip(run: int, i: int) -> str:
+    return f"10.{200 + run}.{i >> 8}.{i & 255}"
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def join_latency(bootstrap: str, prefix: str, ns: str, data: Data, joins: int,
-                       rate: float) -> dict[str, Any]:
-    """In-process enforcer over the programmed scenario; pods join one selector at ~rate/s."""
+                       rate: float, fetch_wait: int, run: int) -> dict[str, Any]:
+    """In-process enforcer over the programmed scenario; pods join one selector at ~rate/s.
+
+    ``run`` keeps each call's joining pods and IPs distinct from earlier calls' (a
+    membership already known changes nothing, so it would measure nothing)."""
     ipsets = NetlinkIpsets(netns=ns)
     enforcer = Enforcer(EnforcerState(NODE, set_name), Programmer(ipsets, Iptables(ns)),
-                        {"bootstrap_servers": bootstrap}, prefix, resync_interval=3600)
+                        {"bootstrap_servers": bootstrap}, prefix, resync_interval=3600,
+                        fetch_max_wait_ms=fetch_wait)
     stop = asyncio.Event()
     task = asyncio.create_task(enforcer.run(stop))
     await asyncio.wait_for(enforcer.synced.wait(), 120)
@@ -237,7 +248,7 @@ async def join_latency(bootstrap: str, prefix: str, ns: str, data: Data, joins: 
 
     async def bare() -> None:
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                    enable_auto_commit=False, fetch_max_wait_ms=50)
+                                    enable_auto_commit=False, fetch_max_wait_ms=fetch_wait)
         await consumer.start()
         parts = [TopicPartition(prefix + "memberships", p) for p in range(PARTITIONS)]
         consumer.assign(parts)
@@ -261,10 +272,10 @@ async def join_latency(bootstrap: str, prefix: str, ns: str, data: Data, joins: 
     results: dict[str, Any] = {}
     cases: tuple[tuple[str, Callable[[int], MembershipRecord]], ...] = (
         ("remote_join_10k_set", lambda i: MembershipRecord(
-            data.peers[0], f"pod/late/r{i}", "late", "node-x", "eth0",
-            (f"10.200.{i >> 8}.{i & 255}",), time.time())),
+            data.peers[0], f"pod/late{run}/r{i}", f"late{run}", "node-x", "eth0",
+            (late_ip(run, i),), time.time())),
         ("local_join_applies_to", lambda i: MembershipRecord(
-            data.applies[1], f"pod/shop/local-{i * 10 % 100}", "shop", NODE,
+            data.applies[1 + run], f"pod/shop/local-{i * 10 % 100}", "shop", NODE,
             f"veth{i * 10 % 100}", (f"10.64.0.{i * 10 % 100}",), time.time())),
     )
     try:
@@ -297,7 +308,7 @@ async def join_latency(bootstrap: str, prefix: str, ns: str, data: Data, joins: 
         with NetlinkIpsets(netns=ns) as check:
             late = check.list_sets()[set_name(data.peers[0])]
             results["remote_join_10k_set"]["all_in_kernel_set"] = all(
-                f"10.200.{i >> 8}.{i & 255}" in late for i in range(joins))
+                late_ip(run, i) in late for i in range(joins))
     finally:
         await producer.stop()
         stop.set()
@@ -350,9 +361,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             "baseline_kernel_floor_restore_s": statistics.median(floor),
             "runs": {"cold": cold, "restart": restart, "bare": bare, "floor": floor},
         }
-        print("join latency (observed_at -> programmed):")
-        latency = await join_latency(broker.bootstrap, prefix, namespaces[0], data,
-                                     args.joins, args.rate)
+        latency = {}
+        for run, wait in enumerate(args.fetch_waits):
+            print(f"join latency (observed_at -> programmed), fetch_max_wait_ms={wait}:")
+            latency[f"fetch_max_wait_{wait}ms"] = await join_latency(
+                broker.bootstrap, prefix, namespaces[0], data, args.joins, args.rate, wait, run)
         return {"cold_start": cold_start, "join_latency": latency}
     finally:
         for name in namespaces:
@@ -367,9 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", type=int, default=10)
     parser.add_argument("--members", type=int, default=100_000)
     parser.add_argument("--remote-endpoints", type=int, default=10_000)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--joins", type=int, default=300)
     parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--fetch-waits", type=int, nargs="+", default=[50, 10],
+                        help="the enforcer's fetch_max_wait_ms values to measure joins with "
+                             "(the first is the default the CLI runs with)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -378,15 +394,17 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     figures = asyncio.run(amain(args))
     cold = figures["cold_start"]["median_cold_start_s"]
-    p99 = figures["join_latency"]["remote_join_10k_set"]["p99_ms"]
-    goals = {
+    goals: dict[str, Any] = {
         "cold_start_s": {"goal_at_most": GOAL_COLD_START_S, "value": cold,
                          "met": cold <= GOAL_COLD_START_S},
-        "join_p99_ms": {"goal_at_most": GOAL_JOIN_P99_MS, "value": p99,
-                        "met": p99 is not None and p99 <= GOAL_JOIN_P99_MS},
     }
-    print(f"cold start {cold:.2f} s (goal <= {GOAL_COLD_START_S}); join p99 {p99:.1f} ms "
-          f"(goal <= {GOAL_JOIN_P99_MS})")
+    print(f"cold start {cold:.2f} s (goal <= {GOAL_COLD_START_S})")
+    for label, runs in figures["join_latency"].items():
+        p99 = runs["remote_join_10k_set"]["p99_ms"]
+        goals[f"join_p99_ms_{label}"] = {
+            "goal_at_most": GOAL_JOIN_P99_MS, "value": p99,
+            "met": p99 is not None and p99 <= GOAL_JOIN_P99_MS}
+        print(f"join p99 {p99:.1f} ms with {label} (goal <= {GOAL_JOIN_P99_MS})")
     result = {
         "benchmark": "enforcer_bench",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

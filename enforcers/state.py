@@ -400,23 +400,32 @@ class EnforcerState:
         prune: bool = False,
     ) -> None:
         """Record a membership; with ``prune``, one nothing here may need is dropped instead."""
-        new = tuple(sorted(set_members(ips, self.family)))
+        # the common case first (one canonical IPv4 address): this runs for every record
+        # read at start-up
+        fast = None
+        if self.family == 4 and type(ips) in (list, tuple) and len(ips) == 1:  # type: ignore[arg-type]
+            fast = _fast_v4(ips[0])  # type: ignore[index]
+        new = (fast,) if fast is not None else tuple(sorted(set_members(ips, self.family)))
         by_endpoint = self.members.get(uid)
         stored = by_endpoint.get(endpoint_key) if by_endpoint is not None else None
-        old = ips_of(stored) if stored is not None else None
-        if old == new:
-            return
-        if prune and old is None and node != self.node and uid not in self.peer_refs:
+        old = None
+        if stored is not None:
+            old = (stored,) if type(stored) is str else stored
+            if old == new:
+                return
+        elif prune and node != self.node and uid not in self.peer_refs:
             self.pruned.add(uid)
             return
         # every membership of a selector repeats its uid, and IPs repeat across selectors:
         # one shared string each keeps 100,000s of memberships affordable
-        uid, endpoint_key = sys.intern(uid), sys.intern(endpoint_key)
-        new = tuple(sys.intern(ip) for ip in new)
+        endpoint_key = sys.intern(endpoint_key)
+        new = tuple(map(sys.intern, new))
         if by_endpoint is None:
+            uid = sys.intern(uid)
             by_endpoint = self.members[uid] = {}
         by_endpoint[endpoint_key] = new[0] if len(new) == 1 else new
         if old is None and endpoint_key in self.endpoints:
+            uid = sys.intern(uid)
             known = self.uids_of_endpoint.get(endpoint_key, ())
             self.uids_of_endpoint[endpoint_key] = (*known, uid)
         counter = self.contents.get(uid)
