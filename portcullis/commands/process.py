@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from portcullis.cli import CommandError, command
 from portcullis.settings import Settings
@@ -57,6 +58,7 @@ class Command:
 
         from portcullis.cli import run_async
         from streams.app import Processor, StreamsConfig, prepare_changelogs
+        from streams.localstate import LocalStateGuard
 
         if args.session_timeout <= 0:
             raise CommandError(f"--session-timeout must be positive, got {args.session_timeout:g}")
@@ -96,13 +98,21 @@ class Command:
             run_async(prepare_changelogs(processor, kafka.aiokafka_kwargs()))
         except RuntimeError as exc:
             raise CommandError(str(exc)) from None
+        guard = LocalStateGuard(Path(processor.app.conf.tabledir))
+        guard.open()
         worker = faust.Worker(
             processor.app,
             loglevel=settings.log_level,
             quiet=True,
             override_logging=False,
         )
-        worker.execute_from_commandline()
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exit_:
+            crashed = worker.crash_reason or processor.app.crash_reason
+            if exit_.code in (0, None) and crashed is None:
+                guard.close_cleanly()
+            raise
         return 0
 
 

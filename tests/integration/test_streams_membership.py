@@ -333,6 +333,16 @@ async def test_replay_gives_identical_memberships(broker: Any, topic_prefix: str
     assert runs[0] == runs[1]
 
 
+async def wait_until_logged(worker: Worker, text: str, timeout: float = 60.0) -> None:
+    """Until the worker's log contains `text`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in worker.log_path.read_text(errors="replace"):
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"worker never logged {text!r}:\n" + worker.log_tail())
+
+
 async def wait_until_idle(worker: Worker, timeout: float = 60.0) -> None:
     """Until the worker has logged a restored partition state for every match partition."""
     deadline = time.monotonic() + timeout
@@ -345,11 +355,6 @@ async def wait_until_idle(worker: Worker, timeout: float = 60.0) -> None:
     raise AssertionError("worker did not start every match partition:\n" + worker.log_tail())
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known intermittent bug (issue 4): after a SIGKILL restart or a rebalance, "
-    "memberships that should have been tombstoned are sometimes left on the topic",
-)
 async def test_sigkill_and_restart(broker: Any, topic_prefix: str, tmp_path: Path,
                                    workers: list[Worker]) -> None:
     """Workers SIGKILLed at random points mid-stream and restarted lose and leave nothing.
@@ -391,8 +396,11 @@ async def test_two_workers_one_leaves(broker: Any, topic_prefix: str, tmp_path: 
     a = Worker(broker.bootstrap, topic_prefix, tmp_path, "a").start()
     b = Worker(broker.bootstrap, topic_prefix, tmp_path, "b").start()
     workers.extend([a, b])
-    await publish(broker.bootstrap, topic_prefix, events[:500])
-    await asyncio.sleep(4.0)
+    await publish(broker.bootstrap, topic_prefix, events[:250])
+    await wait_until_logged(b, "Successfully synced group")
+    await publish(broker.bootstrap, topic_prefix, events[250:500])
+    await wait_until_logged(b, "match partition")  # b owns and works on a partition
+    await asyncio.sleep(1.0)
     b.stop()
     await publish(broker.bootstrap, topic_prefix, events[500:])
     expected = expected_for(events)
