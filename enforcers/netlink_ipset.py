@@ -285,8 +285,14 @@ def adt_chunks(
     parts: list[bytes] = []
     size = 0
     first = 1
+    net4 = kind == "hash:net"
+    pack_net4 = _ENTRY_NET4.pack
     for lineno, (fam, raw, prefix) in enumerate(entries, start=1):
-        packed = pack_entry(kind, fam, raw, prefix, lineno)
+        if net4 and fam == socket.AF_INET:  # the common case, inlined (bulk adds)
+            packed = pack_net4(32, _DATA, 12, _IP, 8, _V4, raw, 5, ATTR_CIDR, prefix,
+                               8, ATTR_CADT_LINENO, lineno)
+        else:
+            packed = pack_entry(kind, fam, raw, prefix, lineno)
         if size + len(packed) > budget:
             yield AdtChunk(head + _adt(parts, size), first, lineno - 1)
             parts, size, first = [], 0, lineno
@@ -577,8 +583,16 @@ def parse_members(members: Iterable[str], family: int | None = None
     entries: list[tuple[int, bytes, int]] = []
     texts: list[str] = []
     seen: set[tuple[int, bytes, int]] = set()
+    inet, pton = socket.AF_INET, socket.inet_pton
     for text in members:
-        entry = parse_member(text)
+        entry = None
+        if type(text) is str and "/" not in text and ":" not in text:
+            try:  # noqa: SIM105 (a bare IPv4 address, most members: no general parser)
+                entry = (inet, pton(inet, text), 32)
+            except OSError:
+                pass  # the general parser names the problem
+        if entry is None:
+            entry = parse_member(text)
         if family is not None and entry[0] != family:
             want = "IPv4" if family == socket.AF_INET else "IPv6"
             raise InvalidMember(text, f"the set holds {want} members only")
