@@ -344,12 +344,14 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         n = args.updates
         events = wl.updates(n, lambda: 2.0)
         markers = wl.markers(2.5)
+        spy = _start_py_spy(args, worker.pid, log_dir / f"worker-{mode}.spy.txt")
         cpu0 = cpu_seconds(worker.pid)
         t0 = time.time()
         await publish(producer, prefix, events + list(markers.values()))
         published = time.time() - t0
         t1 = await watch.wait(markers_done(watch, markers), timeout=args.timeout)
         cpu = cpu_seconds(worker.pid) - cpu0
+        _stop_py_spy(spy)
         result["endpoint_events_per_s"] = (n + len(markers)) / (t1 - t0)
         result["endpoint_events_per_worker_cpu_s"] = (n + len(markers)) / cpu
         result["publish_s"] = published
@@ -381,6 +383,13 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
               f" ms, p99 {result['latency']['p99_ms']:.1f} ms "
               f"({len(lat_last)}/{len(sent)} events seen)", flush=True)
 
+        # idle: what the worker burns with nothing to do (fetch polling, heartbeats)
+        cpu0, t0 = cpu_seconds(worker.pid), time.time()
+        await asyncio.sleep(args.idle_seconds)
+        result["idle_cpu_percent"] = (cpu_seconds(worker.pid) - cpu0) / (time.time() - t0) * 100
+        print(f"  worker {mode:11}: idle CPU {result['idle_cpu_percent']:.1f}% of a core",
+              flush=True)
+
         # policy storm: a new global policy whose selector matches every endpoint
         uid = parse(STORM_SELECTOR).uid
         target = len(wl.pods)
@@ -405,6 +414,24 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
     return result
 
 
+def _start_py_spy(args: argparse.Namespace, pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """Sample the worker (every thread) during the sustained phase, as collapsed stacks."""
+    if not args.py_spy:
+        return None
+    py_spy = str(Path(sys.executable).parent / "py-spy")
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw",
+                            "--rate", "200", "--threads", "--output", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached before the first event
+    return spy
+
+
+def _stop_py_spy(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
+
+
 def _pct(values: list[float], pct: int) -> float:
     if not values:
         return float("nan")
@@ -421,10 +448,17 @@ def main() -> None:
     parser.add_argument("--pure-updates", type=int, default=10_000)
     parser.add_argument("--rate", type=int, default=100)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
                         help="keep worker logs (and profiles) in DIR instead of a temp dir")
+    parser.add_argument("--modes", default="index,brute_force",
+                        help="worker modes to run, comma-separated (default both: the "
+                        "brute-force baseline belongs beside every published figure)")
+    parser.add_argument("--py-spy", action="store_true",
+                        help="sample the worker with py-spy during the sustained phase "
+                        "(worker-<mode>.spy.txt, collapsed stacks, with --keep)")
     parser.add_argument("--profile", action="store_true",
                         help="run workers under cProfile (worker-<mode>.prof, with --keep)")
     args = parser.parse_args()
@@ -451,7 +485,7 @@ def main() -> None:
                     tmp = str(args.keep)
                 results["broker"] = args.broker
                 results["worker"] = {}
-                for mode in ("index", "brute_force"):
+                for mode in args.modes.split(","):
                     try:
                         results["worker"][mode] = asyncio.run(
                             bench_worker(args, broker.bootstrap, mode, Path(tmp),

@@ -29,8 +29,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import aiokafka
 import faust
 import orjson
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 from policy.load import PolicyError
@@ -55,7 +57,7 @@ from topics.records import (
 )
 from topics.specs import DEADLETTER, ENDPOINTS, MEMBERSHIPS, POLICIES, PROFILES, SELECTORS
 
-__all__ = ["StreamsConfig", "create_app"]
+__all__ = ["Processor", "StreamsConfig", "Transport", "create_app", "prepare_changelogs"]
 
 log = logging.getLogger("portcullis.streams")
 
@@ -84,6 +86,10 @@ class StreamsConfig:
     producer_linger: float = 0.005
     #: Table writes that may wait to be produced before the agents pause (Faust: 100).
     producer_buffer: int = 10_000
+    #: Longest time (s) the broker may hold a fetch open waiting for new records. Faust
+    #: hard-codes 1.5 s: Apache Kafka answers as soon as a record arrives, but Tansu holds
+    #: every fetch for the full wait, which then is the latency of a quiet partition.
+    fetch_max_wait: float = 0.02
     #: Evaluate every selector for every endpoint (no label index): the benchmark baseline.
     brute_force: bool = False
 
@@ -115,6 +121,43 @@ def _partition_of_profile_key(key: str, partitions: int) -> int:
     return partition_for_key(key[4:].partition(".")[0], partitions)
 
 
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's aiokafka consumer thread, with the transport's fetch wait instead of 1.5 s."""
+
+    def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        # aiokafka takes the wait only as a constructor argument, kept until start() builds
+        # the fetcher; Faust passes a constant, so we replace it before the start.
+        if not isinstance(getattr(consumer, "_fetch_max_wait_ms", None), int):
+            raise RuntimeError(
+                f"aiokafka {aiokafka.__version__} has no AIOKafkaConsumer._fetch_max_wait_ms: "
+                "cannot set the fetch wait; update streams.app._ConsumerThread"
+            )
+        consumer._fetch_max_wait_ms = transport.fetch_max_wait_ms
+        return consumer
+
+
+class _Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class Transport(faust_aiokafka.Transport):
+    """Faust's aiokafka transport whose worker consumer waits at most `fetch_max_wait` s.
+
+    Installed per app (``app.transport = Transport(...)``), not registered as a URL scheme,
+    so nothing global changes.
+    """
+
+    Consumer = _Consumer
+
+    def __init__(self, *args: Any, fetch_max_wait: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if fetch_max_wait < 0:
+            raise ValueError(f"fetch_max_wait must not be negative, got {fetch_max_wait:g}")
+        self.fetch_max_wait_ms = round(fetch_max_wait * 1000)
+
+
 class Processor:
     """Owns the Faust app, its topics and tables, and the per-partition pure states."""
 
@@ -143,6 +186,10 @@ class Processor:
             broker_heartbeat_interval=max(0.3, min(3.0, config.session_timeout / 5)),
         )
         app = self.app
+        # Our transport, set before anything (topics, tables) makes Faust create its own.
+        app.transport = Transport(
+            app.conf.broker_consumer, app, fetch_max_wait=config.fetch_max_wait
+        )
         # Faust stalls the agent whenever more than 100 table writes wait to be produced,
         # then drains them 100 at a time: with several writes per event that caps
         # throughput. A larger buffer lets the producer batch instead.
