@@ -97,3 +97,23 @@ def test_rendered_sets_and_marks_load_into_the_kernel(netns: Netns) -> None:
     Iptables(netns.name).apply(chains)
     assert parse_save(netns.run("iptables-save").stdout).chains == {
         n: c.hashes for n, c in chains.items()}
+
+
+def test_a_batch_with_changed_names_looks_only_at_those_chains(netns: Netns) -> None:
+    """With ``changed``, only the named chains are compared, written or deleted: a chain
+    changed by hand elsewhere waits for the next full comparison (the resync)."""
+    ipt = Iptables(netns.name)
+    chains = render.render(endpoints(RuleSpec("Allow")))
+    unused = render.render_policy(PolicySpec("GlobalNetworkPolicy//q", (RuleSpec("Deny"),)))
+    ipt.apply({**chains, unused.name: unused})
+    actual = ipt.save()
+    netns.run("iptables", "-D", "pc-fwd", "1")  # behind our back: not in this batch
+    policy = render.policy_chain("GlobalNetworkPolicy//p")
+    edited = dict(chains)
+    edited[policy] = render.render(endpoints(RuleSpec("Deny")))[policy]
+    result = ipt.apply(edited, actual, changed={policy, unused.name})
+    assert result.written == (policy,) and result.deleted == (unused.name,)
+    saved = parse_save(netns.run("iptables-save", "-t", "filter").stdout)
+    assert saved.chains[policy] == edited[policy].hashes and unused.name not in saved.chains
+    assert saved.chains["pc-fwd"] != chains["pc-fwd"].hashes  # not looked at
+    assert ipt.apply(edited).written == ("pc-fwd",)  # a full comparison repairs it

@@ -534,3 +534,30 @@ def test_programmed_sets_are_what_local_rules_need_after_any_changes(
     assert render.sets_referenced(programmer.chains.values()) == set(want)
     assert {namer(uid) for uid in state.contents} == set(want)
     assert iptables.actual.chains == {n: c.hashes for n, c in state.desired().chains.items()}
+
+
+def test_a_plan_names_the_chains_it_changed_and_the_programmer_writes_only_those() -> None:
+    from enforcers.engine import DryRunIptables, Programmer
+    from enforcers.ipsets import DryRunIpsets
+
+    state = EnforcerState("n1", namer)
+    state.upsert_policy(POLICIES[0])
+    for i in range(50):
+        key = f"pod/ns/e{i}"
+        state.upsert_endpoint(LocalEndpoint(key, "workload", f"veth{i}", (f"10.0.1.{i}",)))
+        state.upsert_membership(APPLY[0], key, [f"10.0.1.{i}"])
+    iptables = DryRunIptables()
+    programmer = Programmer(DryRunIpsets(), iptables)
+    programmer.start(state)
+    edited = policy("p1", APPLY[0], peers=(PEERS[0],), action="Deny")
+    state.upsert_policy(edited)
+    plan = state.plan()
+    assert plan.changed_chains == {render.policy_chain("p1")}
+    assert programmer.apply(plan).chains_written == 1
+    assert iptables.restores[-1].count(":pc-") == 1
+    assert state.plan().chains_unchanged
+    state.delete_endpoint("pod/ns/e7")  # its chain goes, and the dispatch chains change
+    plan = state.plan()
+    assert render.workload_chain("veth7") in plan.changed_chains  # type: ignore[operator]
+    programmer.apply(plan)
+    assert iptables.actual.chains == {n: c.hashes for n, c in state.desired().chains.items()}
