@@ -585,7 +585,7 @@ def parse_members(members: Iterable[str], family: int | None = None
     seen: set[tuple[int, bytes, int]] = set()
     inet, pton = socket.AF_INET, socket.inet_pton
     for text in members:
-        entry = None
+        entry: tuple[int, bytes, int] | None = None
         if type(text) is str and "/" not in text and ":" not in text:
             try:  # noqa: SIM105 (a bare IPv4 address, most members: no general parser)
                 entry = (inet, pton(inet, text), 32)
