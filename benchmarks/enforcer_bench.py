@@ -20,7 +20,9 @@ Figures, each beside a baseline measured in the same run:
   joining an applies-to selector (its chain is rewritten with iptables-restore). Run once
   per ``--fetch-waits`` value (the enforcer's ``fetch_max_wait_ms``, default 50 and 10):
   Tansu answers a held fetch only when its wait runs out, never when a record arrives,
-  so on Tansu the wait is part of the latency; Apache Kafka answers at once.
+  so on Tansu the wait is part of the latency; Apache Kafka answers at once. What a
+  shorter wait costs: the CPU an idle consumer of the same partitions uses (it fetches
+  once per wait, on every node).
 
 Results: ``benchmarks/results/enforcer_bench.json``.
 """
@@ -222,6 +224,27 @@ def kernel_floor(ns: str, data: Data) -> float:
     return time.perf_counter() - started
 
 
+async def idle_fetch_cpu(bootstrap: str, prefix: str, fetch_wait: int, seconds: float = 3.0
+                         ) -> float:
+    """What a shorter fetch wait costs: the CPU share of a core a consumer of the enforcer's
+    partitions uses while nothing is published (it fetches once per wait)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                enable_auto_commit=False, fetch_max_wait_ms=fetch_wait)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(prefix + t, p) for t in ("policies", "memberships", "endpoints")
+                 for p in range(PARTITIONS)]
+        consumer.assign(parts)
+        await consumer.seek_to_end(*parts)
+        await consumer.getmany(timeout_ms=300)
+        cpu, end = time.process_time(), time.monotonic() + seconds
+        while time.monotonic() < end:
+            await consumer.getmany(timeout_ms=200)
+        return (time.process_time() - cpu) / seconds
+    finally:
+        await consumer.stop()
+
+
 def late_ip(run: int, i: int) -> str:
     return f"10.{200 + run}.{i >> 8}.{i & 255}"
 
@@ -366,6 +389,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             print(f"join latency (observed_at -> programmed), fetch_max_wait_ms={wait}:")
             latency[f"fetch_max_wait_{wait}ms"] = await join_latency(
                 broker.bootstrap, prefix, namespaces[0], data, args.joins, args.rate, wait, run)
+            idle = await idle_fetch_cpu(broker.bootstrap, prefix, wait)
+            latency[f"fetch_max_wait_{wait}ms"]["idle_consumer_cpu_share"] = idle
+            print(f"  an idle consumer of the enforcer's {3 * PARTITIONS} partitions: "
+                  f"{idle:.1%} of a core")
         return {"cold_start": cold_start, "join_latency": latency}
     finally:
         for name in namespaces:
