@@ -22,12 +22,14 @@ dead-letter topic and processing continues.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import aiokafka
 import faust
@@ -387,54 +389,79 @@ class Processor:
             try:
                 key = decode_key(msg.key)
                 state, deltas = self._match_state(partition)
-                self._write_members(deltas)
+                await self._write_members(deltas, partition)
                 if msg.topic == self.endpoints_name:
                     endpoint: EndpointRecord | None = decode_as(EndpointRecord, msg.value)
                     if _partition_of_endpoint_key(key, self.partitions) != partition:
                         raise RecordError(f"endpoint {key!r} is on the wrong partition")
                     deltas = state.apply_endpoint(key, endpoint)
-                    self._write_input(self.endpoints, key.encode(), msg.value)
+                    await self._write(self.endpoints, key.encode(), msg.value, partition)
                 elif msg.topic == self.profiles_name:
                     profile: ProfileRecord | None = decode_as(ProfileRecord, msg.value)
                     if _partition_of_profile_key(key, self.partitions) != partition:
                         raise RecordError(f"profile {key!r} is on the wrong partition")
                     deltas = state.apply_profile(key, profile)
-                    self._write_input(self.profiles, key.encode(), msg.value)
+                    await self._write(self.profiles, key.encode(), msg.value, partition)
                 else:
                     selector: SelectorRecord | None = decode_as(SelectorRecord, msg.value)
                     uid, source = split_selector_message_key(key)
                     deltas = state.apply_selector(uid, source, selector)
                     stored = f"{partition}/{key}".encode()
                     text = selector.selector.encode() if selector and selector.active else None
-                    self._write_input(self.selectors, stored, text)
+                    await self._write(self.selectors, stored, text, partition)
             except (RecordError, SelectorError) as exc:
                 await self._reject(event, exc, "match")
                 continue
-            self._write_members(deltas)
+            await self._write_members(deltas, partition)
             self.processed += 1
 
-    @staticmethod
-    def _write_input(table: Any, key: bytes, value: bytes | None) -> None:
-        if value is not None:
-            table[key] = value
-        elif key in table:
-            del table[key]
+    async def _write(self, table: Any, key: bytes, value: bytes | None, partition: int) -> None:
+        """Write a table row and send it to the table's changelog, as a Faust table write does.
 
-    def _write_members(self, deltas: Iterable[Delta]) -> None:
-        members = self.members
+        Faust's own path (``table[key] = value``) costs about ten times more per write:
+        it wraps every write in a future message, queues it in a buffer that a task
+        drains one message per loop iteration, and makes the consumer wait on that buffer.
+        Here the store is written at once and the record goes straight to the app's
+        producer (same topic, same partition: the event's, as Faust's table would choose).
+        The guarantees are Faust's: the producer is flushed before any offset is
+        committed, and a table recovers from the changelog it always did.
+        """
+        store = table.data
+        if value is None:
+            if key not in store:
+                return
+            del store[key]
+        else:
+            store[key] = value
+        topic = table.changelog_topic.get_topic_name()
+        sent = cast(
+            "asyncio.Future[Any]",
+            await self.app.producer.send(topic, key, value, partition, None, None),
+        )
+        sent.add_done_callback(partial(_record_persisted_offset, store))
+
+    async def _write_members(self, deltas: Iterable[Delta], partition: int) -> None:
         for delta in deltas:
-            key = delta.key.encode()
-            if delta.record is not None:
-                members[key] = encode(delta.record)
-            elif key in members:
-                del members[key]
+            value = encode(delta.record) if delta.record is not None else None
+            await self._write(self.members, delta.key.encode(), value, partition)
+
+
+def _record_persisted_offset(store: Any, sent: asyncio.Future[Any]) -> None:
+    """What Faust's table does once a changelog record is acknowledged (rocksdb keeps it)."""
+    if sent.cancelled():
+        return
+    if (error := sent.exception()) is not None:
+        # Faust's table path drops this the same way; say it loudly at least.
+        log.error("changelog write failed after the producer's retries: %r", error)
+        return
+    metadata = sent.result()
+    store.set_persisted_offset(TP(metadata.topic, metadata.partition), metadata.offset)
 
 
 async def prepare_changelogs(
     processor: Processor, kafka_kwargs: dict[str, Any], timeout: float = 30.0
 ) -> None:
     """Create the tables' compacted changelog topics and wait until metadata lists them."""
-    import asyncio
     import contextlib
 
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
