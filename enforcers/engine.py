@@ -340,6 +340,21 @@ class RecordSink:
             st.upsert_membership(uid, endpoint, ips, float(at), node=node, prune=self.prune)
         return True
 
+    def memberships(self, topic: str, partition: int, messages: Iterable[Any]) -> int:
+        """A fetched run of membership records (aiokafka ``ConsumerRecord``s): well-formed
+        upserts go straight to the fast path, anything else through ``message``. The
+        start-up read is mostly this."""
+        fast = self._fast_membership
+        n = 0
+        for msg in messages:
+            n += 1
+            key, value = msg.key, msg.value
+            # an ASCII key is valid UTF-8: what ``message`` would check before the fast path
+            if value is not None and key is not None and key.isascii() and fast(value):
+                continue
+            self.message(MEMBERSHIPS.suffix, key, value, (topic, partition, msg.offset))
+        return n
+
     def _elsewhere(self, value: bytes) -> bool:
         """True for a well-formed record of an endpoint on another node (or none)."""
         try:
@@ -630,6 +645,9 @@ class Enforcer:
         order = sorted(batch.items(), key=lambda item: self.topics[item[0].topic] != "policies")
         for tp, messages in order:
             suffix = self.topics[tp.topic]
+            if suffix == MEMBERSHIPS.suffix:
+                n += self.sink.memberships(tp.topic, tp.partition, messages)
+                continue
             for msg in messages:
                 self.sink.message(suffix, msg.key, msg.value, (tp.topic, tp.partition, msg.offset))
                 n += 1

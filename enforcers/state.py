@@ -420,21 +420,26 @@ class EnforcerState:
         # every membership of a selector repeats its uid, and IPs repeat across selectors:
         # one shared string each keeps 100,000s of memberships affordable
         endpoint_key = sys.intern(endpoint_key)
-        new = tuple(map(sys.intern, new))
+        value: Ips
+        if len(new) == 1:
+            value = sys.intern(new[0])
+            new = (value,)
+        else:
+            value = new = tuple(map(sys.intern, new))
         if by_endpoint is None:
             uid = sys.intern(uid)
             by_endpoint = self.members[uid] = {}
-        by_endpoint[endpoint_key] = new[0] if len(new) == 1 else new
+        by_endpoint[endpoint_key] = value
         if old is None and endpoint_key in self.endpoints:
             uid = sys.intern(uid)
             known = self.uids_of_endpoint.get(endpoint_key, ())
             self.uids_of_endpoint[endpoint_key] = (*known, uid)
+            self._membership_changed(uid, endpoint_key)
         counter = self.contents.get(uid)
         if counter is not None:
             self._recount(uid, counter, old or (), new)
-        if old is None:
-            self._membership_changed(uid, endpoint_key)
-        self._note(observed_at)
+        if observed_at is not None:
+            self.observed.append(observed_at)
 
     def delete_membership(
         self, uid: str, endpoint_key: str, observed_at: float | None = None
