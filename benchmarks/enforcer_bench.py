@@ -174,14 +174,21 @@ def metric(port: int, name: str) -> float | None:
     return None
 
 
-def run_enforcer_until_synced(bootstrap: str, prefix: str, ns: str) -> float:
+def run_enforcer_until_synced(bootstrap: str, prefix: str, ns: str,
+                              tree: Path | None = None) -> float:
+    """``portcullis enforce`` from process start to in sync; ``tree``: run the code of that
+    source tree instead (another version, e.g. ``git archive <commit> | tar -x -C DIR``)."""
     port = free_port()
-    exe = os.path.join(os.path.dirname(sys.executable), "portcullis")
+    if tree is None:
+        argv = [os.path.join(os.path.dirname(sys.executable), "portcullis")]
+    else:
+        argv = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); "
+                "from portcullis.cli import main; sys.exit(main())"]
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [exe, "enforce", "--node", NODE, "--netns", ns, "--bootstrap", bootstrap,
+        [*argv, "enforce", "--node", NODE, "--netns", ns, "--bootstrap", bootstrap,
          "--topic-prefix", prefix, "--metrics-port", str(port), "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tree)
     try:
         while metric(port, "portcullis_enforcer_in_sync") != 1:
             if proc.poll() is not None:
@@ -362,8 +369,14 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         publish_s = await publish(broker.bootstrap, prefix, data.records)
         print(f"  published in {publish_s:.1f} s")
 
-        cold, restart, bare, floor = [], [], [], []
+        cold, restart, bare, floor, other = [], [], [], [], []
         for _ in range(args.reps):
+            if args.baseline_tree is not None:  # the other version first, into its own ns
+                ns = new_ns()
+                other.append(run_enforcer_until_synced(broker.bootstrap, prefix, ns,
+                                                       args.baseline_tree))
+                assert count_members(ns) == data.members
+                print(f"  cold {other[-1]:.2f} s with {args.baseline_tree}", flush=True)
             ns = new_ns()
             cold.append(run_enforcer_until_synced(broker.bootstrap, prefix, ns))
             programmed = count_members(ns)
@@ -384,6 +397,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             "baseline_kernel_floor_restore_s": statistics.median(floor),
             "runs": {"cold": cold, "restart": restart, "bare": bare, "floor": floor},
         }
+        if other:
+            cold_start["baseline_tree"] = str(args.baseline_tree)
+            cold_start["baseline_tree_median_cold_start_s"] = statistics.median(other)
+            cold_start["runs"]["baseline_tree_cold"] = other
         latency = {}
         for run, wait in enumerate(args.fetch_waits):
             print(f"join latency (observed_at -> programmed), fetch_max_wait_ms={wait}:")
@@ -413,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fetch-waits", type=int, nargs="+", default=[50, 10],
                         help="the enforcer's fetch_max_wait_ms values to measure joins with "
                              "(the first is the default the CLI runs with)")
+    parser.add_argument("--baseline-tree", type=Path, metavar="DIR",
+                        help="also time the cold start of the code in this source tree (e.g. "
+                             "`git archive <commit> | tar -x -C DIR`), alternating, same data")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -426,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
                          "met": cold <= GOAL_COLD_START_S},
     }
     print(f"cold start {cold:.2f} s (goal <= {GOAL_COLD_START_S})")
+    if "baseline_tree_median_cold_start_s" in figures["cold_start"]:
+        print(f"  with {args.baseline_tree}: "
+              f"{figures['cold_start']['baseline_tree_median_cold_start_s']:.2f} s")
     for label, runs in figures["join_latency"].items():
         p99 = runs["remote_join_10k_set"]["p99_ms"]
         goals[f"join_p99_ms_{label}"] = {
@@ -439,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {"kernel": platform.release(), "python": platform.python_version(),
                         "cpus": os.cpu_count(), "load_average_before": load_before,
                         "load_average_after": os.getloadavg()},
-        "parameters": {k: v for k, v in vars(args).items() if k != "output"},
+        "parameters": {k: str(v) if isinstance(v, Path) else v
+                       for k, v in vars(args).items() if k != "output"},
         **figures,
         "goals": goals,
     }
