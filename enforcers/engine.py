@@ -350,8 +350,11 @@ class RecordSink:
             n += 1
             key, value = msg.key, msg.value
             # an ASCII key is valid UTF-8: what ``message`` would check before the fast path
-            if value is not None and key is not None and key.isascii() and fast(value):
-                continue
+            try:
+                if value is not None and key is not None and key.isascii() and fast(value):
+                    continue
+            except ValueError:
+                pass  # a bad address: ``message`` rejects it and names the problem
             self.message(MEMBERSHIPS.suffix, key, value, (topic, partition, msg.offset))
         return n
 

@@ -561,3 +561,33 @@ def test_a_plan_names_the_chains_it_changed_and_the_programmer_writes_only_those
     assert render.workload_chain("veth7") in plan.changed_chains  # type: ignore[operator]
     programmer.apply(plan)
     assert iptables.actual.chains == {n: c.hashes for n, c in state.desired().chains.items()}
+
+
+def test_a_fetched_run_of_memberships_takes_the_good_and_rejects_the_bad_with_where() -> None:
+    from types import SimpleNamespace
+
+    import orjson
+
+    from enforcers.engine import RecordSink
+    from enforcers.metrics import EnforcerMetrics
+    from topics import codec
+    from topics.records import MembershipRecord
+
+    good = MembershipRecord("s:abc", "pod/ns/a", "ns", "n1", "vetha", ("10.0.0.1",), 5.0)
+    other = MembershipRecord("s:abc", "pod/ns/b", "ns", "n2", "vethb", ("10.0.0.2",), 6.0)
+    rejected: list[tuple[str, int, int]] = []
+    state = EnforcerState("n1", namer)
+    sink = RecordSink(state, EnforcerMetrics(),
+                      on_reject=lambda where, *_: rejected.append(where))
+    run = [
+        SimpleNamespace(key=good.key.encode(), value=codec.encode(good), offset=7),
+        SimpleNamespace(key=good.key.encode(), value=orjson.dumps(  # owned: node n1
+            dict(good.to_dict(), ips=["10.0.0.300"])), offset=8),
+        SimpleNamespace(key="s:abc|pod/ns/é".encode(), value=None, offset=9),  # slow path
+        SimpleNamespace(key=other.key.encode(), value=codec.encode(other), offset=10),
+    ]
+    assert sink.memberships("t.memberships", 2, run) == 4
+    assert state.membership("s:abc", "pod/ns/a") == ("10.0.0.1",)
+    assert state.membership("s:abc", "pod/ns/b") == ("10.0.0.2",)
+    assert sink.metrics.rejected.value == 1 and rejected == [("t.memberships", 2, 8)]
+    assert state.observed == [5.0, 6.0]
