@@ -34,7 +34,7 @@ async def _main(args: argparse.Namespace) -> None:
     enforcer = Enforcer(EnforcerState(args.node, set_name),
                         Programmer(ipsets, Iptables(args.netns)),
                         {"bootstrap_servers": args.bootstrap}, args.prefix, metrics,
-                        resync_interval=3600.0)
+                        resync_interval=3600.0, fetch_max_wait_ms=args.fetch_max_wait_ms)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--samples", required=True)
+    parser.add_argument("--fetch-max-wait-ms", type=int, default=50)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -45,7 +45,16 @@ class Command:
         )
         parser.add_argument(
             "--batch-window", type=float, default=0.003, metavar="SECONDS",
-            help="how long to wait for more changes before one transaction (default 0.003)",
+            help="minimum spacing between dataplane transactions; a change after a quiet "
+                 "spell is applied at once, changes within the window go together "
+                 "(default 0.003)",
+        )
+        parser.add_argument(
+            "--fetch-max-wait", type=float, default=0.05, metavar="SECONDS",
+            help="how long the broker may hold an empty fetch (default 0.05). Apache Kafka "
+                 "answers as soon as a record arrives, so this only sets idle polling; the "
+                 "embedded Tansu broker answers only when the wait ends, so there it adds "
+                 "up to this much latency (0.01 keeps joins under 10 ms, at ~3%% of a core)",
         )
 
     @staticmethod
@@ -54,6 +63,12 @@ class Command:
 
         if args.resync_interval <= 0:
             raise CommandError(f"--resync-interval must be positive, got {args.resync_interval}")
+        if args.batch_window < 0:
+            raise CommandError(f"--batch-window must not be negative, got {args.batch_window}")
+        if not 0 <= args.fetch_max_wait <= 10:
+            raise CommandError(
+                f"--fetch-max-wait must be between 0 and 10 seconds, got {args.fetch_max_wait}"
+            )
         if args.netns and not netns_mod.exists(args.netns):
             raise CommandError(f"network namespace {args.netns!r} does not exist")
         run_async(_main(args, settings))
@@ -91,6 +106,7 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
         settings.topic_prefix, metrics, batch_window=args.batch_window,
         resync_interval=args.resync_interval, ipv6=ipv6,
         dead_letter_unowned=args.dead_letter_unowned,
+        fetch_max_wait_ms=round(args.fetch_max_wait * 1000),
     )
     server = await serve(metrics, args.metrics_port) if args.metrics_port else None
     stop = asyncio.Event()

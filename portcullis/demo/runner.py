@@ -328,7 +328,9 @@ class Demo:
                   "(`portcullis enforce`)")
         self.start_service("enforcer", ["enforce", "--node", scenario.NODE,
                                         "--netns", self.network.namespaces["node"],
-                                        "--resync-interval", "5"])
+                                        "--resync-interval", "5",
+                                        # the embedded broker holds a fetch for its wait
+                                        "--fetch-max-wait", "0.01"])
 
         async def observe_real(cs: Sequence[Case]) -> list[bool | None]:
             attempts = [(c.source.netns_role, c.server) for c in cs]
