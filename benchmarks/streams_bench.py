@@ -218,6 +218,7 @@ class MembershipWatch:
         self.last_arrival: dict[float, float] = {}  # observed_at -> last arrival time
         self.first_arrival: dict[float, float] = {}
         self.records = 0
+        self.worker: subprocess.Popen[bytes] | None = None  # fail fast if it exits
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -257,6 +258,8 @@ class MembershipWatch:
     async def wait(self, done: Callable[[], bool], timeout: float) -> float:
         deadline = time.monotonic() + timeout
         while not done():
+            if self.worker is not None and self.worker.poll() is not None:
+                raise TimeoutError(f"the worker exited with status {self.worker.returncode}")
             if time.monotonic() > deadline:
                 raise TimeoutError("the worker did not produce the expected memberships")
             await asyncio.sleep(0.005)
@@ -327,6 +330,7 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
     await watch.start()
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    watch.worker = worker
     result: dict[str, Any] = {}
     try:
         # preload: 20,000 endpoints and 500 policies, then markers to know it is all in

@@ -34,6 +34,7 @@ from typing import Any, cast
 import aiokafka
 import faust
 import orjson
+from faust.stores.base import Store as StoreBase
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
@@ -83,9 +84,10 @@ class StreamsConfig:
     #: Group session timeout (s). Faust's 60 s default also makes joins slow on Tansu, which
     #: completes a JoinGroup only after about half of it; tests use 2 s.
     session_timeout: float = 60.0
-    #: How long the producer waits to batch messages (s): a few ms turns thousands of tiny
-    #: produce requests (one per table write) into a few large ones.
-    producer_linger: float = 0.005
+    #: How long the producer waits to batch messages (s). Measured on Kafka with 20,000
+    #: endpoints: 5 ms gives ~2,150 events per worker CPU-second, 10 ms ~2,250, 20 ms
+    #: ~2,750 (50 ms no better); it adds about its own length to the latency at low rates.
+    producer_linger: float = 0.02
     #: Table writes that may wait to be produced before the agents pause (Faust: 100).
     producer_buffer: int = 10_000
     #: Longest time (s) the broker may hold a fetch open waiting for new records. Faust
@@ -426,24 +428,45 @@ class Processor:
         The guarantees are Faust's: the producer is flushed before any offset is
         committed, and a table recovers from the changelog it always did.
         """
+        sent = await self._send_change(table, key, value, partition)
+        if sent is not None:
+            self._persist_on_ack(table, sent)
+
+    async def _send_change(
+        self, table: Any, key: bytes, value: bytes | None, partition: int
+    ) -> asyncio.Future[Any] | None:
         store = table.data
         if value is None:
             if key not in store:
-                return
+                return None
             del store[key]
         else:
             store[key] = value
         topic = table.changelog_topic.get_topic_name()
-        sent = cast(
+        return cast(
             "asyncio.Future[Any]",
             await self.app.producer.send(topic, key, value, partition, None, None),
         )
-        sent.add_done_callback(partial(_record_persisted_offset, store))
+
+    def _persist_on_ack(self, table: Any, sent: asyncio.Future[Any]) -> None:
+        """Once acknowledged, a persistent store records the changelog offset it holds.
+
+        Offsets grow within a partition, so the last write of an event covers the ones
+        before it; the memory store keeps no offsets, so it needs no callback at all.
+        """
+        store = table.data
+        if type(store).set_persisted_offset is not StoreBase.set_persisted_offset:
+            sent.add_done_callback(partial(_record_persisted_offset, store))
 
     async def _write_members(self, deltas: Iterable[Delta], partition: int) -> None:
+        last = None
         for delta in deltas:
             value = encode(delta.record) if delta.record is not None else None
-            await self._write(self.members, delta.key.encode(), value, partition)
+            sent = await self._send_change(self.members, delta.key.encode(), value, partition)
+            if sent is not None:
+                last = sent
+        if last is not None:
+            self._persist_on_ack(self.members, last)
 
 
 def _record_persisted_offset(store: Any, sent: asyncio.Future[Any]) -> None:
