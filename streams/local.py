@@ -105,13 +105,13 @@ class LocalProcessor:
         elif topic == "selectors":
             reg = self._q.selectors[p].popleft()
             source = int(reg.key.rpartition("@")[2])
-            self._emit(self.match[p].apply_selector(reg.uid, source, reg.record))
+            self.emit(self.match[p].apply_selector(reg.uid, source, reg.record))
         elif topic == "profiles":
             pkey, profile = self._q.profiles[p].popleft()
-            self._emit(self.match[p].apply_profile(pkey, profile))
+            self.emit(self.match[p].apply_profile(pkey, profile))
         else:
             ekey, endpoint = self._q.endpoints[p].popleft()
-            self._emit(self.match[p].apply_endpoint(ekey, endpoint))
+            self.emit(self.match[p].apply_endpoint(ekey, endpoint))
 
     def drain(self) -> None:
         """Process everything, policies first round by round (any order is correct)."""
@@ -121,7 +121,8 @@ class LocalProcessor:
                 while getattr(self._q, topic)[p]:
                     self.step(queue)
 
-    def _emit(self, deltas: Iterable[Delta]) -> None:
+    def emit(self, deltas: Iterable[Delta]) -> None:
+        """Apply deltas to the compacted memberships (subclasses also collect them)."""
         for delta in deltas:
             self.emitted += 1
             if delta.record is None:

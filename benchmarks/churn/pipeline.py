@@ -40,10 +40,10 @@ class CollectingProcessor(LocalProcessor):
         super().__init__(partitions)
         self.out: list[Delta] = []
 
-    def _emit(self, deltas: Iterable[Delta]) -> None:
+    def emit(self, deltas: Iterable[Delta]) -> None:
         deltas = list(deltas)
         self.out.extend(deltas)
-        super()._emit(deltas)
+        super().emit(deltas)
 
     def take(self) -> list[Delta]:
         out, self.out = self.out, []

@@ -182,7 +182,7 @@ def test_incremental_equals_oracle(
         if data.draw(st.integers(0, 14)) == 0:
             p = data.draw(st.integers(0, partitions - 1))
             proc.match[p] = rebuilt(proc.match[p])
-            proc._emit(proc.match[p].resync(0.0))
+            proc.emit(proc.match[p].resync(0.0))
     proc.drain()
     expected = oracle_memberships(endpoints.values(), profiles.values(), policies.values())
     assert compacted_payloads(proc.memberships) == expected
