@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,38 @@ async def test_worker_consumer_uses_the_configured_fetch_wait(tmp_path: Path, wa
 def test_negative_fetch_wait_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fetch_max_wait"):
         _processor(tmp_path, fetch_max_wait=-1.0)
+
+
+class _FakeProducer:
+    """Records what the processor sends; every send is acknowledged at once."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes | None, int]] = []
+
+    async def send(
+        self, topic: str, key: bytes, value: bytes | None, partition: int, *_: object
+    ) -> asyncio.Future[object]:
+        self.sent.append((topic, key, value, partition))
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
+async def test_table_writes_go_to_store_and_changelog(tmp_path: Path) -> None:
+    processor = _processor(tmp_path)
+    producer = _FakeProducer()
+    processor.app._producer = producer  # what app.producer returns once started
+    members = processor.members
+    await processor._write(members, b"s:x|pod/a/b", b"v1", 3)
+    await processor._write(members, b"s:x|pod/a/b", b"v2", 3)
+    await processor._write(members, b"s:x|pod/a/c", None, 3)  # never there: nothing sent
+    await processor._write(members, b"s:x|pod/a/b", None, 3)
+    await processor._write(processor.endpoints, b"pod/a/b", b"e", 5)
+    assert producer.sent == [
+        ("t.memberships", b"s:x|pod/a/b", b"v1", 3),
+        ("t.memberships", b"s:x|pod/a/b", b"v2", 3),
+        ("t.memberships", b"s:x|pod/a/b", None, 3),
+        (processor.endpoints.changelog_topic.get_topic_name(), b"pod/a/b", b"e", 5),
+    ]
+    assert b"s:x|pod/a/b" not in members.data
+    assert processor.endpoints.data[b"pod/a/b"] == b"e"
