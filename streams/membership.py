@@ -171,6 +171,28 @@ class PartitionState:
                     deltas.append(self._drop_member(membership_key(uid, key)))
         return deltas
 
+    def republish(self, keys: Iterable[str], observed_at: float) -> list[Delta]:
+        """Deltas that state the true membership of `keys`, whatever was emitted for them.
+
+        For member keys whose published value is unknown (a crashed worker may have
+        written them locally but never produced them): an upsert if the inputs make it
+        a member, a tombstone otherwise, even if the members map already agrees.
+        """
+        deltas: list[Delta] = []
+        for key in sorted(set(keys)):
+            uid, endpoint_key = split_membership_key(key)
+            endpoint = self.endpoints.get(endpoint_key)
+            entry = self.selectors.get(uid)
+            if endpoint is not None and entry is not None and entry[0].matcher(
+                self._labels[endpoint_key]
+            ):
+                record = member_record(uid, endpoint, observed_at)
+                self._set_member(record)
+                deltas.append(Delta(key, record))
+            else:
+                deltas.append(self._drop_member(key))
+        return deltas
+
     # ------------------------------------------------------------------ events
 
     def apply_endpoint(self, key: str, record: EndpointRecord | None) -> list[Delta]:
@@ -309,11 +331,17 @@ class PartitionState:
     def _upsert_member(
         self, uid: str, endpoint: EndpointRecord, observed_at: float
     ) -> Delta | None:
-        record = member_record(uid, endpoint, observed_at)
         key = membership_key(uid, endpoint.key)
         old = self.members.get(key)
-        if old is not None and same_member(old, record):
+        if (  # same_member(old, member_record(...)), without building a record to compare
+            old is not None
+            and old.ips == endpoint.ips
+            and old.node == endpoint.node
+            and old.interface == endpoint.interface
+            and old.namespace == endpoint.namespace
+        ):
             return None
+        record = member_record(uid, endpoint, observed_at)
         self._set_member(record)
         return Delta(key, record)
 

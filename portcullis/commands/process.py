@@ -58,7 +58,7 @@ class Command:
 
         from portcullis.cli import run_async
         from streams.app import Processor, StreamsConfig, prepare_changelogs
-        from streams.localstate import LocalStateGuard
+        from streams.localstate import LocalState
 
         if args.session_timeout <= 0:
             raise CommandError(f"--session-timeout must be positive, got {args.session_timeout:g}")
@@ -98,8 +98,10 @@ class Command:
             run_async(prepare_changelogs(processor, kafka.aiokafka_kwargs()))
         except RuntimeError as exc:
             raise CommandError(str(exc)) from None
-        guard = LocalStateGuard(Path(processor.app.conf.tabledir))
-        guard.open()
+        local_state = None
+        if args.store == "rocksdb":  # local tables survive restarts: keep crash bookkeeping
+            local_state = LocalState(Path(processor.app.conf.tabledir).parent)
+            processor.attach_local_state(local_state, local_state.open())
         worker = faust.Worker(
             processor.app,
             loglevel=settings.log_level,
@@ -110,8 +112,8 @@ class Command:
             worker.execute_from_commandline()
         except SystemExit as exit_:
             crashed = worker.crash_reason or processor.app.crash_reason
-            if exit_.code in (0, None) and crashed is None:
-                guard.close_cleanly()
+            if exit_.code in (0, None) and crashed is None and local_state is not None:
+                local_state.close_cleanly()
             raise
         return 0
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from streams.local import LocalProcessor
 from streams.membership import PartitionState
 from streams.oracle import compacted_payloads, oracle_memberships
-from topics.records import EndpointRecord, PolicyRecord, ProfileRecord
+from topics.records import EndpointRecord, MembershipRecord, PolicyRecord, ProfileRecord
 
 NAMESPACES = ["a", "b", "c"]
 ACCOUNTS = ["sa1", "sa2"]
@@ -204,3 +204,46 @@ def test_replay_gives_identical_memberships(events: list[tuple[str, tuple[str, A
         proc.drain()
         results.append(proc.memberships)
     assert results[0] == results[1]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(event_st, min_size=8, max_size=40),
+    data=st.data(),
+)
+def test_republishing_suspects_repairs_a_topic_behind_the_local_table(
+    events: list[tuple[str, tuple[str, Any]]], data: st.DataObject
+) -> None:
+    """A worker killed after writing members locally but before producing them: the
+    topic holds older values (or none, or keys the table already deleted) for some keys.
+    Rebuilding from the table and republishing those suspect keys makes the topic exact."""
+    proc = LocalProcessor(1)
+    for topic, (key, record) in events:
+        getattr(proc, f"publish_{topic}")(key, record)
+    proc.drain()
+    expected = compacted_payloads(proc.memberships)
+    state = proc.match[0]
+    endpoint_keys = sorted(state.endpoints) or ["pod/a/e1"]
+    uids = sorted(state.selectors) or ["s:none"]
+    candidates = sorted(set(proc.memberships) | {f"{u}|{e}" for u in uids for e in endpoint_keys})
+    suspects = data.draw(st.lists(st.sampled_from(candidates), max_size=6, unique=True))
+    for key in suspects:  # what the topic holds instead of the table's last write
+        table = state.members.get(key)
+        choice = data.draw(st.sampled_from(["absent", "stale", "kept"]))
+        if choice == "absent":
+            proc.memberships.pop(key, None)
+        elif choice == "stale":
+            uid, endpoint_key = key.split("|", 1)
+            namespace = endpoint_key.split("/")[1] or None
+            proc.memberships[key] = MembershipRecord(
+                selector_uid=uid, endpoint_key=endpoint_key, namespace=namespace,
+                node="old-node", interface=None, ips=("10.9.9.9",), observed_at=1.0,
+            )
+        elif table is not None:
+            proc.memberships[key] = table
+    fresh = rebuilt(state)
+    proc.match[0] = fresh
+    proc.emit(fresh.resync(0.0))
+    proc.emit(fresh.republish(suspects, 0.0))
+    assert compacted_payloads(proc.memberships) == expected
+    assert fresh.members == proc.memberships

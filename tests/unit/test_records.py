@@ -429,3 +429,15 @@ def test_specs_name_every_topic_in_order() -> None:
     assert rows[-1][2] == 1  # deadletter: one partition
     assert specs.spec_for("pc.policies.history") is specs.POLICIES_HISTORY
     assert specs.ENDPOINTS.topic_configs() == {"cleanup.policy": "compact"}
+
+
+@given(memberships())
+def test_own_membership_decodes_like_a_validated_one(record: MembershipRecord) -> None:
+    raw = codec.encode(record)
+    assert MembershipRecord.from_own_json(raw) == codec.decode_as(MembershipRecord, raw)
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'{"v": 1, "selector_uid": "s:x"}'])
+def test_own_membership_that_is_not_one_is_a_record_error(raw: bytes) -> None:
+    with pytest.raises(RecordError, match="not a stored membership"):
+        MembershipRecord.from_own_json(raw)

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from streams.app import Processor, StreamsConfig, Transport
+from streams.localstate import LocalState
+from streams.membership import Delta
 
 
 def _processor(tmp_path: Path, **kwargs: object) -> Processor:
@@ -69,3 +71,23 @@ async def test_table_writes_go_to_store_and_changelog(tmp_path: Path) -> None:
     ]
     assert b"s:x|pod/a/b" not in members.data
     assert processor.endpoints.data[b"pod/a/b"] == b"e"
+
+
+async def test_forced_tombstones_are_sent_and_member_writes_noted(tmp_path: Path) -> None:
+    """After a crash a row may be gone locally but not on its changelog: forced tombstones
+    are sent anyway, and every members write is named in the intent log first."""
+    processor = _processor(tmp_path)
+    producer = _FakeProducer()
+    processor.app._producer = producer
+    local = LocalState(tmp_path / "state")
+    processor.attach_local_state(local, local.open())
+    endpoints_log = processor.endpoints.changelog_topic.get_topic_name()
+    await processor._write(processor.endpoints, b"pod/a/gone", None, 1, force=True)
+    await processor._write_members([Delta("s:x|pod/a/b", None)], 1, force=True)
+    await processor._write(processor.endpoints, b"pod/a/other", None, 1)  # not forced
+    assert producer.sent == [
+        (endpoints_log, b"pod/a/gone", None, 1),
+        ("t.memberships", b"s:x|pod/a/b", None, 1),
+    ]
+    # killed now: the members write is a suspect for the next start, the input is not
+    assert LocalState(tmp_path / "state").open() == {"s:x|pod/a/b"}

@@ -1,45 +1,128 @@
-"""The local table state guard: stray disk state from a crashed worker is discarded."""
+"""Crash bookkeeping of local tables: a crash never loses a member key that may be wrong."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
-from streams.localstate import MARKER, LocalStateGuard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streams.localstate import MARKER, FlushToken, LocalState
+
+KEYS = [f"s:u{i}|pod/ns/p{i}" for i in range(6)]
 
 
-def make_tables(root: Path) -> Path:
-    tables = root / "app-data" / "v1" / "tables"
-    (tables / "members-0.db").mkdir(parents=True)
-    (tables / "members-0.db" / "000001.sst").write_bytes(b"rows")
-    return tables
+def test_first_start_has_no_suspects(tmp_path: Path) -> None:
+    state = LocalState(tmp_path)
+    assert state.open() == set()
+    assert (tmp_path / MARKER).exists()
 
 
-def test_first_start_keeps_state_and_marks_it(tmp_path: Path) -> None:
-    tables = make_tables(tmp_path)
-    guard = LocalStateGuard(tables)
-    assert guard.open() is False
-    assert (tables / "members-0.db" / "000001.sst").exists()
-    assert (tables.parent / MARKER).exists()
+def test_clean_stop_leaves_nothing_to_republish(tmp_path: Path) -> None:
+    state = LocalState(tmp_path)
+    state.open()
+    state.note(KEYS[0].encode())
+    state.close_cleanly()
+    assert not (tmp_path / MARKER).exists()
+    assert LocalState(tmp_path).open() == set()
 
 
-def test_clean_stop_keeps_state_for_next_start(tmp_path: Path) -> None:
-    tables = make_tables(tmp_path)
-    LocalStateGuard(tables).open()
-    LocalStateGuard(tables).close_cleanly()
-    assert not (tables.parent / MARKER).exists()
-    assert LocalStateGuard(tables).open() is False
-    assert (tables / "members-0.db" / "000001.sst").exists()
+def test_crash_makes_unflushed_writes_suspects(tmp_path: Path) -> None:
+    state = LocalState(tmp_path)
+    state.open()
+    state.note(KEYS[0].encode())
+    token = state.begin_flush()
+    state.note(KEYS[1].encode())  # written while the flush runs: not covered by it
+    state.end_flush(token)
+    state.note(KEYS[2].encode())
+    # SIGKILL: no close_cleanly
+    assert LocalState(tmp_path).open() == {KEYS[1], KEYS[2]}
 
 
-def test_start_after_crash_discards_local_tables(tmp_path: Path) -> None:
-    tables = make_tables(tmp_path)
-    LocalStateGuard(tables).open()  # the worker is killed: no close_cleanly
-    assert LocalStateGuard(tables).open() is True
-    assert not tables.exists()
-    assert (tables.parent / MARKER).exists()  # the new worker marks it again
+def test_suspects_survive_until_republished_and_flushed(tmp_path: Path) -> None:
+    state = LocalState(tmp_path)
+    state.open()
+    state.note(KEYS[0].encode())
+    again = LocalState(tmp_path)
+    assert again.open() == {KEYS[0]}
+    again.close_cleanly()  # stopped before republishing: still suspect
+    third = LocalState(tmp_path)
+    assert third.open() == {KEYS[0]}
+    early = third.begin_flush()  # began before the republish: does not settle it
+    third.settle([KEYS[0]])
+    third.end_flush(early)
+    assert third.suspects == {KEYS[0]}
+    third.end_flush(third.begin_flush())
+    assert third.suspects == set()
+    third.close_cleanly()
+    assert LocalState(tmp_path).open() == set()
 
 
-def test_start_after_crash_without_tables(tmp_path: Path) -> None:
-    tables = tmp_path / "app-data" / "v1" / "tables"
-    LocalStateGuard(tables).open()
-    assert LocalStateGuard(tables).open() is False
+def test_torn_last_line_is_ignored(tmp_path: Path) -> None:
+    state = LocalState(tmp_path)
+    state.open()
+    state.note(KEYS[0].encode())
+    log = next((tmp_path / "intents").glob("*.log"))
+    with log.open("ab") as f:
+        f.write(b"s:half-written")
+    assert LocalState(tmp_path).open() == {KEYS[0]}
+
+
+# A sequence of operations, against an oracle of what a crash may have left wrong.
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("note"), st.sampled_from(KEYS)),
+        st.tuples(st.just("begin"), st.just("")),
+        st.tuples(st.just("end"), st.just("")),
+        st.tuples(st.just("settle"), st.sampled_from(KEYS)),
+        st.tuples(st.just("crash"), st.just("")),
+        st.tuples(st.just("restart"), st.just("")),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+def test_suspects_cover_every_write_not_made_durable(ops: list[tuple[str, str]]) -> None:
+    """After any crash, every key written since the last completed flush that began after
+    it is a suspect; a suspect disappears only when republished and then flushed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        state = LocalState(root)
+        state.open()
+        pending: dict[str, int] = {}  # oracle: key -> write time not yet made durable
+        suspects: set[str] = set()  # oracle: keys that must be republished
+        settled: dict[str, int] = {}  # republished suspects -> when
+        flushes: list[tuple[FlushToken, int]] = []
+        for clock, (op, key) in enumerate(ops, start=1):
+            if op == "note":
+                state.note(key.encode())
+                pending.setdefault(key, clock)
+            elif op == "begin":
+                flushes.append((state.begin_flush(), clock))
+            elif op == "end" and flushes:
+                token, began = flushes.pop(0)
+                state.end_flush(token)
+                pending = {k: t for k, t in pending.items() if t > began}
+                suspects -= {k for k, t in settled.items() if t < began}
+                settled = {k: t for k, t in settled.items() if t > began}
+            elif op == "settle" and key in state.suspects:
+                state.settle([key])
+                settled.setdefault(key, clock)
+            elif op in ("crash", "restart"):
+                if op == "restart" and not flushes:
+                    state.end_flush(state.begin_flush())  # the final flush of a clean stop
+                    pending.clear()
+                    suspects -= set(settled)
+                    state.close_cleanly()
+                suspects |= set(pending)
+                pending.clear()
+                settled.clear()
+                flushes.clear()
+                state = LocalState(root)
+                found = state.open()
+                assert suspects <= found
+                suspects = found  # the bookkeeping may keep a key one flush longer
+        assert suspects <= state.suspects | set(pending) | set(settled)
