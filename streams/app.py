@@ -235,6 +235,10 @@ class Processor:
             producer_acks=-1,
             producer_linger=config.producer_linger,
             producer_max_batch_size=512 * 1024,
+            # A deeper stream buffer with bounded polls: 7 interleaved runs on Kafka, 20,000
+            # endpoints, median 2,750 -> 3,050 events per worker CPU-second (4,096 / None).
+            stream_buffer_maxsize=16_384,
+            broker_max_poll_records=2_000,
             broker_session_timeout=config.session_timeout,
             broker_heartbeat_interval=max(0.3, min(3.0, config.session_timeout / 5)),
         )
