@@ -381,11 +381,6 @@ async def test_sigkill_and_restart(broker: Any, topic_prefix: str, tmp_path: Pat
     assert got == expected, diff(expected, got) + "\n" + workers[-1].log_tail()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known intermittent bug (issue 4): after a SIGKILL restart or a rebalance, "
-    "memberships that should have been tombstoned are sometimes left on the topic",
-)
 async def test_two_workers_one_leaves(broker: Any, topic_prefix: str, tmp_path: Path,
                                       workers: list[Worker]) -> None:
     """Two workers share the partitions; one leaves mid-stream; the other takes over."""
