@@ -19,8 +19,9 @@ class Command:
             "--store",
             choices=["rocksdb", "memory"],
             default=os.environ.get("PORTCULLIS_STREAMS_STORE", "rocksdb"),
-            help="table store: rocksdb (default; local state survives restarts) or memory "
-            "(tables are rebuilt from their changelogs on every start)",
+            help="table store: rocksdb (default; local state survives restarts, also a "
+            "SIGKILL: members written since the last flush are republished from the inputs) "
+            "or memory (tables are rebuilt from their changelogs on every start)",
         )
         parser.add_argument(
             "--data-dir",
