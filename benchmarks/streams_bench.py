@@ -15,9 +15,13 @@ event (``--brute-force``), same events, same machine.
    emitted the last event's memberships on every partition); policy storm from publish to
    the 20,000th membership on the topic; latency from each event's ``observed_at`` to its
    membership records on the topic at 100 events/s (p50, p99 over events, using the last
-   record of each event).
+   record of each event); idle CPU of the worker with no input (the price of its fetch
+   wait).
 
-Results are printed and saved to ``benchmarks/results/streams_bench.json``.
+``--modes index`` skips the baseline (for quick comparisons only; published figures keep
+it); ``--py-spy --keep DIR`` samples every worker thread during the sustained phase.
+Results are printed and saved to ``--out`` (default ``benchmarks/results/streams_bench.json``;
+the committed file merges several runs per broker, see its ``note``).
 """
 
 from __future__ import annotations
