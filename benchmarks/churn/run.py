@@ -192,16 +192,20 @@ class Tracker:
 class ProcessorProcess:
     """`portcullis process` (Faust) as a subprocess, logging to a file.
 
-    With the production store (rocksdb) in the bench's work directory, so a restart after
-    a SIGKILL recovers from local state plus the changelogs' tails, as in production.
+    On Apache Kafka with the production store (rocksdb) in the bench's work directory, so
+    a restart after a SIGKILL recovers from local state plus the changelogs' tails, as in
+    production. On Tansu with the memory store: Tansu reports end offsets short of the
+    last records (deploy/README.md), so Faust takes rocksdb's offsets for a stale local
+    state and refuses to recover; from memory it replays the whole changelogs instead.
     """
 
-    def __init__(self, bootstrap: str, prefix: str, partitions: int, workdir: Path) -> None:
+    def __init__(self, bootstrap: str, prefix: str, partitions: int, workdir: Path,
+                 store: str = "rocksdb") -> None:
         self.workdir = workdir
         self.log_path = workdir / "processor.log"
         self.args = [
             sys.executable, "-c", "import sys; from portcullis.cli import main; sys.exit(main())",
-            "process", "--store", "rocksdb", "--bootstrap", bootstrap, "--topic-prefix", prefix,
+            "process", "--store", store, "--bootstrap", bootstrap, "--topic-prefix", prefix,
             "--partitions", str(partitions), "--data-dir", str(workdir / "streams"),
             "--session-timeout", "3", "--log-level", "WARNING",
         ]
@@ -728,8 +732,10 @@ class Run:
         self.fleet = Fleet.of(nodes)
         self.fleet.on_sample = self.tracker.sample
         await self.setup()
-        self.processor = ProcessorProcess(self.bootstrap, self.prefix, self.partitions,
-                                          self.workdir)
+        self.processor = ProcessorProcess(
+            self.bootstrap, self.prefix, self.partitions, self.workdir,
+            store="memory" if self.opts.broker == "tansu" else "rocksdb",
+        )
         tasks = self.tasks
         want_real = self.opts.real_enforcer
         if want_real is None:
