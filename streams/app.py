@@ -166,8 +166,20 @@ class _Producer(faust_aiokafka.Producer):
         hooks = list(getattr(self.transport, "flush_hooks", ()))
         tokens = [hook.begin_flush() for hook in hooks]
         await super().flush()
+        await asyncio.sleep(0)  # let the done-callbacks of the last sends run
+        failed = getattr(self.transport, "failed_write", None)
+        if failed is not None:
+            # Faust commits offsets right after a flush: a lost table write must stop that,
+            # so the worker crashes and the events are processed again after a restart.
+            raise ChangelogWriteFailed(
+                f"a table write never reached its changelog: {failed!r}"
+            ) from failed
         for hook, token in zip(hooks, tokens, strict=True):
             hook.end_flush(token)
+
+
+class ChangelogWriteFailed(RuntimeError):
+    """A changelog record failed after the producer's retries; offsets must not be committed."""
 
 
 class Transport(faust_aiokafka.Transport):
@@ -186,6 +198,8 @@ class Transport(faust_aiokafka.Transport):
             raise ValueError(f"fetch_max_wait must not be negative, got {fetch_max_wait:g}")
         self.fetch_max_wait_ms = round(fetch_max_wait * 1000)
         self.flush_hooks: list[FlushHook] = []
+        #: The first changelog write that failed after the producer's retries, if any.
+        self.failed_write: BaseException | None = None
 
 
 @dataclass
@@ -542,10 +556,23 @@ class Processor:
         else:
             store[key] = value
         topic = table.changelog_topic.get_topic_name()
-        return cast(
+        sent = cast(
             "asyncio.Future[Any]",
             await self.app.producer.send(topic, key, value, partition, None, None),
         )
+        sent.add_done_callback(self._check_sent)
+        return sent
+
+    def _check_sent(self, sent: asyncio.Future[Any]) -> None:
+        """Remember a changelog write that failed: the next flush refuses to let Faust commit."""
+        if sent.cancelled():
+            error: BaseException | None = asyncio.CancelledError("changelog write cancelled")
+        else:
+            error = sent.exception()
+        transport = cast(Transport, self.app.transport)
+        if error is not None and transport.failed_write is None:
+            log.error("changelog write failed after the producer's retries: %r", error)
+            transport.failed_write = error
 
     def _persist_on_ack(self, table: Any, sent: asyncio.Future[Any]) -> None:
         """Once acknowledged, a persistent store records the changelog offset it holds.
@@ -581,10 +608,8 @@ def _record_persisted_offset(store: Any, sent: asyncio.Future[Any]) -> None:
     """What Faust's table does once a changelog record is acknowledged (rocksdb keeps it)."""
     if sent.cancelled():
         return
-    if (error := sent.exception()) is not None:
-        # Faust's table path drops this the same way; say it loudly at least.
-        log.error("changelog write failed after the producer's retries: %r", error)
-        return
+    if sent.exception() is not None:
+        return  # Processor._check_sent stops the next commit
     metadata = sent.result()
     store.set_persisted_offset(TP(metadata.topic, metadata.partition), metadata.offset)
 

@@ -47,6 +47,24 @@ class Command:
         )
 
         parser.add_argument(
+            "--fetch-max-wait",
+            type=float,
+            default=0.02,
+            metavar="SECONDS",
+            help="how long the broker may hold an empty fetch (default 0.02). Apache Kafka "
+            "answers as soon as records arrive, so on Kafka this only sets idle polling "
+            "(0.5 is fine there); the embedded Tansu answers only when the wait ends, so "
+            "there it adds up to this much latency per event",
+        )
+        parser.add_argument(
+            "--producer-linger",
+            type=float,
+            default=0.02,
+            metavar="SECONDS",
+            help="how long table and membership writes wait to be batched (default 0.02; "
+            "shorter: lower latency at low rates, more CPU per event at high rates)",
+        )
+        parser.add_argument(
             "--brute-force",
             action="store_true",
             help="evaluate every selector for every endpoint change, without the label index "
@@ -63,6 +81,10 @@ class Command:
 
         if args.session_timeout <= 0:
             raise CommandError(f"--session-timeout must be positive, got {args.session_timeout:g}")
+        for flag, value in (("--fetch-max-wait", args.fetch_max_wait),
+                            ("--producer-linger", args.producer_linger)):
+            if not 0 <= value <= 10:
+                raise CommandError(f"{flag} must be between 0 and 10 seconds, got {value:g}")
         kafka = settings.kafka
         _check_topics(settings)
         ssl_context = None
@@ -89,6 +111,8 @@ class Command:
             app_id=args.group,
             session_timeout=args.session_timeout,
             brute_force=args.brute_force,
+            fetch_max_wait=args.fetch_max_wait,
+            producer_linger=args.producer_linger,
         )
         # Faust consumes in a thread of its own; every socket write of the main thread
         # releases the GIL and then waits up to the switch interval (5 ms) to get it back

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.app import Processor, StreamsConfig, Transport
+from streams.app import ChangelogWriteFailed, Processor, StreamsConfig, Transport
 from streams.localstate import LocalState
 from streams.membership import Delta
 
@@ -91,3 +91,28 @@ async def test_forced_tombstones_are_sent_and_member_writes_noted(tmp_path: Path
     ]
     # killed now: the members write is a suspect for the next start, the input is not
     assert LocalState(tmp_path / "state").open() == {"s:x|pod/a/b"}
+
+
+class _FailingProducer(_FakeProducer):
+    """Every send fails after the (pretended) retries."""
+
+    async def send(
+        self, topic: str, key: bytes, value: bytes | None, partition: int, *_: object
+    ) -> asyncio.Future[object]:
+        self.sent.append((topic, key, value, partition))
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        fut.set_exception(ConnectionError("broker gone"))
+        return fut
+
+
+async def test_a_failed_changelog_write_stops_the_next_commit(tmp_path: Path) -> None:
+    """Faust commits offsets right after a flush: a flush after a lost write must raise."""
+    processor = _processor(tmp_path)
+    producer = processor.app.producer  # ours: raises from flush when a write was lost
+    await producer.flush()  # nothing lost yet: no error
+    processor.app._producer = _FailingProducer()
+    await processor._write(processor.members, b"s:x|pod/a/b", b"v1", 0)
+    await asyncio.sleep(0)  # the send's done-callbacks run
+    processor.app._producer = producer
+    with pytest.raises(ChangelogWriteFailed, match="broker gone"):
+        await producer.flush()
