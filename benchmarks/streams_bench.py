@@ -427,6 +427,9 @@ def _start_py_spy(args: argparse.Namespace, pid: int, out: Path) -> subprocess.P
     if not args.py_spy:
         return None
     py_spy = str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        raise SystemExit(f"--py-spy: {py_spy} not found; install it with "
+                         f"`{sys.executable} -m pip install py-spy`")
     spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw",
                             "--rate", "200", "--threads", "--output", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
