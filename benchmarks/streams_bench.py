@@ -327,6 +327,7 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
            "--data-dir", str(log_dir / f"data-{mode}")]
     if mode == "brute_force":
         cmd.append("--brute-force")
+    cmd += args.worker_arg or _broker_worker_args(args.broker)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2,
                                 max_batch_size=256 * 1024)
     await producer.start()
@@ -422,6 +423,16 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
     return result
 
 
+def _broker_worker_args(broker: str) -> list[str]:
+    """The worker's settings for `broker` unless --worker-arg is given.
+
+    Tansu answers a held fetch only when its wait ends (deploy/README.md), so there the
+    worker fetches with a 10 ms wait and batches its writes for 5 ms; on Kafka the
+    defaults (20 ms, 20 ms) trade nothing in latency for more events per CPU-second.
+    """
+    return ["--fetch-max-wait=0.01", "--producer-linger=0.005"] if broker == "tansu" else []
+
+
 def _start_py_spy(args: argparse.Namespace, pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     """Sample the worker (every thread) during the sustained phase, as collapsed stacks."""
     if not args.py_spy:
@@ -467,6 +478,9 @@ def main() -> None:
     parser.add_argument("--modes", default="index,brute_force",
                         help="worker modes to run, comma-separated (default both: the "
                         "brute-force baseline belongs beside every published figure)")
+    parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
+                        help="pass ARG to `portcullis process` (repeatable), e.g. "
+                        "--worker-arg=--fetch-max-wait=0.01")
     parser.add_argument("--py-spy", action="store_true",
                         help="sample the worker with py-spy during the sustained phase "
                         "(worker-<mode>.spy.txt, collapsed stacks, with --keep)")
@@ -488,13 +502,16 @@ def main() -> None:
 
         broker = BROKERS[args.broker]()
         broker.start()
-        print(f"one worker on {args.broker} ({broker.bootstrap}):", flush=True)
+        worker_args = args.worker_arg or _broker_worker_args(args.broker)
+        print(f"one worker on {args.broker} ({broker.bootstrap}), "
+              f"`portcullis process` {' '.join(worker_args) or 'defaults'}:", flush=True)
         try:
             with tempfile.TemporaryDirectory(prefix="pc-streams-bench-") as tmp:
                 if args.keep:
                     args.keep.mkdir(parents=True, exist_ok=True)
                     tmp = str(args.keep)
                 results["broker"] = args.broker
+                results["worker_args"] = worker_args
                 results["worker"] = {}
                 for mode in args.modes.split(","):
                     try:
