@@ -12,12 +12,15 @@ message with ``concurrency > 1``):
   `PartitionState` is restored from the ``endpoints``, ``profiles`` and ``selectors``
   tables plus the ``members`` table, then resynced. The ``members`` table's changelog
   IS the ``memberships`` topic: writing a member is publishing it, and recovering the
-  table is reading what was published, so the two can never disagree.
+  table is reading what was published.
 
 Partition states are rebuilt lazily, on the first event of a partition after every
 rebalance; rebuilding resyncs desired members (from the inputs) against the published
-ones, which repairs anything a crash left half-done. Malformed records go to the
-dead-letter topic and processing continues.
+ones, which repairs anything a crash left half-done. A local (rocksdb) table can be
+ahead of its changelog after a SIGKILL; `streams.localstate` names the member keys that
+may be, and the rebuild republishes them. Table writes go straight to the store and the
+producer; a write that fails after the producer's retries stops the next offset commit.
+Malformed records go to the dead-letter topic and processing continues.
 """
 
 from __future__ import annotations
