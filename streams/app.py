@@ -341,15 +341,17 @@ class Processor:
         async def _assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
             self._forget(assigned)
 
-    def attach_local_state(self, local_state: LocalState, suspects: set[str]) -> None:
+    def attach_local_state(self, local_state: LocalState) -> None:
         """Keep crash bookkeeping for local tables that survive restarts (rocksdb).
 
         Every members write is noted in its intent log first; every producer flush
-        rotates the log; `suspects` (keys a crashed run may have left wrong on the
-        topic) are republished from the inputs when their partition is rebuilt.
+        rotates the log; the opened state's suspects (keys a crashed run may have left
+        wrong on the topic) are republished from the inputs when their partition is
+        rebuilt, once: our copy loses a key when it is republished, the bookkeeping's
+        only when that has been flushed.
         """
         self.local_state = local_state
-        self.suspects = set(suspects)
+        self.suspects = set(local_state.suspects)
         cast(Transport, self.app.transport).flush_hooks.append(local_state)
 
     def changelog_topics(self) -> list[str]:
@@ -549,15 +551,15 @@ class Processor:
         self, table: Any, key: bytes, value: bytes | None, partition: int, force: bool = False
     ) -> asyncio.Future[Any] | None:
         store = table.data
-        if value is None and not force and key not in store:
+        present = value is None and key in store  # only a tombstone needs to know
+        if value is None and not (present or force):
             return None
         if self.local_state is not None and table is self.members:
             self.local_state.note(key)  # before the store: see streams.localstate
-        if value is None:
-            if key in store:
-                del store[key]
-        else:
+        if value is not None:
             store[key] = value
+        elif present:
+            del store[key]
         topic = table.changelog_topic.get_topic_name()
         sent = cast(
             "asyncio.Future[Any]",

@@ -126,7 +126,8 @@ class Command:
         local_state = None
         if args.store == "rocksdb":  # local tables survive restarts: keep crash bookkeeping
             local_state = LocalState(Path(processor.app.conf.tabledir).parent)
-            processor.attach_local_state(local_state, local_state.open())
+            local_state.open()
+            processor.attach_local_state(local_state)
         worker = faust.Worker(
             processor.app,
             loglevel=settings.log_level,

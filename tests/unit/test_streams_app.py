@@ -80,7 +80,8 @@ async def test_forced_tombstones_are_sent_and_member_writes_noted(tmp_path: Path
     producer = _FakeProducer()
     processor.app._producer = producer
     local = LocalState(tmp_path / "state")
-    processor.attach_local_state(local, local.open())
+    local.open()
+    processor.attach_local_state(local)
     endpoints_log = processor.endpoints.changelog_topic.get_topic_name()
     await processor._write(processor.endpoints, b"pod/a/gone", None, 1, force=True)
     await processor._write_members([Delta("s:x|pod/a/b", None)], 1, force=True)
