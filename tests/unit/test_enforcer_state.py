@@ -314,6 +314,13 @@ def test_restart_swaps_changed_sets_in_and_never_empties_one() -> None:
 LOCAL_KEYS = {"pod/ns/a", "pod/ns/b", "hostendpoint//n1"}
 
 
+def upsert_pruned(state: EnforcerState, arg: object) -> None:
+    """A membership as the engine takes it on node n1: pruning what no local rule uses."""
+    uid, key, ips = arg  # type: ignore[misc]
+    node = "n1" if key in LOCAL_KEYS else "n2"
+    state.upsert_membership(uid, key, ips, node=node, prune=True)
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ops, max_size=40))
 @example([  # a peer's memberships arrive before the policy that uses them
@@ -335,9 +342,7 @@ def test_pruning_with_rereads_equals_keeping_everything(sequence: list) -> None:
     def apply_pruned(op: tuple[str, object]) -> None:
         kind, arg = op
         if kind == "member":
-            uid, key, ips = arg  # type: ignore[misc]
-            node = "n1" if key in LOCAL_KEYS else "n2"
-            state.upsert_membership(uid, key, ips, node=node, prune=True)
+            upsert_pruned(state, arg)
         else:
             apply_op(state, op)
 
@@ -507,9 +512,7 @@ def test_programmed_sets_are_what_local_rules_need_after_any_changes(
     def take(op: tuple[str, object]) -> None:
         kind, arg = op
         if kind == "member":
-            uid, key, ips = arg  # type: ignore[misc]
-            node = "n1" if key in LOCAL_KEYS else "n2"
-            state.upsert_membership(uid, key, ips, node=node, prune=True)
+            upsert_pruned(state, arg)
         elif kind == "restart":
             programmer.start(state)
         elif kind == "plan":
