@@ -383,8 +383,15 @@ def resolve_kafka(version: str | None = None) -> Path:
 
 
 def kafka_cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, base64url without padding (as `random-uuid`)."""
-    return base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    """A KRaft cluster id: 16 random bytes, base64url without padding (as `random-uuid`).
+
+    Like Kafka's own `Uuid.randomUuid`, an id starting with "-" is drawn again: the storage
+    tool would read it as an option and refuse to format (1 start in 64 failed before).
+    """
+    while True:
+        candidate = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+        if not candidate.startswith("-"):
+            return candidate
 
 
 def render_server_properties(

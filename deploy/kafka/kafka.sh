@@ -101,7 +101,11 @@ prepare() {
       -e "s|@DATA_DIR@|$DATA/data|g" "$HERE/server.properties.template" > "$CONFIG"
   if [ ! -f "$DATA/data/meta.properties" ]; then
     local id
-    id=$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    # (an id starting with "-" would be read as an option, so draw again, as Kafka does)
+    id=-
+    while [ "${id:0:1}" = - ]; do
+      id=$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    done
     "${JVM[@]}" kafka.tools.StorageTool format --cluster-id "$id" --config "$CONFIG" \
       --ignore-formatted >>"$LOG" 2>&1 || die "formatting KRaft storage failed; see $LOG"
   fi

@@ -4,6 +4,7 @@ and fail loudly (naming their log) instead of hanging."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import socket
@@ -241,6 +242,15 @@ def test_server_properties_are_fully_filled_in(tmp_path: Path) -> None:
     cluster_id = kafka_cluster_id()
     assert len(cluster_id) == 22 and set(cluster_id) <= set(string.ascii_letters + "0123456789-_")
 
+
+
+def test_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """0xf8 encodes to a leading "-", which the storage tool reads as an option."""
+    draws = iter([b"\xf8" + bytes(15), b"\x10" + bytes(15)])
+    monkeypatch.setattr(os, "urandom", lambda n: next(draws))
+    cluster_id = kafka_cluster_id()
+    assert cluster_id == base64.urlsafe_b64encode(b"\x10" + bytes(15)).decode().rstrip("=")
+    assert base64.urlsafe_b64decode(cluster_id + "==") == b"\x10" + bytes(15)
 
 @pytest.mark.broker
 def test_portcullis_broker_command_serves_until_sigterm(tmp_path: Path) -> None:
