@@ -29,7 +29,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, cast
@@ -48,6 +48,7 @@ from streams.compile import (
     SelectorRef,
     split_selector_message_key,
 )
+from streams.endoffsets import true_end_offsets
 from streams.localstate import LocalState
 from streams.membership import Delta, PartitionState
 from topics.codec import dead_letter, decode_as, decode_key, encode
@@ -130,7 +131,14 @@ def _partition_of_profile_key(key: str, partitions: int) -> int:
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust's aiokafka consumer thread, with the transport's fetch wait instead of 1.5 s."""
+    """Faust's aiokafka consumer thread, with the transport's fetch wait instead of 1.5 s
+    and end offsets a recovery can trust on every broker (`streams.endoffsets`)."""
+
+    async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
+        listed = await super()._highwaters(partitions)
+        if self.consumer.in_transaction:
+            return listed
+        return await true_end_offsets(self._ensure_consumer()._client, listed)
 
     def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)

@@ -5,7 +5,7 @@ What runs (one scenario of `benchmarks.churn.scenarios`):
 1. a broker: the embedded Tansu (default), Apache Kafka in KRaft (`kafka`), or one given
    with ``--bootstrap`` (`external`); topics are created under a fresh prefix;
 2. the synthetic cluster is published as the watchers publish it (`watchers.publisher`);
-3. the processor, `portcullis process` (Faust, memory store), as a subprocess;
+3. the processor, `portcullis process` (Faust, rocksdb store), as a subprocess;
 4. dry-run enforcers for the simulated nodes (`benchmarks.churn.fleet`), and, as root, one
    real enforcer (`enforcers.engine.Enforcer`) programming ipsets and iptables in a network
    namespace this run creates and removes;
@@ -192,11 +192,9 @@ class Tracker:
 class ProcessorProcess:
     """`portcullis process` (Faust) as a subprocess, logging to a file.
 
-    On Apache Kafka with the production store (rocksdb) in the bench's work directory, so
+    With the production store (rocksdb) in the bench's work directory, on both brokers, so
     a restart after a SIGKILL recovers from local state plus the changelogs' tails, as in
-    production. On Tansu with the memory store: Tansu reports end offsets short of the
-    last records (deploy/README.md), so Faust takes rocksdb's offsets for a stale local
-    state and refuses to recover; from memory it replays the whole changelogs instead.
+    production (on Tansu thanks to `streams.endoffsets`, see deploy/README.md).
     """
 
     def __init__(self, bootstrap: str, prefix: str, partitions: int, workdir: Path,
@@ -733,8 +731,7 @@ class Run:
         self.fleet.on_sample = self.tracker.sample
         await self.setup()
         self.processor = ProcessorProcess(
-            self.bootstrap, self.prefix, self.partitions, self.workdir,
-            store="memory" if self.opts.broker == "tansu" else "rocksdb",
+            self.bootstrap, self.prefix, self.partitions, self.workdir
         )
         tasks = self.tasks
         want_real = self.opts.real_enforcer

