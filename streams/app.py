@@ -29,12 +29,11 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, cast
 
-import aiokafka
 import faust
 import orjson
 from faust.stores.base import Store as StoreBase
@@ -48,7 +47,7 @@ from streams.compile import (
     SelectorRef,
     split_selector_message_key,
 )
-from streams.endoffsets import true_end_offsets
+from streams.consumer import Consumer as StreamsConsumer
 from streams.localstate import LocalState
 from streams.membership import Delta, PartitionState
 from topics.codec import dead_letter, decode_as, decode_key, encode
@@ -130,34 +129,6 @@ def _partition_of_profile_key(key: str, partitions: int) -> int:
     return partition_for_key(key[4:].partition(".")[0], partitions)
 
 
-class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust's aiokafka consumer thread, with the transport's fetch wait instead of 1.5 s
-    and end offsets a recovery can trust on every broker (`streams.endoffsets`)."""
-
-    async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
-        listed = await super()._highwaters(partitions)
-        if self.consumer.in_transaction:
-            return listed
-        return await true_end_offsets(self._ensure_consumer()._client, listed)
-
-    def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
-        consumer = super()._create_worker_consumer(transport)
-        # aiokafka takes the wait only as a constructor argument, kept until start() builds
-        # the fetcher; Faust passes a constant, so we replace it before the start.
-        if not isinstance(getattr(consumer, "_fetch_max_wait_ms", None), int):
-            raise RuntimeError(
-                f"aiokafka {aiokafka.__version__} has no AIOKafkaConsumer._fetch_max_wait_ms: "
-                "cannot set the fetch wait; update streams.app._ConsumerThread"
-            )
-        consumer._fetch_max_wait_ms = transport.fetch_max_wait_ms
-        return consumer
-
-
-class _Consumer(faust_aiokafka.Consumer):
-    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
-        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-
 class FlushHook(Protocol):
     """Told when a producer flush starts and when it has completed (see `LocalState`)."""
 
@@ -200,7 +171,7 @@ class Transport(faust_aiokafka.Transport):
     so nothing global changes.
     """
 
-    Consumer = _Consumer
+    Consumer = StreamsConsumer
     Producer = _Producer
 
     def __init__(self, *args: Any, fetch_max_wait: float, **kwargs: Any) -> None:

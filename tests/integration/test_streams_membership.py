@@ -38,14 +38,6 @@ from topics.specs import topic_name
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(240)]
 
 PARTITIONS = 4
-#: Why the rebalance test does not run on Tansu: there, after one worker leaves, the
-#: survivor can stop receiving one ``policies`` partition three records after resuming it
-#: from its committed offset (no error logged; the other partitions go on). Seen in 4 of
-#: 17 runs on Tansu, never in 44 on Kafka; see deploy/README.md.
-TANSU_REBALANCE = (
-    "Tansu: after a rebalance one policies partition can stop being delivered to the "
-    "surviving worker (deploy/README.md); rebalance is tested on Kafka"
-)
 REPO = Path(__file__).resolve().parents[2]
 
 Event = tuple[str, str, Any]  # (topic suffix, key, record or None)
@@ -382,8 +374,6 @@ async def test_sigkill_and_restart(broker: Any, topic_prefix: str, tmp_path: Pat
 async def test_two_workers_one_leaves(broker: Any, topic_prefix: str, tmp_path: Path,
                                       workers: list[Worker]) -> None:
     """Two workers share the partitions; one leaves mid-stream; the other takes over."""
-    if broker.kind == "tansu":
-        pytest.skip(TANSU_REBALANCE)
     await create_topics(broker.bootstrap, topic_prefix)
     events = random_workload(seed=4, size=900)
     a = Worker(broker.bootstrap, topic_prefix, tmp_path, "a").start()
