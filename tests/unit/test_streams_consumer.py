@@ -55,7 +55,7 @@ class StandIn:
         class App:
             consumer_generation_id = stand_in.generation_id
 
-            class monitor:  # noqa: N801 (an attribute standing in for an object)
+            class monitor:  # an attribute standing in for an object
                 @staticmethod
                 def track_tp_end_offset(tp: TP, offset: int) -> None:
                     pass
@@ -83,7 +83,7 @@ class StandIn:
 
 def run(stand_in: StandIn) -> None:
     async def consume() -> None:
-        async for tp, message in stand_in.getmany(timeout=1.0):
+        async for _tp, message in stand_in.getmany(timeout=1.0):
             stand_in.handed.append(message)
             stand_in.on_hand(stand_in, len(stand_in.handed))
 
