@@ -83,7 +83,8 @@ class StandIn:
 
 def run(stand_in: StandIn) -> None:
     async def consume() -> None:
-        async for _tp, message in stand_in.getmany(timeout=1.0):
+        handing: Any = stand_in.getmany  # Consumer's method on the stand-in
+        async for _tp, message in handing(timeout=1.0):
             stand_in.handed.append(message)
             stand_in.on_hand(stand_in, len(stand_in.handed))
 
