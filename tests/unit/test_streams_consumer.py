@@ -44,7 +44,6 @@ class StandIn:
     _buffered_partitions: set[TP] = field(default_factory=set)
     scheduler: DefaultSchedulingStrategy = field(default_factory=DefaultSchedulingStrategy)
 
-    getmany = Consumer.getmany
     _may_hand_on = Consumer._may_hand_on
     _rewind = Consumer._rewind
 
@@ -83,8 +82,8 @@ class StandIn:
 
 def run(stand_in: StandIn) -> None:
     async def consume() -> None:
-        handing: Any = stand_in.getmany  # Consumer's method on the stand-in
-        async for _tp, message in handing(timeout=1.0):
+        getmany: Any = Consumer.getmany  # Consumer's method, run on the stand-in
+        async for _tp, message in getmany(stand_in, timeout=1.0):
             stand_in.handed.append(message)
             stand_in.on_hand(stand_in, len(stand_in.handed))
 
