@@ -165,7 +165,9 @@ class ChangelogWriteFailed(RuntimeError):
 
 
 class Transport(faust_aiokafka.Transport):
-    """Faust's aiokafka transport whose worker consumer waits at most `fetch_max_wait` s.
+    """Faust's aiokafka transport with `streams.consumer`'s consumer (waits at most
+    `fetch_max_wait` s, recovers to true end offsets, never drops a fetched record) and a
+    producer that tells the flush hooks.
 
     Installed per app (``app.transport = Transport(...)``), not registered as a URL scheme,
     so nothing global changes.
