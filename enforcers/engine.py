@@ -253,6 +253,13 @@ class Programmer:
 # --------------------------------------------------------------------------- records
 
 
+
+def _warn_unenforced(policy: state_mod.CompiledPolicy) -> None:
+    """Say which egress rules of `policy` are enforced fail-closed, and how."""
+    for index, rule in enumerate(policy.rules):
+        if rule.unenforced is not None:
+            log.warning("policy %s, egress rule %d: %s", policy.key, index, rule.unenforced)
+
 class RecordSink:
     """Turns topic records into state updates; bad records are counted and skipped.
 
@@ -393,6 +400,8 @@ class RecordSink:
             elif isinstance(compiled, state_mod.CompiledPolicy):
                 st.upsert_policy(compiled, observed)
                 self.policy_kinds[key] = ("policy", compiled.key)
+                if st is self.states[0]:
+                    _warn_unenforced(compiled)
 
     def owns(self, suffix: str, key_raw: bytes | None, value: bytes | None) -> bool:
         """Whether a rejected record is this node's to dead-letter (see the module docstring)."""

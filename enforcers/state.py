@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 from enforcers import render
-from enforcers.render import Chain, EndpointSpec, PolicySpec, RuleSpec, TierSpec
+from enforcers.render import ActionName, Chain, EndpointSpec, PolicySpec, RuleSpec, TierSpec
 from policy import compile as pcompile
 from policy import model
 
@@ -75,6 +75,7 @@ class CompiledRule:
     dst_not_uid: str | None = None
     src_uid: str | None = None
     src_not_uid: str | None = None
+    unenforced: str | None = None  # how a part that cannot be programmed was made fail-closed
 
     def uids(self) -> set[str]:
         return {
@@ -763,43 +764,96 @@ def _ports(ports: Iterable[model.Port]) -> tuple[render.PortRange, ...]:
     return tuple(render.PortRange(p.first, p.last) for p in ports if p.name is None)
 
 
-def _peer(entity: model.EntityRule) -> tuple[render.PeerSpec, str | None]:
-    """The selector-free part of a rule side, and why it can never match (if so)."""
-    never = None
+# Some rule parts cannot be programmed yet (domain names, Services, named ports, notICMP).
+# A rule that has one is enforced fail-closed, so it can only ever drop more than policy
+# says, never let through what policy denies: an Allow or Log rule is narrowed (it matches
+# less, or nothing), a Deny is widened (it matches at least what policy says), and a Pass,
+# whose effect could go either way, becomes a widened Deny.
+
+
+def _gaps(entity: model.EntityRule) -> list[str]:
+    """The parts of one rule side that cannot be programmed yet."""
+    gaps = []
     if entity.domains:
-        never = "domain rules are not enforced by ipsets yet"
-    elif entity.services is not None:
-        never = "service rules are not enforced yet"
-    elif entity.ports and all(p.name is not None for p in entity.ports):
-        never = "named ports are not enforced yet"
-    peer = render.PeerSpec(
+        gaps.append("domain names")
+    if entity.services is not None:
+        gaps.append("services")
+    if any(p.name is not None for p in (*entity.ports, *entity.not_ports)):
+        gaps.append("named ports")
+    return gaps
+
+
+def _exact(entity: model.EntityRule) -> render.PeerSpec:
+    return render.PeerSpec(
         nets=entity.nets, not_nets=entity.not_nets,
         ports=_ports(entity.ports), not_ports=_ports(entity.not_ports),
     )
-    return peer, never
+
+
+def _narrowed(entity: model.EntityRule) -> render.PeerSpec | None:
+    """The side matching no more than `entity` does; None when nothing certain is left."""
+    if entity.domains or entity.services is not None:
+        return None
+    if any(p.name is not None for p in entity.not_ports):  # cannot leave those ports out
+        return None
+    peer = _exact(entity)
+    if entity.ports and not peer.ports:  # only named ports
+        return None
+    return peer  # named ports left out of `ports`: fewer ports
+
+
+def _widened(entity: model.EntityRule) -> render.PeerSpec:
+    """The side matching at least what `entity` does: what cannot be programmed is dropped
+    (any named port in `ports` drops the port condition; named `notPorts` are not left out)."""
+    peer = _exact(entity)
+    if any(p.name is not None for p in entity.ports):
+        peer = render.PeerSpec(nets=peer.nets, not_nets=peer.not_nets, not_ports=peer.not_ports)
+    return peer
+
+
+def _fail_closed(
+    r: model.Rule, gaps: list[str]
+) -> tuple[ActionName, render.PeerSpec, render.PeerSpec, str | None, str]:
+    """(action, source, destination, never, how) for a rule with parts not programmable."""
+    missing = ", ".join(dict.fromkeys(gaps))
+    if r.action in ("Allow", "Log"):
+        src, dst = _narrowed(r.source), _narrowed(r.destination)
+        if src is None or dst is None or r.not_icmp is not None:
+            return r.action, render.PeerSpec(), render.PeerSpec(), f"{missing}: not enforced yet", (
+                f"{missing} not enforced yet: this {r.action} rule never matches (fail closed)")
+        return r.action, src, dst, None, (
+            f"{missing} not enforced yet: this {r.action} rule matches only its other ports")
+    return "Deny", _widened(r.source), _widened(r.destination), None, (
+        f"{missing} not enforced yet: this {r.action} rule is enforced as a Deny of all that "
+        "its other conditions match (fail closed)")
 
 
 def compile_rule(rule: pcompile.CompiledRule, family: int = 4) -> CompiledRule:
-    """A compiled egress rule as the renderer needs it (selectors as uids)."""
+    """A compiled egress rule as the renderer needs it (selectors as uids), made fail-closed
+    where part of it cannot be programmed (`unenforced` then says how)."""
     r = rule.rule
-    src, never_src = _peer(r.source)
-    dst, never_dst = _peer(r.destination)
-    never = never_src or never_dst
+    gaps = _gaps(r.source) + _gaps(r.destination) + (["notICMP"] if r.not_icmp is not None else [])
+    action: ActionName = r.action
+    never: str | None = None
+    unenforced: str | None = None
+    if gaps:
+        action, src, dst, never, unenforced = _fail_closed(r, gaps)
+    else:
+        src, dst = _exact(r.source), _exact(r.destination)
     if r.ip_version is not None and r.ip_version != family:
         never = f"an IPv{r.ip_version} rule"
-    if r.not_icmp is not None:
-        never = never or "notICMP is not enforced yet"
     protocol = render.protocol_name(r.protocol) if r.protocol is not None else None
     not_protocol = render.protocol_name(r.not_protocol) if r.not_protocol is not None else None
     icmp_type = r.icmp.type if r.icmp is not None else None
     icmp_code = r.icmp.code if r.icmp is not None else None
-    spec = RuleSpec(r.action, protocol, not_protocol, src, dst, icmp_type, icmp_code, never)
+    spec = RuleSpec(action, protocol, not_protocol, src, dst, icmp_type, icmp_code, never)
     return CompiledRule(
         spec,
         dst_uid=rule.destination.selector.uid if rule.destination.selector else None,
         dst_not_uid=rule.destination.not_selector.uid if rule.destination.not_selector else None,
         src_uid=rule.source.selector.uid if rule.source.selector else None,
         src_not_uid=rule.source.not_selector.uid if rule.source.not_selector else None,
+        unenforced=unenforced,
     )
 
 

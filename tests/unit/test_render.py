@@ -23,11 +23,20 @@ from enforcers.render import (
     RuleSpec,
     TierSpec,
 )
-from enforcers.state import EnforcerState, LocalEndpoint, compile_object
+from enforcers.state import CompiledPolicy, EnforcerState, LocalEndpoint, compile_object
 from policy import compile as pcompile
 from policy import verdict as pverdict
 from policy.labels import NAMESPACE_LABEL
-from policy.model import EntityRule, Policy, Port, Rule, Tier
+from policy.model import (
+    EndpointPort,
+    EntityRule,
+    ICMPMatch,
+    Policy,
+    Port,
+    Rule,
+    ServiceMatch,
+    Tier,
+)
 
 
 def namer(uid: str) -> str:
@@ -267,3 +276,117 @@ def test_reusing_an_earlier_chain_gives_the_hashes_of_building_it_afresh(
     assert render.Chain.build(name, after, earlier) == render.Chain.build(name, after)
     assert render.Chain.build(name, before + after, earlier) == render.Chain.build(
         name, before + after)
+
+
+# --------------------------------------------------------- rules not programmable yet
+
+SERVICES = {"10.1.0.1": frozenset({"shop/api"}), "10.1.0.2": frozenset({"shop/db"}),
+            "10.2.0.5": frozenset({"saas/gw"})}
+NAMED_PORTS = (EndpointPort("http", "TCP", 80), EndpointPort("dns", "UDP", 53))
+DOMAINS = {"10.2.0.5": ("api.saas.example",), "8.8.8.8": ("dns.google",)}
+
+
+@st.composite
+def gap_entities(draw: st.DrawFn, ports_ok: bool) -> EntityRule:
+    """A destination that may use Services, named ports or domain names."""
+    base = draw(entities(ports_ok))
+    named = st.lists(st.sampled_from([Port(name="http"), Port(name="dns"), Port(name="nope")]),
+                     max_size=1 if ports_ok else 0)
+    return EntityRule(
+        nets=base.nets, not_nets=base.not_nets, selector=base.selector,
+        not_selector=base.not_selector,
+        ports=base.ports + tuple(draw(named)),
+        not_ports=base.not_ports + tuple(draw(named)),
+        services=draw(st.none() | st.sampled_from(
+            [ServiceMatch("api", "shop"), ServiceMatch("db"), ServiceMatch("gw", "saas")])),
+        domains=tuple(draw(st.lists(st.sampled_from(["*.saas.example", "dns.google"]),
+                                    max_size=1))),
+    )
+
+
+@st.composite
+def gap_rules(draw: st.DrawFn) -> Rule:
+    protocol = draw(st.none() | st.sampled_from(["TCP", "UDP"]))
+    return Rule(
+        action=draw(st.sampled_from(["Allow", "Deny", "Pass", "Log"])),
+        protocol=protocol,
+        destination=draw(gap_entities(protocol is not None)),
+        not_icmp=draw(st.none() | st.just(ICMPMatch(type=8))),
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(gap_rules(), st.sampled_from(["default", "sec"]),
+                          st.sampled_from(APPLIES)), min_size=1, max_size=4),
+       st.sampled_from(["Deny", "Pass"]),
+       st.lists(st.tuples(st.sampled_from(DST_IPS), st.sampled_from(["tcp", "udp"]),
+                          st.sampled_from([80, 443, 53, 8050])), min_size=1, max_size=6))
+def test_rules_that_cannot_be_programmed_yet_fail_closed(
+    spec: list[tuple[Rule, str, str]], sec_default: str, packets: list[tuple[str, str, int]],
+) -> None:
+    """Whatever policy denies is dropped, whatever the rule's Services, named ports, domain
+    names or notICMP (an Allow is narrowed, a Deny widened, a Pass becomes a Deny)."""
+    tiers = [Tier("sec", order=10.0, default_action=sec_default)]  # type: ignore[arg-type]
+    pols = [Policy(kind="NetworkPolicy", name=f"p{i}", namespace=SHOP, tier=tier, order=float(i),
+                   selector=applies, types=("Egress",), egress=(rule,))
+            for i, (rule, tier, applies) in enumerate(spec)]
+    labels = {"app": "web", NAMESPACE_LABEL: SHOP}
+    universe = [("pod/shop/me", LOCAL_IP, labels), *PEERS]
+    state = EnforcerState("n1", namer)
+    for tier in tiers:
+        state.upsert_tier(compile_object(tier))  # type: ignore[arg-type]
+    for pol in pols:
+        state.upsert_policy(compile_object(pol))  # type: ignore[arg-type]
+        for selector in pcompile.all_selectors(pol):
+            for key, ip, member_labels in universe:
+                if selector.matches(member_labels):
+                    state.upsert_membership(selector.uid, key, [ip])
+    state.upsert_endpoint(LocalEndpoint("pod/shop/me", "workload", "veth-me", (LOCAL_IP,)))
+    desired = state.desired()
+    arranged = pcompile.arrange(tiers, pols)
+    endpoint = pverdict.Endpoint("workload", labels, LOCAL_IP)
+    for dst, proto, port in packets:
+        peer = pverdict.Peer(
+            dst, tuple(lab for _k, ip, lab in universe if _contains(ip, dst)),
+            domains=DOMAINS.get(dst, ()), named_ports=NAMED_PORTS,
+            services=SERVICES.get(dst, frozenset()),
+        )
+        expected = pverdict.verdict(endpoint, arranged, pverdict.Packet(proto.upper(), peer,
+                                                                        port=port))
+        pkt = render.Packet(LOCAL_IP, dst, proto, dport=port, in_iface="veth-me")
+        got = render.simulate(desired.chains, render.FORWARD_CHAIN, pkt, desired.sets)
+        if not expected.allowed:
+            assert got == "DROP", (dst, proto, port, expected.reason)
+
+
+def test_a_deny_to_a_service_is_not_skipped_but_widened() -> None:
+    """Before: the Deny was left out, and the Allow after it let the Service through."""
+    deny = Rule(action="Deny", destination=EntityRule(services=ServiceMatch("db")))
+    allow = Rule(action="Allow")
+    pol = Policy(kind="NetworkPolicy", name="p", namespace=SHOP, selector="all()",
+                 types=("Egress",), egress=(deny, allow))
+    compiled = compile_object(pol)
+    assert isinstance(compiled, CompiledPolicy)
+    first, second = compiled.rules
+    assert first.spec.action == "Deny" and first.spec.never is None
+    assert first.unenforced is not None and "fail closed" in first.unenforced
+    assert second.unenforced is None
+    state = EnforcerState("n1", namer)
+    state.upsert_policy(compiled)
+    state.upsert_membership(compiled.applies_uid, "pod/shop/me", [LOCAL_IP])
+    state.upsert_endpoint(LocalEndpoint("pod/shop/me", "workload", "veth-me", (LOCAL_IP,)))
+    desired = state.desired()
+    to_db = render.Packet(LOCAL_IP, "10.1.0.2", "tcp", dport=5432, in_iface="veth-me")
+    assert render.simulate(desired.chains, render.FORWARD_CHAIN, to_db, desired.sets) == "DROP"
+
+
+def test_an_allow_with_a_named_not_port_never_matches() -> None:
+    """Leaving the named port out of notPorts would allow it; the rule matches nothing."""
+    allow = Rule(action="Allow", protocol="TCP",
+                 destination=EntityRule(not_ports=(Port(name="http"),)))
+    pol = Policy(kind="NetworkPolicy", name="p", namespace=SHOP, selector="all()",
+                 types=("Egress",), egress=(allow,))
+    compiled = compile_object(pol)
+    assert isinstance(compiled, CompiledPolicy)
+    (rule,) = compiled.rules
+    assert rule.spec.never is not None and rule.unenforced is not None
