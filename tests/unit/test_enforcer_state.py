@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -594,3 +597,33 @@ def test_a_fetched_run_of_memberships_takes_the_good_and_rejects_the_bad_with_wh
     assert state.membership("s:abc", "pod/ns/b") == ("10.0.0.2",)
     assert sink.metrics.rejected.value == 1 and rejected == [("t.memberships", 2, 8)]
     assert state.observed == [5.0, 6.0]
+
+
+def test_a_policy_with_rules_enforced_fail_closed_is_logged_with_how(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from enforcers.engine import RecordSink
+    from enforcers.metrics import EnforcerMetrics
+    from topics.records import PolicyRecord
+
+    doc = {
+        "apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": {"selector": "all()", "types": ["Egress"], "egress": [
+            {"action": "Deny", "destination": {"services": {"name": "db"}}},
+            {"action": "Allow", "protocol": "TCP", "destination": {"ports": ["http"]}},
+            {"action": "Allow"},
+        ]},
+    }
+    rec = PolicyRecord(kind="NetworkPolicy", namespace="shop", name="p", document=doc,
+                       actor="test", applied_at=1.0, observed_at=1.0)
+    sink = RecordSink(EnforcerState("n1", namer), EnforcerMetrics())
+    with caplog.at_level(logging.WARNING, logger="enforcers.engine"):
+        sink.policy(rec.key, rec)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "policy NetworkPolicy/shop/p, egress rule 0: services not enforced yet: this Deny rule"
+        " is enforced as a Deny of all that its other conditions match (fail closed)",
+        "policy NetworkPolicy/shop/p, egress rule 1: named ports not enforced yet: this Allow"
+        " rule never matches (fail closed)",
+    ]
