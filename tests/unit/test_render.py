@@ -23,7 +23,13 @@ from enforcers.render import (
     RuleSpec,
     TierSpec,
 )
-from enforcers.state import CompiledPolicy, EnforcerState, LocalEndpoint, compile_object
+from enforcers.state import (
+    CompiledPolicy,
+    Dataplane,
+    EnforcerState,
+    LocalEndpoint,
+    compile_object,
+)
 from policy import compile as pcompile
 from policy import verdict as pverdict
 from policy.labels import NAMESPACE_LABEL
@@ -200,6 +206,24 @@ def scenarios(draw: st.DrawFn) -> tuple[list[Tier], list[Policy], str, dict[str,
     return tiers, pols, kind, labels
 
 
+def programmed(tiers: list[Tier], pols: list[Policy],
+               universe: list[tuple[str, str, dict[str, str]]],
+               local: LocalEndpoint) -> Dataplane:
+    """The desired dataplane for one local endpoint, every selector's members from
+    `universe` (key, ip, labels)."""
+    state = EnforcerState("n1", namer)
+    for tier in tiers:
+        state.upsert_tier(compile_object(tier))  # type: ignore[arg-type]
+    for pol in pols:
+        state.upsert_policy(compile_object(pol))  # type: ignore[arg-type]
+        for selector in pcompile.all_selectors(pol):
+            for key, ip, member_labels in universe:
+                if selector.matches(member_labels):
+                    state.upsert_membership(selector.uid, key, [ip])
+    state.upsert_endpoint(local)
+    return state.desired()
+
+
 def _contains(net: str, ip: str) -> bool:
     return ipaddress.ip_address(ip) in ipaddress.ip_network(net, strict=False)
 
@@ -214,17 +238,8 @@ def test_rendered_rules_decide_as_policy_verdict(scenario: tuple, packets: list)
     iface = "veth-me" if kind == "workload" else "eth0"
     universe = [(local_key, LOCAL_IP, labels), *PEERS]
 
-    state = EnforcerState("n1", namer)
-    for tier in tiers:
-        state.upsert_tier(compile_object(tier))  # type: ignore[arg-type]
-    for pol in pols:
-        state.upsert_policy(compile_object(pol))  # type: ignore[arg-type]
-        for selector in pcompile.all_selectors(pol):
-            for key, ip, member_labels in universe:
-                if selector.matches(member_labels):
-                    state.upsert_membership(selector.uid, key, [ip])
-    state.upsert_endpoint(LocalEndpoint(local_key, kind, iface, (LOCAL_IP,)))
-    desired = state.desired()
+    desired = programmed(tiers, pols, universe, LocalEndpoint(local_key, kind, iface,
+                                                              (LOCAL_IP,)))
     arranged = pcompile.arrange(tiers, pols)
     endpoint = pverdict.Endpoint(kind, labels, LOCAL_IP)
 
@@ -332,17 +347,8 @@ def test_rules_that_cannot_be_programmed_yet_fail_closed(
             for i, (rule, tier, applies) in enumerate(spec)]
     labels = {"app": "web", NAMESPACE_LABEL: SHOP}
     universe = [("pod/shop/me", LOCAL_IP, labels), *PEERS]
-    state = EnforcerState("n1", namer)
-    for tier in tiers:
-        state.upsert_tier(compile_object(tier))  # type: ignore[arg-type]
-    for pol in pols:
-        state.upsert_policy(compile_object(pol))  # type: ignore[arg-type]
-        for selector in pcompile.all_selectors(pol):
-            for key, ip, member_labels in universe:
-                if selector.matches(member_labels):
-                    state.upsert_membership(selector.uid, key, [ip])
-    state.upsert_endpoint(LocalEndpoint("pod/shop/me", "workload", "veth-me", (LOCAL_IP,)))
-    desired = state.desired()
+    desired = programmed(tiers, pols, universe,
+                         LocalEndpoint("pod/shop/me", "workload", "veth-me", (LOCAL_IP,)))
     arranged = pcompile.arrange(tiers, pols)
     endpoint = pverdict.Endpoint("workload", labels, LOCAL_IP)
     for dst, proto, port in packets:
