@@ -12,7 +12,8 @@
   as if it were a compaction gap. Measured on Tansu: a worker surviving a rebalance lost
   some ``policies`` records in about one run in five. Here every record not handed on is
   rewound to (the partition re-reads from its first undelivered record), so nothing is
-  lost and nothing is delivered twice.
+  lost, and the rewind hands on nothing twice (Faust's own seeks back to the committed
+  offsets still may: processing is at least once, as before).
 * **Seek to committed offsets** asks the broker once for every partition, then seeks them
   all without yielding, instead of aiokafka's one round trip per partition while fetches
   go on (on Tansu about 5 ms each: 36 partitions took 180 ms).
