@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiokafka
+from aiokafka.errors import IllegalStateError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 
@@ -118,7 +119,11 @@ class Consumer(faust_aiokafka.Consumer):
         """Seek each still-assigned partition back to its first record not handed on."""
         assigned = self.assignment()
         for tp, offset in first_undelivered.items():
-            if tp in assigned:
-                log.info("%s[%d]: re-reading from %d (fetched while not consumable)",
-                          tp.topic, tp.partition, offset)
+            if tp not in assigned:
+                continue
+            log.info("%s[%d]: re-reading from %d (fetched while not consumable)",
+                     tp.topic, tp.partition, offset)
+            try:
                 await self.seek(tp, offset)
+            except IllegalStateError:  # revoked meanwhile: its next owner reads it
+                log.info("%s[%d]: no longer assigned, not re-read here", tp.topic, tp.partition)
