@@ -301,15 +301,10 @@ class EnforcerState:
     def _unindex_policy(self, key: str) -> CompiledPolicy | None:
         old = self.policies.pop(key, None)
         if old is not None:
-            keys = self.policies_by_uid[old.applies_uid]
-            keys.discard(key)
-            if not keys:
-                del self.policies_by_uid[old.applies_uid]
+            _discard(self.policies_by_uid, old.applies_uid, key)
             for rule in old.rules:
                 for uid in rule.uids():
-                    self.peer_refs[uid] -= 1
-                    if self.peer_refs[uid] <= 0:
-                        del self.peer_refs[uid]
+                    _release(self.peer_refs, uid)
         return old
 
     def _policy_changed(self, old: CompiledPolicy | None, new: CompiledPolicy | None) -> None:
@@ -477,15 +472,19 @@ class EnforcerState:
             if counter[ip] == 1:
                 dirty.add(ip)
 
-    def _need(self, uid: str) -> None:
-        """A selector became needed: its contents, from the compact record."""
+    def _member_counts(self, uid: str) -> Counter[str]:
+        """How many members of a selector contribute each IP, from the compact record."""
         counter: Counter[str] = Counter()
         for value in self.members.get(uid, {}).values():
             if isinstance(value, str):
                 counter[value] += 1
             else:
                 counter.update(value)
-        self.contents[uid] = counter
+        return counter
+
+    def _need(self, uid: str) -> None:
+        """A selector became needed: its contents, from the compact record."""
+        counter = self.contents[uid] = self._member_counts(uid)
         # a set still programmed (needed again before the plan destroyed it) is diffed
         programmed = self._programmed_sets.get(self._name(uid))
         if programmed is not None:
@@ -498,13 +497,7 @@ class EnforcerState:
 
     def set_contents(self, uid: str) -> set[str]:
         """Every IP the members of a selector contribute, from scratch."""
-        out: set[str] = set()
-        for value in self.members.get(uid, {}).values():
-            if isinstance(value, str):
-                out.add(value)
-            else:
-                out.update(value)
-        return out
+        return set(self._member_counts(uid))
 
     # ------------------------------------------------------------------ derivation
 
@@ -615,9 +608,7 @@ class EnforcerState:
             self._pol_of_chain.pop(chain.name, None)
             self._touched.add(chain.name)
         for uid in self._pol_uids.pop(key, ()):
-            self._uid_refs[uid] -= 1
-            if self._uid_refs[uid] <= 0:
-                del self._uid_refs[uid]
+            if _release(self._uid_refs, uid):
                 self._unneed(uid)
                 if self._in_use.get(self._name(uid)) == uid:
                     del self._in_use[self._name(uid)]
@@ -651,10 +642,7 @@ class EnforcerState:
             old_keys = self._ep_policies.pop(key, ())
             old_chain = self._ep_chain.pop(key, None)
             if old_chain is not None:
-                sharing = self._eps_by_chain[old_chain.name]
-                sharing.discard(key)
-                if not sharing:
-                    del self._eps_by_chain[old_chain.name]
+                _discard(self._eps_by_chain, old_chain.name, key)
                 touched.add(old_chain.name)
             ep = self.endpoints.get(key)
             new_keys: tuple[str, ...] = ()
@@ -671,9 +659,7 @@ class EnforcerState:
                 if self._pol_refs[pkey] == 1:
                     fresh.add(pkey)
             for pkey in old_keys:
-                self._pol_refs[pkey] -= 1
-                if self._pol_refs[pkey] <= 0:
-                    del self._pol_refs[pkey]
+                if _release(self._pol_refs, pkey):
                     self._unuse_policy(pkey)
                     fresh.discard(pkey)
         for pkey in fresh | self._dirty_pols:
@@ -758,6 +744,24 @@ def _with_sets(
 
 
 # --------------------------------------------------------------------------- compiling
+
+
+def _discard(index: dict[str, set[str]], key: str, value: str) -> None:
+    """Take `value` out of `index[key]`, and the key out once its set is empty."""
+    values = index.get(key)
+    if values is not None:
+        values.discard(value)
+        if not values:
+            del index[key]
+
+
+def _release(refs: Counter[str], key: str) -> bool:
+    """Drop one reference to `key`; True (and the key gone) when none is left."""
+    refs[key] -= 1
+    if refs[key] > 0:
+        return False
+    del refs[key]
+    return True
 
 
 def _ports(ports: Iterable[model.Port]) -> tuple[render.PortRange, ...]:
