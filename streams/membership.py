@@ -90,8 +90,10 @@ def member_record(uid: str, endpoint: EndpointRecord, observed_at: float) -> Mem
     )
 
 
-def same_member(a: MembershipRecord, b: MembershipRecord) -> bool:
-    """Equal for an enforcer: everything but `observed_at`, which only measures latency."""
+def same_member(a: MembershipRecord, b: MembershipRecord | EndpointRecord) -> bool:
+    """Equal for an enforcer: everything but `observed_at`, which only measures latency.
+
+    `b` may be the endpoint itself: its membership would carry exactly these fields."""
     return (
         a.namespace == b.namespace
         and a.node == b.node
@@ -333,13 +335,7 @@ class PartitionState:
     ) -> Delta | None:
         key = membership_key(uid, endpoint.key)
         old = self.members.get(key)
-        if (  # same_member(old, member_record(...)), without building a record to compare
-            old is not None
-            and old.ips == endpoint.ips
-            and old.node == endpoint.node
-            and old.interface == endpoint.interface
-            and old.namespace == endpoint.namespace
-        ):
+        if old is not None and same_member(old, endpoint):  # no record built to compare
             return None
         record = member_record(uid, endpoint, observed_at)
         self._set_member(record)
