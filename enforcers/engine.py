@@ -60,7 +60,14 @@ import orjson
 
 from enforcers import state as state_mod
 from enforcers.ipsets import IpsetBackend, replace_contents
-from enforcers.iptables import Actual, ApplyResult, Iptables, chains_to_write
+from enforcers.iptables import (
+    Actual,
+    ApplyResult,
+    Iptables,
+    chain_hashes,
+    chains_to_write,
+    copy_chains,
+)
 from enforcers.metrics import EnforcerMetrics
 from enforcers.render import Chain, restore_text
 from topics import codec
@@ -116,15 +123,7 @@ class DryRunIptables:
         write, delete = chains_to_write(desired, actual, changed)
         if write or delete:
             self.restores.append(restore_text(write, delete))
-        if changed is None:
-            self.actual.chains = {n: c.hashes for n, c in desired.items()}
-        else:
-            for name in changed:
-                chain = desired.get(name)
-                if chain is None:
-                    self.actual.chains.pop(name, None)
-                else:
-                    self.actual.chains[name] = chain.hashes
+        copy_chains(self.actual.chains, desired, changed, chain_hashes)
         return ApplyResult(tuple(c.name for c in write), delete, ())
 
 
@@ -161,18 +160,8 @@ class Programmer:
         if changed is not None and not changed:
             return 0
         result = self.iptables.apply(chains, self.actual, changed)
-        if changed is None:
-            self.actual.chains = {name: c.hashes for name, c in chains.items()}
-            self.chains = dict(chains)
-        else:
-            for name in changed:
-                chain = chains.get(name)
-                if chain is None:
-                    self.actual.chains.pop(name, None)
-                    self.chains.pop(name, None)
-                else:
-                    self.actual.chains[name] = chain.hashes
-                    self.chains[name] = chain
+        copy_chains(self.actual.chains, chains, changed, chain_hashes)
+        copy_chains(self.chains, chains, changed, lambda chain: chain)
         self.actual.hooks |= set(result.hooks_added)
         return len(result.written) + len(result.deleted)
 
@@ -253,12 +242,12 @@ class Programmer:
 # --------------------------------------------------------------------------- records
 
 
-
 def _warn_unenforced(policy: state_mod.CompiledPolicy) -> None:
     """Say which egress rules of `policy` are enforced fail-closed, and how."""
     for index, rule in enumerate(policy.rules):
         if rule.unenforced is not None:
             log.warning("policy %s, egress rule %d: %s", policy.key, index, rule.unenforced)
+
 
 class RecordSink:
     """Turns topic records into state updates; bad records are counted and skipped.

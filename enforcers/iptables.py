@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from enforcers.render import CHAIN_PREFIX, HOOK_COMMENT, HOOKS, Chain, restore_text
 
 log = logging.getLogger(__name__)
+V = TypeVar("V")
 
 _COMMENT = re.compile(r'--comment "?(pc:[A-Za-z0-9]+)"?')
 
@@ -93,6 +95,31 @@ def chains_to_write(
             write.append(chain)
     delete = tuple(sorted(n for n in changed if n not in desired and n in actual.chains))
     return write, delete
+
+
+def copy_chains(
+    target: dict[str, V], desired: Mapping[str, Chain], changed: Collection[str] | None,
+    value: Callable[[Chain], V],
+) -> None:
+    """Make `target` map each desired chain's name to ``value(chain)``, after an apply.
+
+    With ``changed`` only those names are looked at (as in ``chains_to_write``): a name
+    no longer desired leaves `target`. None replaces everything.
+    """
+    if changed is None:
+        target.clear()
+        target.update((name, value(chain)) for name, chain in desired.items())
+        return
+    for name in changed:
+        chain = desired.get(name)
+        if chain is None:
+            target.pop(name, None)
+        else:
+            target[name] = value(chain)
+
+
+def chain_hashes(chain: Chain) -> tuple[str, ...]:
+    return chain.hashes
 
 
 class Iptables:
