@@ -402,11 +402,11 @@ class Processor:
                 )
             for fut in pending:
                 await fut  # acknowledged before the table says it was done
-            if key in state.refs:
-                refs = [ref.to_json() for ref in state.refs[key]]
-                self.policy_refs[key.encode()] = orjson.dumps(refs)
-            else:  # a tombstone even if the row is gone: a crash may have lost the last one
-                await self._write(self.policy_refs, key.encode(), None, msg.partition, force=True)
+            # as every table write here (see `_write`); a tombstone even if the row is gone:
+            # a crash may have lost the last one
+            refs = state.refs.get(key)
+            value = orjson.dumps([ref.to_json() for ref in refs]) if refs is not None else None
+            await self._write(self.policy_refs, key.encode(), value, msg.partition, force=True)
             self.processed += 1
 
     # ------------------------------------------------------------------ match
