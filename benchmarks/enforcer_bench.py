@@ -142,6 +142,12 @@ async def publish(bootstrap: str, prefix: str, records: list[tuple[str, Any]]) -
     return time.perf_counter() - started
 
 
+def enforcer_partitions(prefix: str) -> list[TopicPartition]:
+    """Every partition of the three topics an enforcer reads."""
+    return [TopicPartition(prefix + t, p) for t in ("policies", "memberships", "endpoints")
+            for p in range(PARTITIONS)]
+
+
 async def bare_consume_to_end(bootstrap: str, prefix: str) -> tuple[float, int]:
     """Baseline: read the three topics to the end without decoding anything."""
     started = time.perf_counter()
@@ -149,8 +155,7 @@ async def bare_consume_to_end(bootstrap: str, prefix: str) -> tuple[float, int]:
                                 enable_auto_commit=False, max_poll_records=10_000)
     await consumer.start()
     try:
-        parts = [TopicPartition(prefix + t, p) for t in ("policies", "memberships", "endpoints")
-                 for p in range(PARTITIONS)]
+        parts = enforcer_partitions(prefix)
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         end = await consumer.end_offsets(parts)
@@ -239,8 +244,7 @@ async def idle_fetch_cpu(bootstrap: str, prefix: str, fetch_wait: int, seconds: 
                                 enable_auto_commit=False, fetch_max_wait_ms=fetch_wait)
     await consumer.start()
     try:
-        parts = [TopicPartition(prefix + t, p) for t in ("policies", "memberships", "endpoints")
-                 for p in range(PARTITIONS)]
+        parts = enforcer_partitions(prefix)
         consumer.assign(parts)
         await consumer.seek_to_end(*parts)
         await consumer.getmany(timeout_ms=300)

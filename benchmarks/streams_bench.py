@@ -327,7 +327,7 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
            "--data-dir", str(log_dir / f"data-{mode}")]
     if mode == "brute_force":
         cmd.append("--brute-force")
-    cmd += args.worker_arg or _broker_worker_args(args.broker)
+    cmd += _worker_args(args)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2,
                                 max_batch_size=256 * 1024)
     await producer.start()
@@ -423,14 +423,16 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
     return result
 
 
-def _broker_worker_args(broker: str) -> list[str]:
-    """The worker's settings for `broker` unless --worker-arg is given.
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """The worker's settings: --worker-arg if given, else the broker's defaults.
 
     Tansu answers a held fetch only when its wait ends (deploy/README.md), so there the
     worker fetches with a 10 ms wait and batches its writes for 5 ms; on Kafka the
     defaults (20 ms, 20 ms) trade nothing in latency for more events per CPU-second.
     """
-    return ["--fetch-max-wait=0.01", "--producer-linger=0.005"] if broker == "tansu" else []
+    if args.worker_arg:
+        return list(args.worker_arg)
+    return ["--fetch-max-wait=0.01", "--producer-linger=0.005"] if args.broker == "tansu" else []
 
 
 def _start_py_spy(args: argparse.Namespace, pid: int, out: Path) -> subprocess.Popen[bytes] | None:
@@ -502,7 +504,7 @@ def main() -> None:
 
         broker = BROKERS[args.broker]()
         broker.start()
-        worker_args = args.worker_arg or _broker_worker_args(args.broker)
+        worker_args = _worker_args(args)
         print(f"one worker on {args.broker} ({broker.bootstrap}), "
               f"`portcullis process` {' '.join(worker_args) or 'defaults'}:", flush=True)
         try:

@@ -197,13 +197,12 @@ class ProcessorProcess:
     production (on Tansu thanks to `streams.endoffsets`, see deploy/README.md).
     """
 
-    def __init__(self, bootstrap: str, prefix: str, partitions: int, workdir: Path,
-                 store: str = "rocksdb") -> None:
+    def __init__(self, bootstrap: str, prefix: str, partitions: int, workdir: Path) -> None:
         self.workdir = workdir
         self.log_path = workdir / "processor.log"
         self.args = [
             sys.executable, "-c", "import sys; from portcullis.cli import main; sys.exit(main())",
-            "process", "--store", store, "--bootstrap", bootstrap, "--topic-prefix", prefix,
+            "process", "--store", "rocksdb", "--bootstrap", bootstrap, "--topic-prefix", prefix,
             "--partitions", str(partitions), "--data-dir", str(workdir / "streams"),
             "--session-timeout", "3", "--log-level", "WARNING",
         ]
