@@ -391,11 +391,21 @@ def _family_nets(nets: Iterable[str], family: int) -> list[str]:
     return [n for n in nets if ipaddress.ip_network(n, strict=False).version == family]
 
 
+def _is_everything(net: str) -> bool:
+    return ipaddress.ip_network(net, strict=False).prefixlen == 0
+
+
+#: Protocols of one family only: a rule naming one never matches in the other family.
+_FAMILY_PROTOCOLS = {"icmp": 4, "ipv6-icmp": 6}
+
+
 def render_rule(rule: RuleSpec, policy_key: str, family: int = 4) -> list[IptRule]:
     """The iptables rules of one Calico rule inside a policy chain."""
     if rule.never is not None:
         return []
     proto = rule.protocol
+    if _FAMILY_PROTOCOLS.get(proto or "", family) != family:
+        return []  # ICMP in the IPv6 chains, or ICMPv6 in the IPv4 ones: matches nothing
     inline: list[Cond] = []
     if proto is not None:
         if rule.not_protocol is not None and rule.not_protocol == proto:
@@ -416,13 +426,18 @@ def render_rule(rule: RuleSpec, policy_key: str, family: int = 4) -> list[IptRul
         if peer.nets and not nets:
             return []  # only nets of the other family: matches nothing here
         not_nets = _family_nets(peer.not_nets, family)
+        if any(_is_everything(n) for n in not_nets):
+            return []  # every address is excluded (and the kernel refuses ``! -d 0.0.0.0/0``)
+        if any(_is_everything(n) for n in nets):
+            nets = []  # every address matches: no condition
+        # iptables takes one ``-s``/``-d`` per side: any further address goes to a mark rule
         if len(nets) == 1:
             inline.append(Addr(sd, nets[0]))
         elif nets:
             bit = next(bits)
             required |= bit
             or_rules += [IptRule((Addr(sd, n),), SetMark(bit, bit)) for n in nets]
-        if len(not_nets) == 1:
+        if len(not_nets) == 1 and len(nets) != 1:
             inline.append(Addr(sd, not_nets[0], negate=True))
         else:
             neg_rules += [IptRule((Addr(sd, n),), SetMark(MARK_NEG, MARK_NEG)) for n in not_nets]
