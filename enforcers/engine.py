@@ -64,6 +64,7 @@ from enforcers.iptables import (
     Actual,
     ApplyResult,
     Iptables,
+    RulesRejected,
     chain_hashes,
     chains_to_write,
     copy_chains,
@@ -84,6 +85,11 @@ log = logging.getLogger(__name__)
 
 _MEMBERSHIP_FIELDS = {"v", *MembershipRecord.__dataclass_fields_order__}  # type: ignore[attr-defined]
 
+#: How many times one transaction may find more refused rules before it gives up.
+MAX_REFUSAL_ROUNDS = 8
+#: A failed transaction is tried again from scratch this soon (not at the next resync),
+#: then twice as late each time it fails again, up to the resync interval.
+RETRY_AFTER_FAILURE = 1.0
 SET_PREFIX = "pc-"
 TEMP_PREFIX = "pt-"
 SET_PREFIX_V6 = "pc6-"  # IPv6 sets (and their temporary twins, "pc6-…~t")
@@ -132,6 +138,7 @@ class ProgramResult:
     member_ops: int = 0
     chains_written: int = 0
     repairs: int = 0
+    applied: bool = False  # whether the dataplane was touched at all
 
 
 class Programmer:
@@ -178,7 +185,7 @@ class Programmer:
             self.ipsets.delete(name, members)
         for name in plan.destroy_sets:
             self.ipsets.destroy(name)
-        return ProgramResult(plan.member_ops, written)
+        return ProgramResult(plan.member_ops, written, applied=True)
 
     def start(self, state: state_mod.EnforcerState) -> ProgramResult:
         """Program everything after a (re)start without dropping what is enforced now.
@@ -206,7 +213,53 @@ class Programmer:
         for name in existing:
             if name.startswith(self.owned) and name not in plan.create_sets:
                 self.ipsets.destroy(name)
-        return ProgramResult(ops, written)
+        return ProgramResult(ops, written, applied=True)
+
+    def transaction(
+        self, state: state_mod.EnforcerState, initial: bool = False,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> tuple[ProgramResult, list[float]]:
+        """Program what changed in `state` since the last transaction (everything, from
+        scratch, with `initial`), and the ``observed_at`` of the changes it covers.
+
+        A rule the kernel refuses never stalls the node: the state enforces it fail-closed
+        (`EnforcerState.reject_rule`; `on_refused` hears how) and everything is programmed
+        again from scratch, so the rest of the node's policy is still programmed. Other
+        failures propagate.
+        """
+        observed: list[float] | None = None
+        for _round in range(MAX_REFUSAL_ROUNDS):
+            if initial:
+                taken = state.take_observed()
+                observed = taken if observed is None else observed + taken
+                try:
+                    return self.start(state), observed
+                except RulesRejected as exc:
+                    self._refused(state, exc, on_refused)
+                    continue
+            plan = state.plan()
+            observed = plan.observed_at
+            if not plan.member_ops and not plan.destroy_sets and plan.chains_unchanged:
+                return ProgramResult(), observed
+            try:
+                return self.apply(plan), observed
+            except RulesRejected as exc:
+                self._refused(state, exc, on_refused)
+                initial = True  # the plan is half applied: start over, from scratch
+        raise RuntimeError(f"the kernel kept refusing rules after {MAX_REFUSAL_ROUNDS} rounds")
+
+    def _refused(
+        self, state: state_mod.EnforcerState, exc: RulesRejected,
+        on_refused: Callable[[str], None] | None,
+    ) -> None:
+        placed = [state.reject_rule(r.chain, r.index, r.error) for r in exc.rules]
+        if not all(placed):  # not a policy rule: nothing can stand in for it
+            raise exc
+        for how in placed:
+            assert how is not None
+            log.error("%s", how)
+            if on_refused is not None:
+                on_refused(how)
 
     def resync(self, state: state_mod.EnforcerState) -> ProgramResult:
         """Compare the kernel with what we programmed; repair and count the differences."""
@@ -726,25 +779,15 @@ class Enforcer:
         changed = False
         for index, (st, programmer) in enumerate(self.planes):
             try:
-                if initial:
-                    result = programmer.start(st)
-                    plane_observed = st.take_observed()
-                else:
-                    plan = st.plan()
-                    plane_observed = plan.observed_at
-                    if not plan.member_ops and not plan.destroy_sets and (
-                        plan.chains_unchanged
-                    ):
-                        result = ProgramResult()
-                    else:
-                        result = programmer.apply(plan)
-                        changed = True
+                result, plane_observed = programmer.transaction(
+                    st, initial, lambda _how: self.metrics.refused_rules.inc())
             except Exception:
                 self.metrics.errors.inc()
-                log.exception("dataplane transaction failed; the next resync starts over")
+                log.exception("dataplane transaction failed; it starts over from scratch soon")
                 st.forget_programmed()
                 self._need_restart = True
                 continue
+            changed = changed or result.applied
             if index == 0:  # the same records reach every family: count them once
                 observed = plane_observed
             ops += result.member_ops
@@ -794,6 +837,7 @@ class Enforcer:
             self._program(initial=True)
             self.synced.set()
             next_resync = time.monotonic() + self.resync_interval
+            retry_after, retry_at = RETRY_AFTER_FAILURE, None
             dirty = False
             while not stop.is_set():
                 timeout = max(0.0, min(0.5, next_resync - time.monotonic()))
@@ -818,8 +862,15 @@ class Enforcer:
                     dirty = False
                     initial, self._need_restart = self._need_restart, False
                     self._program(initial=initial)
+                if self._need_restart and retry_at is None:  # a failure: retry, backing off
+                    retry_at = time.monotonic() + retry_after
+                    next_resync = min(next_resync, retry_at)
+                    retry_after = min(retry_after * 2, self.resync_interval)
+                elif not self._need_restart:
+                    retry_after = RETRY_AFTER_FAILURE
                 if time.monotonic() >= next_resync:
                     next_resync = time.monotonic() + self.resync_interval
+                    retry_at = None
                     await self._check_brokers(consumer)
                     try:
                         if self._need_restart:

@@ -16,7 +16,16 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from enforcers.render import CHAIN_PREFIX, HOOK_COMMENT, HOOKS, Chain, restore_text
+from enforcers.render import (
+    CHAIN_PREFIX,
+    HOOK_COMMENT,
+    HOOKS,
+    Chain,
+    IptRule,
+    Jump,
+    chain_lines,
+    restore_text,
+)
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
@@ -26,6 +35,33 @@ _COMMENT = re.compile(r'--comment "?(pc:[A-Za-z0-9]+)"?')
 
 class IptablesError(RuntimeError):
     """iptables-restore or iptables-save failed; the message carries its stderr."""
+
+
+#: The scratch chain rules are test-loaded into (and removed again, in the same commit).
+PROBE_CHAIN = "pc-probe"
+
+
+@dataclass(frozen=True)
+class RejectedRule:
+    """A rule of ours the kernel refuses: chain, index in the chain, and what it said."""
+
+    chain: str
+    index: int
+    error: str
+
+
+class RulesRejected(IptablesError):
+    """A transaction failed because the kernel refuses these rules (found by probing)."""
+
+    def __init__(self, rules: list[RejectedRule], cause: IptablesError) -> None:
+        self.rules = rules
+        where = ", ".join(f"{r.chain} rule {r.index}" for r in rules)
+        super().__init__(f"the kernel refuses {where}: {cause}")
+
+
+def probeable(rule: IptRule) -> bool:
+    """Whether a rule can be test-loaded alone (a jump needs its target chain to exist)."""
+    return not isinstance(rule.target, Jump)
 
 
 @dataclass
@@ -143,13 +179,21 @@ class Iptables:
             raise IptablesError(f"{' '.join(self._save)} failed: {proc.stderr.strip()}")
         return parse_save(proc.stdout)
 
-    def restore(self, text: str) -> None:
+    def _restore_errors(self, text: str) -> str | None:
+        """Run one restore; None if it succeeded, else what it said (one line)."""
         proc = subprocess.run(
             self._cmd(self._restore), input=text, capture_output=True, text=True,
             timeout=self.timeout,
         )
-        if proc.returncode != 0:
-            error = proc.stderr.strip()
+        if proc.returncode == 0:
+            return None
+        said = [line.strip() for line in proc.stderr.splitlines()
+                if line.strip() and not line.startswith("Try `")]
+        return "; ".join(said) or f"exit status {proc.returncode}"
+
+    def restore(self, text: str) -> None:
+        error = self._restore_errors(text)
+        if error is not None:
             lines = text.splitlines()
             where = re.search(r"line:? (\d+)", error)
             if where and 0 < int(where.group(1)) <= len(lines):
@@ -157,6 +201,39 @@ class Iptables:
             else:
                 context = "\n".join(lines[:20]) + ("\n…" if len(lines) > 20 else "")
             raise IptablesError(f"iptables-restore failed: {error}\n{context}")
+
+    def _loads(self, rules: list[tuple[str, int, IptRule]]) -> str | None:
+        """Load `rules` into a scratch chain and remove it in the same commit: the kernel
+        checks every rule and nothing changes. None if it took them, else its error."""
+        chain = Chain.build(PROBE_CHAIN, [rule for _name, _index, rule in rules])
+        text = "\n".join(["*filter", f":{PROBE_CHAIN} - [0:0]", *chain_lines(chain),
+                          f"-F {PROBE_CHAIN}", f"-X {PROBE_CHAIN}", "COMMIT", ""])
+        error = self._restore_errors(text)
+        if error is None:
+            return None
+        # a line number would point into the probe's text, which nobody sees
+        return re.sub(r";? ?Error occurred at line: \d+", "", error)
+
+    def rejected_rules(self, chains: Collection[Chain]) -> list[RejectedRule]:
+        """The rules of `chains` the kernel refuses, by bisection: loading a group of rules
+        that the kernel takes clears them all, so k bad rules among n cost about
+        k·log2(n) probes. Rules that jump to another chain are not probed."""
+        candidates = [(c.name, i, r) for c in chains for i, r in enumerate(c.rules)
+                      if probeable(r)]
+        found: list[RejectedRule] = []
+        pending = [candidates] if candidates else []
+        while pending:
+            group = pending.pop()
+            error = self._loads(group)
+            if error is None:
+                continue
+            if len(group) == 1:
+                name, index, _rule = group[0]
+                found.append(RejectedRule(name, index, error))
+                continue
+            half = len(group) // 2
+            pending += [group[half:], group[:half]]
+        return sorted(found, key=lambda r: (r.chain, r.index))
 
     def apply(
         self, desired: Mapping[str, Chain], actual: Actual | None = None,
@@ -174,7 +251,13 @@ class Iptables:
             h for h in HOOKS if h not in actual.hooks and h[1] in desired
         )
         if write or delete or hooks:
-            self.restore(restore_text(write, delete, hooks))
+            try:
+                self.restore(restore_text(write, delete, hooks))
+            except IptablesError as exc:
+                rejected = self.rejected_rules(write)
+                if rejected:
+                    raise RulesRejected(rejected, exc) from exc
+                raise
             log.debug("iptables: wrote %d chains, deleted %d", len(write), len(delete))
         return ApplyResult(tuple(c.name for c in write), delete, hooks)
 

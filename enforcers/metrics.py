@@ -124,6 +124,10 @@ class EnforcerMetrics:
             "portcullis_enforcer_dead_letter_failures_total",
             "Dead letters that could not be published (logged; enforcement went on).",
         )
+        self.refused_rules = Counter(
+            "portcullis_enforcer_refused_rules_total",
+            "Policy rules the kernel refused, enforced fail-closed instead (logged).",
+        )
         self.errors = Counter(
             "portcullis_enforcer_dataplane_errors_total", "Failed dataplane transactions."
         )
@@ -137,7 +141,7 @@ class EnforcerMetrics:
     def all(self) -> list[Counter | Gauge | Histogram]:
         return [self.latency, self.batches, self.member_ops, self.chains_written,
                 self.resyncs, self.repairs, self.rereads, self.rejected, self.dead_letters,
-                self.dead_letter_failures, self.errors,
+                self.dead_letter_failures, self.refused_rules, self.errors,
                 self.connected, self.in_sync]
 
     def expose(self) -> str:

@@ -484,6 +484,17 @@ def render_rule(rule: RuleSpec, policy_key: str, family: int = 4) -> list[IptRul
     return out
 
 
+def rule_rendering(policy: PolicySpec, family: int, index: int) -> int | None:
+    """Which of the policy's rules the `index`-th iptables rule of its chain renders
+    (None: the chain has no such rule)."""
+    first = 0
+    for number, rule in enumerate(policy.rules):
+        first += len(render_rule(rule, policy.key, family))
+        if index < first:
+            return number
+    return None
+
+
 @functools.lru_cache(maxsize=4096)
 def render_policy(policy: PolicySpec, family: int = 4) -> Chain:
     rules: list[IptRule] = []

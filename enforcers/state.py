@@ -254,6 +254,9 @@ class EnforcerState:
         self.pruned: set[str] = set()
         self.needs_reread = False
         self._names: dict[str, str] = {}
+        # rules the kernel refused: policy key -> rule index -> what it said; enforced
+        # fail-closed until the policy changes (see ``reject_rule``)
+        self.refused: dict[str, dict[int, str]] = {}
 
     def _name(self, uid: str) -> str:
         """The ipset name of a selector uid (remembered: asked for on every render)."""
@@ -324,6 +327,8 @@ class EnforcerState:
 
     def upsert_policy(self, policy: CompiledPolicy, observed_at: float | None = None) -> None:
         old = self._unindex_policy(policy.key)
+        if old != policy:
+            self.refused.pop(policy.key, None)  # a new version may load: try it
         self.policies[policy.key] = policy
         self.policies_by_uid[policy.applies_uid].add(policy.key)
         for rule in policy.rules:
@@ -335,6 +340,7 @@ class EnforcerState:
         self._note(observed_at)
 
     def delete_policy(self, key: str, observed_at: float | None = None) -> None:
+        self.refused.pop(key, None)
         self._policy_changed(self._unindex_policy(key), None)
         self._note(observed_at)
 
@@ -522,10 +528,33 @@ class EnforcerState:
         found.sort(key=lambda p: (self._tier(p.tier).sort_key, p.sort_key, p.key))
         return found
 
+    def reject_rule(self, chain: str, index: int, error: str) -> str | None:
+        """The kernel refused rule `index` of `chain`: if it renders a policy's rule, that
+        rule is enforced fail-closed from the next plan on (an Allow or Log never matches,
+        a Deny or Pass denies everything), and the return value says so for the log. None
+        when the chain is not a policy chain in use."""
+        key = self._pol_of_chain.get(chain)
+        if key is None or key not in self.policies:
+            return None
+        number = render.rule_rendering(self._policy_spec(self.policies[key]), self.family, index)
+        if number is None:
+            return None
+        self.refused.setdefault(key, {})[number] = error
+        self._dirty_pols.add(key)
+        action = self.policies[key].rules[number].spec.action
+        how = ("never matches" if action in ("Allow", "Log")
+               else "is enforced as a Deny of everything")
+        return (f"policy {key}, egress rule {number} (IPv{self.family}): the kernel refused it "
+                f"({error}); this {action} rule {how} (fail closed) until the policy changes")
+
     def _policy_spec(self, pol: CompiledPolicy) -> PolicySpec:
         rules = []
-        for rule in pol.rules:
+        refused = self.refused.get(pol.key, {})
+        for number, rule in enumerate(pol.rules):
             spec = rule.spec
+            if number in refused:
+                rules.append(_refused_rule(spec, refused[number]))
+                continue
             dst = spec.destination
             src = spec.source
             if rule.dst_uid or rule.dst_not_uid:
@@ -730,6 +759,14 @@ class EnforcerState:
 
     def programmed_sets(self) -> Mapping[str, set[str]]:
         return self._programmed_sets
+
+
+def _refused_rule(spec: RuleSpec, error: str) -> RuleSpec:
+    """A rule the kernel refused, fail-closed: an Allow or Log that never matches, or a Deny
+    with no condition (a Pass becomes one too: it could have skipped a later Deny)."""
+    if spec.action in ("Allow", "Log"):
+        return RuleSpec(spec.action, never=f"refused by the kernel: {error}")
+    return RuleSpec("Deny")
 
 
 def _with_sets(
