@@ -57,7 +57,7 @@ def _policy_rules(ns: Netns, key: str) -> list[str]:
 
 
 def test_a_refused_rule_fails_closed_and_the_rest_is_programmed(netns: Netns) -> None:
-    bad, good = (compile_policy(p) for p in load(POLICIES))  # type: ignore[arg-type]
+    bad, good = (compile_policy(p) for p in load(POLICIES))
     state = EnforcerState("n1", set_name)
     state.upsert_policy(_with_unknown_protocol(bad, 0, 1))  # a Deny and an Allow refused
     state.upsert_policy(good)
@@ -99,5 +99,5 @@ def test_a_refused_rule_fails_closed_and_the_rest_is_programmed(netns: Netns) ->
         assert heard == []
         rules = _policy_rules(netns, "GlobalNetworkPolicy//bad")
         assert any("--dports 443" in r and r.endswith("-j DROP") for r in rules)
-        assert programmer.iptables.save().chains == {  # type: ignore[union-attr]
+        assert programmer.iptables.save().chains == {
             name: chain.hashes for name, chain in state.desired().chains.items()}
