@@ -58,6 +58,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from enforcers import render
 from enforcers import state as state_mod
 from enforcers.ipsets import IpsetBackend, replace_contents
 from enforcers.iptables import (
@@ -73,6 +74,7 @@ from enforcers.metrics import EnforcerMetrics
 from enforcers.render import Chain, restore_text
 from topics import codec
 from topics.records import (
+    DEFAULT_ALLOW_PROFILE,
     EndpointRecord,
     MembershipRecord,
     PolicyRecord,
@@ -93,7 +95,6 @@ RETRY_AFTER_FAILURE = 1.0
 SET_PREFIX = "pc-"
 TEMP_PREFIX = "pt-"
 SET_PREFIX_V6 = "pc6-"  # IPv6 sets (and their temporary twins, "pc6-…~t")
-WORKLOAD_KINDS = frozenset({"pod", "vm"})
 
 #: Where a record was read: (topic, partition, offset).
 Where = tuple[str, int, int]
@@ -302,6 +303,30 @@ def _warn_unenforced(policy: state_mod.CompiledPolicy) -> None:
             log.warning("policy %s, egress rule %d: %s", policy.key, index, rule.unenforced)
 
 
+def local_endpoint(
+    key: str, rec: EndpointRecord, node: str
+) -> state_mod.LocalEndpoint | None:
+    """What `node` enforces for the endpoint record at `key` (None: nothing, not local).
+
+    A pod is a workload: its traffic arrives on its interface. A VM is a workload of the
+    hypervisor it runs on (``node`` names the hypervisor; its interfaces are the taps
+    there), or, when its enforcer runs inside it (``node`` is the VM's own name, the
+    inventory's default), a guest: its traffic leaves through its own interfaces. A host
+    endpoint denies after the last tier unless it has Calico's default-allow profile.
+    """
+    if rec.node != node or not rec.interface:
+        return None
+    if rec.kind == "pod":
+        return state_mod.LocalEndpoint(key, "workload", rec.interface, rec.ips)
+    if rec.kind == "vm":
+        kind: render.EndpointKind = "guest" if rec.name == rec.node else "workload"
+        return state_mod.LocalEndpoint(key, kind, rec.interface, rec.ips)
+    if rec.kind == "hostendpoint":
+        allow = DEFAULT_ALLOW_PROFILE in rec.profiles
+        return state_mod.LocalEndpoint(key, "host", rec.interface, rec.ips, allow=allow)
+    return None
+
+
 class RecordSink:
     """Turns topic records into state updates; bad records are counted and skipped.
 
@@ -327,6 +352,8 @@ class RecordSink:
         self.deferred: list[tuple[str, Where, bytes | None, bytes | None, BaseException]] = []
         self.deferring = False
         self.states = [state, *more]
+        # the states that enforce policy (a blocked family needs only the endpoints)
+        self.enforcing = [st for st in self.states if not st.blocked]
         # drop remote memberships of selectors no policy uses as a rule peer; only for a
         # reader that re-reads the memberships when ``needs_reread`` says so (the engine)
         self.prune = prune
@@ -335,19 +362,15 @@ class RecordSink:
 
     def endpoint(self, key: str, rec: EndpointRecord | None) -> None:
         for st in self.states:
-            if rec is None or rec.node != st.node or not rec.interface or not (
-                rec.kind in WORKLOAD_KINDS or rec.kind == "hostendpoint"
-            ):
+            ep = local_endpoint(key, rec, st.node) if rec is not None else None
+            if ep is None:
                 if key in st.endpoints:
                     st.delete_endpoint(key, rec.observed_at if rec else None)
                 continue
-            ep = state_mod.LocalEndpoint(
-                key, "host" if rec.kind == "hostendpoint" else "workload", rec.interface, rec.ips
-            )
-            st.upsert_endpoint(ep, rec.observed_at)
+            st.upsert_endpoint(ep, rec.observed_at if rec else None)
 
     def membership(self, key: str, rec: MembershipRecord | None) -> None:
-        for st in self.states:
+        for st in self.enforcing:
             if rec is None:
                 uid, endpoint = split_membership_key(key)
                 st.delete_membership(uid, endpoint)
@@ -385,7 +408,7 @@ class RecordSink:
         for ip in ips:
             if type(ip) is not str:
                 return False
-        for st in self.states:
+        for st in self.enforcing:
             st.upsert_membership(uid, endpoint, ips, float(at), node=node, prune=self.prune)
         return True
 
@@ -426,7 +449,7 @@ class RecordSink:
             obj = load_document(rec.document, f"policies topic, key {key}")
         old = self.policy_kinds.pop(key, None)
         observed = rec.observed_at if rec else None
-        for st in self.states:
+        for st in self.enforcing:
             if old is not None:
                 what, skey = old
                 if what == "tier":
@@ -442,7 +465,7 @@ class RecordSink:
             elif isinstance(compiled, state_mod.CompiledPolicy):
                 st.upsert_policy(compiled, observed)
                 self.policy_kinds[key] = ("policy", compiled.key)
-                if st is self.states[0]:
+                if st is self.enforcing[0]:
                     _warn_unenforced(compiled)
 
     def owns(self, suffix: str, key_raw: bytes | None, value: bytes | None) -> bool:

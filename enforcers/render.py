@@ -7,11 +7,17 @@ the same verdict as ``policy.verdict`` without a kernel.
 
 Layout (Calico's, egress only):
 
-* ``FORWARD -j pc-fwd``: traffic from a local pod arrives on the host end of its
-  veth, so ``pc-fwd`` dispatches ``-i <iface> -g pc-tw-<h>``; ``INPUT -j pc-in`` does
-  the same for pod traffic to the host's own addresses.
+* ``FORWARD -j pc-fwd``: traffic from a local workload (a pod, or a VM on this
+  hypervisor) arrives on the host end of its interface, so ``pc-fwd`` dispatches
+  ``-i <iface> -g pc-tw-<h>`` (one rule per interface of the workload); ``INPUT -j pc-in``
+  does the same for workload traffic to the host's own addresses. Both then drop what
+  comes from any other workload interface (``-i cali+``, Calico's "unknown interface":
+  a new pod is denied until its policy is programmed).
 * ``OUTPUT -j pc-out``: traffic the host itself sends, ``-o <iface> -g pc-th-<h>``
   per host endpoint (``*`` last, skipping workload interfaces and ``lo``).
+* A *guest* endpoint is a VM whose enforcer runs inside it: its traffic leaves through
+  its own interfaces, sent by itself (``pc-out``) or forwarded by it (``pc-fwd``), so
+  both dispatch ``-o <iface> -g pc-th-<h>`` for each of them.
 * An endpoint chain accepts established flows, then for each tier in order
   jumps to its applying policies' chains (``pc-pi-<h>``, shared by every endpoint
   the policy applies to) while the tier has not passed; a policy chain marks
@@ -87,7 +93,16 @@ def policy_chain(policy_key: str) -> str:
 # --------------------------------------------------------------------------- input specs
 
 ActionName: TypeAlias = Literal["Allow", "Deny", "Pass", "Log"]
-EndpointKind: TypeAlias = Literal["workload", "host"]
+#: workload: traffic arrives from it on the node's interface (pods, VMs on a hypervisor);
+#: host: the node's own interface (a host endpoint); guest: a VM enforcing itself.
+EndpointKind: TypeAlias = Literal["workload", "host", "guest"]
+#: Calico's workload interface prefix (the host ends of pods' veths).
+WORKLOAD_PREFIXES: tuple[str, ...] = ("cali",)
+
+
+def interface_names(interface: str) -> tuple[str, ...]:
+    """The interface names of an endpoint: one name, or several separated by commas."""
+    return tuple(name for name in interface.split(",") if name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +152,21 @@ class TierSpec:
 
 @dataclass(frozen=True, slots=True)
 class EndpointSpec:
-    """A local endpoint: ``tiers`` hold only tiers with at least one applying egress policy."""
+    """A local endpoint: ``tiers`` hold only tiers with at least one applying egress policy.
+
+    ``interface``: one name, several separated by commas, or ``*`` (a host endpoint: every
+    interface). ``allow``: what happens after the last tier (the profile); None is the
+    default for the kind: workloads and guests allow, host endpoints deny."""
 
     key: str
     kind: EndpointKind
     interface: str
     tiers: tuple[TierSpec, ...] = ()
+    allow: bool | None = None
+
+    @property
+    def allows_by_default(self) -> bool:
+        return self.kind != "host" if self.allow is None else self.allow
 
 
 # --------------------------------------------------------------------------- rule AST
@@ -522,15 +546,24 @@ def render_endpoint(endpoint: EndpointSpec) -> Chain:
     outline = tuple(
         (t.name, t.default_action, tuple(p.key for p in t.policies)) for t in endpoint.tiers
     )
-    key = endpoint.key if endpoint.kind == "host" else ""
-    return endpoint_chain(endpoint.kind, endpoint.interface, key, outline)
+    key = "" if endpoint.kind == "workload" else endpoint.key
+    return endpoint_chain(endpoint.kind, endpoint.interface, key, outline,
+                          endpoint.allows_by_default)
+
+
+def endpoint_chain_name(kind: EndpointKind, interface: str, key: str) -> str:
+    """Workload chains are named by interface (as Calico's), the others by endpoint key."""
+    return workload_chain(interface) if kind == "workload" else host_chain(key)
 
 
 @functools.lru_cache(maxsize=16384)
-def endpoint_chain(kind: EndpointKind, interface: str, key: str, tiers: TierOutline) -> Chain:
+def endpoint_chain(
+    kind: EndpointKind, interface: str, key: str, tiers: TierOutline, allow: bool,
+) -> Chain:
     """An endpoint's chain from its outline: (tier, default action, policy keys) in order;
-    ``key`` names a host endpoint's chain ("" for workloads, named by interface)."""
-    name = workload_chain(interface) if kind == "workload" else host_chain(key)
+    ``key`` names a host or guest endpoint's chain ("" for workloads, named by interface);
+    ``allow``: the verdict when no tier decided (the endpoint's profile)."""
+    name = endpoint_chain_name(kind, interface, key)
     rules = [
         IptRule((CtState(("RELATED", "ESTABLISHED")),), ACCEPT),
         IptRule((CtState(("INVALID",)),), DROP),
@@ -545,8 +578,8 @@ def endpoint_chain(kind: EndpointKind, interface: str, key: str, tiers: TierOutl
             rules.append(IptRule((Mark(MARK_ACCEPT, MARK_ACCEPT),), ACCEPT))
         if default_action == "Deny":
             rules.append(IptRule((Mark(0, MARK_PASS),), DROP))
-    # No tier decided: pods fall to their profile (allow), host endpoints to default deny.
-    rules.append(IptRule((), ACCEPT if kind == "workload" else DROP))
+    # No tier decided: the profile (pods: allow; host endpoints: deny unless default-allow)
+    rules.append(IptRule((), ACCEPT if allow else DROP))
     return Chain.build(name, rules)
 
 
@@ -560,23 +593,33 @@ def _icmpv6_link_rules() -> list[IptRule]:
             for t in ICMPV6_LINK_TYPES]
 
 
+def _sends_to(endpoint: EndpointSpec, direction: Literal["in", "out"]) -> list[IptRule]:
+    """``-i``/``-o`` each of the endpoint's interfaces ``-g`` its chain."""
+    key = "" if endpoint.kind == "workload" else endpoint.key
+    chain = endpoint_chain_name(endpoint.kind, endpoint.interface, key)
+    return [IptRule((Iface(direction, name),), Jump(chain, goto=True))
+            for name in interface_names(endpoint.interface)]
+
+
 def render_dispatch(
     endpoints: Iterable[EndpointSpec], family: int = 4, reuse: Mapping[str, Chain] | None = None,
+    workload_prefixes: Sequence[str] = WORKLOAD_PREFIXES,
 ) -> tuple[Chain, Chain, Chain]:
     """Dispatch chains: ``pc-fwd`` and ``pc-in`` (from workloads, forwarded or to the host
-    itself: a pod's egress policy covers both, as in Calico) and ``pc-out`` (host egress).
-    With IPv6, neighbour discovery to and from the host is accepted before any policy.
-    ``reuse``: the previous dispatch chains by name, whose unchanged heads keep their hashes
-    (the same result, less hashing)."""
+    itself: a workload's egress policy covers both, as in Calico) and ``pc-out`` (host
+    egress). Traffic from an interface with one of ``workload_prefixes`` that is no known
+    workload's is dropped. With IPv6, neighbour discovery to and from the host is accepted
+    before any policy. ``reuse``: the previous dispatch chains by name, whose unchanged
+    heads keep their hashes (the same result, less hashing)."""
     before = reuse or {}
     eps = sorted(endpoints, key=lambda e: (e.interface, e.key))
     link = _icmpv6_link_rules() if family == 6 else []
-    fwd = [
-        IptRule((Iface("in", e.interface),), Jump(workload_chain(e.interface), goto=True))
-        for e in eps
-        if e.kind == "workload"
-    ]
-    out: list[IptRule] = list(link) if any(e.kind == "host" for e in eps) else []
+    from_workloads = [r for e in eps if e.kind == "workload" for r in _sends_to(e, "in")]
+    unknown = [IptRule((Iface("in", prefix + "+"),), DROP) for prefix in workload_prefixes]
+    guests = [r for e in eps if e.kind == "guest" for r in _sends_to(e, "out")]
+    fwd = from_workloads + unknown + guests
+    out: list[IptRule] = list(link) if any(e.kind != "workload" for e in eps) else []
+    out += guests
     wildcard: list[EndpointSpec] = []
     for e in eps:
         if e.kind != "host":
@@ -584,12 +627,15 @@ def render_dispatch(
         if e.interface in ("*", ""):
             wildcard.append(e)
         else:
-            out.append(IptRule((Iface("out", e.interface),), Jump(host_chain(e.key), goto=True)))
+            out += _sends_to(e, "out")
     if wildcard:
         out.append(IptRule((Iface("out", "lo"),), RETURN))
-        out += [IptRule((Iface("out", e.interface),), RETURN) for e in eps if e.kind == "workload"]
+        out += [IptRule((Iface("out", prefix + "+"),), RETURN) for prefix in workload_prefixes]
+        out += [IptRule((Iface("out", name),), RETURN) for e in eps if e.kind == "workload"
+                for name in interface_names(e.interface)
+                if not name.startswith(tuple(workload_prefixes))]
         out.append(IptRule((), Jump(host_chain(wildcard[0].key), goto=True)))
-    to_host = (link if fwd else []) + fwd
+    to_host = link + from_workloads + unknown
     return (
         Chain.build(FORWARD_CHAIN, fwd, before.get(FORWARD_CHAIN)),
         Chain.build(INPUT_CHAIN, to_host, before.get(INPUT_CHAIN)),
@@ -597,7 +643,10 @@ def render_dispatch(
     )
 
 
-def render(endpoints: Iterable[EndpointSpec], family: int = 4) -> Ruleset:
+def render(
+    endpoints: Iterable[EndpointSpec], family: int = 4,
+    workload_prefixes: Sequence[str] = WORKLOAD_PREFIXES,
+) -> Ruleset:
     """Every chain we own for these local endpoints, by name."""
     endpoints = list(endpoints)
     chains: Ruleset = {}
@@ -609,7 +658,7 @@ def render(endpoints: Iterable[EndpointSpec], family: int = 4) -> Ruleset:
                 name = policy_chain(pol.key)
                 if name not in chains:
                     chains[name] = render_policy(pol, family)
-    for chain in render_dispatch(endpoints, family):
+    for chain in render_dispatch(endpoints, family, workload_prefixes=workload_prefixes):
         chains[chain.name] = chain
     return chains
 
@@ -643,6 +692,13 @@ def _in_any(ip: str, nets: Iterable[str]) -> bool:
     return any(addr in ipaddress.ip_network(n, strict=False) for n in nets)
 
 
+def _iface_matches(pattern: str, iface: str) -> bool:
+    """iptables' interface match: a trailing ``+`` makes the name a prefix."""
+    if pattern.endswith("+"):
+        return iface.startswith(pattern[:-1])
+    return iface == pattern
+
+
 def _cond_holds(cond: Cond, pkt: Packet, mark: int, sets: Mapping[str, Iterable[str]]) -> bool:
     if isinstance(cond, Proto):
         result = pkt.protocol == cond.name
@@ -665,7 +721,7 @@ def _cond_holds(cond: Cond, pkt: Packet, mark: int, sets: Mapping[str, Iterable[
         result = pkt.ct_state in cond.states
     else:
         iface = pkt.in_iface if cond.direction == "in" else pkt.out_iface
-        result = iface == cond.name
+        result = _iface_matches(cond.name, iface)
     return result != getattr(cond, "negate", False)
 
 

@@ -105,10 +105,22 @@ class CompiledTier:
 
 @dataclass(frozen=True, slots=True)
 class LocalEndpoint:
+    """An endpoint this node enforces. ``interface``: one name, several separated by commas,
+    or ``*`` (a host endpoint on every interface); ``allow``: its profile's verdict after
+    the last tier (None: the kind's default, see ``render.EndpointSpec``)."""
+
     key: str
-    kind: Literal["workload", "host"]
+    kind: render.EndpointKind
     interface: str
     ips: tuple[str, ...]
+    allow: bool | None = None
+
+    def chain_key(self) -> str:
+        """What names its chain besides the interface: "" for workloads, else the key."""
+        return "" if self.kind == "workload" else self.key
+
+    def allows_by_default(self) -> bool:
+        return self.kind != "host" if self.allow is None else self.allow
 
 
 @dataclass
@@ -214,10 +226,20 @@ DEFAULT_TIER = CompiledTier(
 class EnforcerState:
     """Everything one node's enforcer knows, indexed for incremental planning."""
 
-    def __init__(self, node: str, set_name: SetNamer, family: int = 4) -> None:
+    def __init__(
+        self, node: str, set_name: SetNamer, family: int = 4,
+        workload_prefixes: tuple[str, ...] = render.WORKLOAD_PREFIXES,
+        blocked: bool = False,
+    ) -> None:
+        """``blocked``: this family is not enforced but dropped: every local endpoint's
+        chain denies all it sends (after established flows, and a host endpoint's
+        failsafe ports); policies and memberships are not kept (feed it endpoints only)."""
         self.node = node
         self.set_name = set_name
         self.family = family
+        # interfaces with these prefixes are workloads': unknown ones are dropped
+        self.workload_prefixes = workload_prefixes
+        self.blocked = blocked
         self.policies: dict[str, CompiledPolicy] = {}
         self.tiers: dict[str, CompiledTier] = {}
         self.endpoints: dict[str, LocalEndpoint] = {}
@@ -367,7 +389,7 @@ class EnforcerState:
             uids = tuple(uid for uid, by_endpoint in self.members.items() if ep.key in by_endpoint)
             if uids:
                 self.uids_of_endpoint[ep.key] = uids
-        if old is None or (old.kind, old.interface) != (ep.kind, ep.interface):
+        if old is None or (old.kind, old.interface, old.allow) != (ep.kind, ep.interface, ep.allow):
             self._dirty_eps.add(ep.key)  # its IPs alone change no chain
             self._dispatch_dirty = True
         self._note(observed_at)
@@ -518,6 +540,8 @@ class EnforcerState:
     def applying(self, endpoint_key: str) -> list[CompiledPolicy]:
         """Egress policies applying to an endpoint, in evaluation order."""
         found: list[CompiledPolicy] = []
+        if self.blocked:
+            return found
         for uid in self.uids_of_endpoint.get(endpoint_key, ()):
             for pkey in self.policies_by_uid.get(uid, ()):
                 pol = self.policies[pkey]
@@ -546,6 +570,10 @@ class EnforcerState:
                else "is enforced as a Deny of everything")
         return (f"policy {key}, egress rule {number} (IPv{self.family}): the kernel refused it "
                 f"({error}); this {action} rule {how} (fail closed) until the policy changes")
+
+    def _allows(self, ep: LocalEndpoint) -> bool:
+        """What the endpoint's chain does when no tier decided."""
+        return not self.blocked and ep.allows_by_default()
 
     def _policy_spec(self, pol: CompiledPolicy) -> PolicySpec:
         rules = []
@@ -581,7 +609,8 @@ class EnforcerState:
                 tiers[-1] = TierSpec(
                     last.name, last.default_action, (*last.policies, self._policy_spec(pol))
                 )
-            specs.append(EndpointSpec(ep.key, ep.kind, ep.interface, tuple(tiers)))
+            specs.append(EndpointSpec(ep.key, ep.kind, ep.interface, tuple(tiers),
+                                      self._allows(ep)))
         return specs
 
     def uids_in_use(self) -> set[str]:
@@ -600,7 +629,7 @@ class EnforcerState:
 
     def desired(self) -> Dataplane:
         """The whole dataplane from scratch (the oracle ``plan()`` must agree with)."""
-        chains = render.render(self.endpoint_specs(), self.family)
+        chains = render.render(self.endpoint_specs(), self.family, self.workload_prefixes)
         sets = {self._name(uid): self.set_contents(uid) for uid in self.uids_in_use()}
         return Dataplane(sets, chains)
 
@@ -678,7 +707,7 @@ class EnforcerState:
             if ep is not None:
                 outline = self._outline(ep)
                 chain = self._ep_chain[key] = render.endpoint_chain(
-                    ep.kind, ep.interface, ep.key if ep.kind == "host" else "", outline)
+                    ep.kind, ep.interface, ep.chain_key(), outline, self._allows(ep))
                 self._eps_by_chain.setdefault(chain.name, set()).add(key)
                 touched.add(chain.name)
                 new_keys = tuple(k for _t, _d, keys in outline for k in keys)
@@ -700,6 +729,7 @@ class EnforcerState:
             self._dispatch = render.render_dispatch(
                 (EndpointSpec(ep.key, ep.kind, ep.interface) for ep in self.endpoints.values()),
                 self.family, {chain.name: chain for chain in self._dispatch},
+                self.workload_prefixes,
             )
             touched.update(chain.name for chain in self._dispatch)
             self._dispatch_dirty = False

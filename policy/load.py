@@ -44,6 +44,7 @@ import yaml
 from policy.domains import DomainError
 from policy.domains import validate as validate_domain
 from policy.model import (
+    DEFAULT_ALLOW_PROFILE,
     DEFAULT_TIER_NAME,
     DEFAULT_TIER_ORDER,
     EndpointPort,
@@ -934,7 +935,13 @@ def _read_host_endpoint(
             check.report(item_path, f"invalid IP address {text!r}")
     if not interface and "expectedIPs" not in spec:
         check.report("spec.interfaceName", "a host endpoint needs interfaceName or expectedIPs")
-    profiles = tuple(text for _, text in check.strings(spec.get("profiles"), "spec.profiles"))
+    profiles = []
+    for item_path, text in check.strings(spec.get("profiles"), "spec.profiles"):
+        if text != DEFAULT_ALLOW_PROFILE:
+            check.report(item_path, f"unknown profile {text!r} (Portcullis has one: "
+                         f"{DEFAULT_ALLOW_PROFILE}, which allows what no policy decides)")
+        elif text not in profiles:
+            profiles.append(text)
     ports: list[EndpointPort] = []
     for i, item in enumerate(check.sequence(spec.get("ports"), "spec.ports")):
         where = f"spec.ports[{i}]"
@@ -957,7 +964,7 @@ def _read_host_endpoint(
         node=node,
         interface_name=interface,
         expected_ips=tuple(expected),
-        profiles=profiles,
+        profiles=tuple(profiles),
         labels=labels,
         ports=tuple(ports),
     )

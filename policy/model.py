@@ -322,9 +322,16 @@ class EndpointPort:
         return {"name": self.name, "protocol": self.protocol, "port": self.port}
 
 
+DEFAULT_ALLOW_PROFILE = "projectcalico-default-allow"
+"""Calico's built-in profile: allow what no policy decides (automatic host endpoints have it)."""
+
+
 @dataclass(frozen=True, slots=True)
 class HostEndpoint:
-    """A host interface (or ``*`` for all of a node's interfaces) that policies can select."""
+    """A host interface (or ``*`` for all of a node's interfaces) that policies can select.
+
+    After the last tier a host endpoint denies, unless ``profiles`` holds
+    ``DEFAULT_ALLOW_PROFILE``."""
 
     name: str
     node: str

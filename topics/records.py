@@ -27,6 +27,7 @@ import binascii
 import functools
 import ipaddress
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal, TypeAlias, cast, get_args
@@ -197,6 +198,16 @@ def _check_ips(cls: str, field: str, value: object) -> tuple[str, ...]:
         raise _fail(cls, field, str(exc)) from None
 
 
+def _check_profiles(cls: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise _fail(cls, "profiles", f"expected a list of profile names, got {_describe(value)}")
+    names = tuple(cast("Iterable[object]", value))
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise _fail(cls, "profiles", f"expected profile names, got {_describe(name)}")
+    return cast("tuple[str, ...]", names)
+
+
 def _describe(value: object) -> str:
     if value is None:
         return "null"
@@ -315,6 +326,33 @@ def split_membership_key(key: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------
 
 
+#: A Linux interface name as iptables matches it literally (``+`` would make it a prefix).
+INTERFACE_NAME_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,15}$")
+#: Calico's built-in profile that allows everything after the last tier.
+DEFAULT_ALLOW_PROFILE = "projectcalico-default-allow"
+
+
+def interface_names(interface: str) -> tuple[str, ...]:
+    """The names in an endpoint's ``interface`` (one, or several separated by commas)."""
+    return tuple(interface.split(","))
+
+
+def _check_interface(cls: str, kind: str, value: object) -> str | None:
+    text = _check_opt_str(cls, "interface", value)
+    if text is None:
+        return None
+    if text == "*":
+        if kind != "hostendpoint":
+            raise _fail(cls, "interface",
+                        f"'*' (every interface) is for host endpoints, not a {kind}")
+        return text
+    for name in interface_names(text):
+        if not INTERFACE_NAME_RE.match(name) or name in (".", ".."):
+            raise _fail(cls, "interface", f"not an interface name: {name!r} (1-15 letters, "
+                        "digits, '_', '.', '@', ':' or '-'; several separated by commas)")
+    return text
+
+
 @_field_order
 @dataclass(frozen=True, slots=True)
 class EndpointRecord:
@@ -322,10 +360,15 @@ class EndpointRecord:
 
     Network sets are endpoints whose `ips` are CIDRs: selectors match them by
     labels like any other endpoint. `node`/`interface` say where to enforce
-    (None for network sets). `source` says which watcher saw it.
+    (None for network sets); `interface` is one name, several separated by commas (a VM
+    with several interfaces), or ``*`` (a host endpoint on every interface). `profiles`
+    are Calico profiles after the last tier (``projectcalico-default-allow``: allow).
+    `source` says which watcher saw it.
+
+    Version 2 added `profiles`; version 1 records (without it) are still read.
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     kind: EndpointKind
     namespace: str | None
     name: str
@@ -337,6 +380,7 @@ class EndpointRecord:
     source: str
     observed_at: float
     resource_version: str | None = None
+    profiles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         c = "EndpointRecord"
@@ -348,13 +392,14 @@ class EndpointRecord:
             raise _fail(c, "namespace", f"a {self.kind} is cluster-scoped; namespace must be null")
         _check_key_part(c, "name", self.name)
         _check_opt_str(c, "node", self.node)
-        _check_opt_str(c, "interface", self.interface)
+        _check_interface(c, self.kind, self.interface)
         object.__setattr__(self, "ips", _check_ips(c, "ips", self.ips))
         object.__setattr__(self, "labels", _check_labels(c, "labels", self.labels))
         _check_opt_str(c, "service_account", self.service_account)
         _check_choice(c, "source", self.source, ENDPOINT_SOURCES)
         object.__setattr__(self, "observed_at", _check_time(c, "observed_at", self.observed_at))
         _check_opt_str(c, "resource_version", self.resource_version)
+        object.__setattr__(self, "profiles", _check_profiles(c, self.profiles))
 
     @property
     def key(self) -> str:
@@ -378,11 +423,17 @@ class EndpointRecord:
             "source": self.source,
             "observed_at": self.observed_at,
             "resource_version": self.resource_version,
+            "profiles": list(self.profiles),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EndpointRecord:
-        _check_fields(cls, data)
+        if isinstance(data, Mapping) and data.get("v") == 1:  # before profiles
+            if "profiles" in data:
+                raise RecordError("EndpointRecord: unexpected field(s) 'profiles' in version 1")
+            _check_fields(cls, {**data, "v": cls.VERSION, "profiles": []})
+        else:
+            _check_fields(cls, data)
         return cls(**{k: v for k, v in data.items() if k != "v"})
 
 

@@ -4,16 +4,24 @@ A file looks like this::
 
     name: billing-vm-1          # required: the endpoint's name (a DNS-1123 label)
     kind: vm                    # vm (default) or host (published as a host endpoint)
-    node: hypervisor-3          # where its enforcer runs (default: the name)
+    node: billing-vm-1          # where its enforcer runs (default: the name)
     interfaces:                 # at least one, each with at least one IP
       - name: eth0
         ips: [10.20.0.5, "fd00::5"]
     labels:
       app: billing
+    profiles: []                # host only: [projectcalico-default-allow] allows what no
+                                # policy decides (a host endpoint denies it by default)
 
-It becomes one endpoint record (``vm//billing-vm-1``): every interface's IPs,
-and the interface name when there is one interface (``*`` when there are
-several, as Calico writes "all interfaces"). A new file puts the host under
+It becomes one endpoint record (``vm//billing-vm-1``): every interface's IPs, and the
+interface names (several separated by commas). Where a VM is enforced depends on
+``node``: by default (``node`` is the VM's own name) the enforcer runs inside the VM
+(``portcullis enforce --node billing-vm-1``), and everything the VM sends or forwards out
+of the listed interfaces is its egress; with ``node`` naming a hypervisor, the enforcer
+runs there and the interfaces are the VM's tap interfaces on it, which its traffic
+arrives on. A ``host`` is enforced on what it sends out of the listed interfaces, and
+denied after the last tier (Calico's host endpoint default) unless ``profiles`` lists
+``projectcalico-default-allow``. A new file puts the host under
 policy, a removed file tombstones it. A broken file is reported with its path
 and field, and the host keeps its last valid state. `Inventory` is the pure
 core; `watch_directory` is the watchfiles adapter.
@@ -32,7 +40,12 @@ from typing import Any
 
 import yaml
 
-from topics.records import EndpointRecord, canonical_ips
+from topics.records import (
+    DEFAULT_ALLOW_PROFILE,
+    INTERFACE_NAME_RE,
+    EndpointRecord,
+    canonical_ips,
+)
 from watchers.mirror import Mirror, Publication
 from watchers.publisher import Publisher
 
@@ -41,12 +54,11 @@ log = logging.getLogger(__name__)
 OWNER = "inventory"
 SUFFIXES = (".yaml", ".yml")
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-INTERFACE_RE = re.compile(r"^[a-zA-Z0-9_.@:-]{1,15}$")
 LABEL_KEY_RE = re.compile(
     r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
 KINDS = {"vm": "vm", "host": "hostendpoint"}
-FIELDS = {"name", "kind", "node", "interfaces", "labels"}
+FIELDS = {"name", "kind", "node", "interfaces", "labels", "profiles"}
 
 
 class InventoryError(ValueError):
@@ -103,7 +115,9 @@ def parse_host(text: str, source: str, observed_at: float) -> EndpointRecord:
             for extra in sorted(set(map(str, iface)) - {"name", "ips"}):
                 bad(f"{where}.{extra}", "unknown field (expected name, ips)")
             ifname = iface.get("name")
-            if not isinstance(ifname, str) or not INTERFACE_RE.match(ifname):
+            if not isinstance(ifname, str) or not INTERFACE_NAME_RE.match(ifname) or (
+                ifname in (".", "..")
+            ):
                 bad(f"{where}.name", f"expected an interface name (1-15 chars), got {ifname!r}")
             elif ifname in names:
                 bad(f"{where}.name", f"interface {ifname!r} is listed twice")
@@ -130,6 +144,17 @@ def parse_host(text: str, source: str, observed_at: float) -> EndpointRecord:
             bad(f"labels.{key}", "invalid label key")
         elif not isinstance(value, str | int | float | bool) or value is None:
             bad(f"labels.{key}", f"expected a string value, got {value!r}")
+    profiles = doc.get("profiles") or []
+    if not isinstance(profiles, list):
+        bad("profiles", f"expected a list of profile names, got {type(profiles).__name__}")
+        profiles = []
+    for i, profile in enumerate(profiles):
+        if profile != DEFAULT_ALLOW_PROFILE:
+            bad(f"profiles[{i}]", f"unknown profile {profile!r} (Portcullis has one: "
+                f"{DEFAULT_ALLOW_PROFILE}, which allows what no policy decides)")
+        elif kind != "host":
+            bad(f"profiles[{i}]", "only a host has profiles (a VM allows what no policy "
+                "decides already)")
     if problems:
         raise InventoryError("\n".join(problems))
     return EndpointRecord(
@@ -137,12 +162,13 @@ def parse_host(text: str, source: str, observed_at: float) -> EndpointRecord:
         namespace=None,
         name=str(name),
         node=str(node),
-        interface=names[0] if len(names) == 1 else "*",
+        interface=",".join(names),
         ips=tuple(ips),
         labels={str(k): _label_value(v) for k, v in labels.items()},
         service_account=None,
         source="inventory",
         observed_at=observed_at,
+        profiles=tuple(dict.fromkeys(profiles)),
     )
 
 

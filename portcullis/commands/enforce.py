@@ -5,12 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import re
 import signal
 
 from portcullis.cli import CommandError, command, run_async
 from portcullis.settings import Settings
 
 log = logging.getLogger("portcullis.enforce")
+WORKLOAD_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,14}$")
+
+
+def ipv6_available() -> bool:
+    """Whether this kernel has IPv6 at all (booted with ipv6.disable=1, it has none, and
+    no IPv6 can flow to enforce)."""
+    return os.path.exists("/proc/net/if_inet6")
 
 
 @command("enforce", "Program this node's ipsets and iptables chains from the topics.")
@@ -26,9 +35,23 @@ class Command:
             "--dry-run", action="store_true",
             help="record ipset and iptables operations instead of touching the kernel",
         )
-        parser.add_argument(
+        family = parser.add_mutually_exclusive_group()
+        family.add_argument(
             "--ipv6", action="store_true",
-            help="also enforce IPv6 (ip6tables and inet6 sets named pc6-…)",
+            help="enforce IPv6 as well as IPv4, with ip6tables and inet6 sets named pc6-… "
+                 "(the default; kept for scripts that ask for it)",
+        )
+        family.add_argument(
+            "--no-ipv6", action="store_true",
+            help="this node's workloads and hosts have no IPv6: drop every IPv6 packet local "
+                 "endpoints send (neighbour discovery, established flows and a host "
+                 "endpoint's failsafe ports aside) instead of enforcing IPv6 policy",
+        )
+        parser.add_argument(
+            "--workload-interface-prefix", action="append", metavar="PREFIX",
+            help="host-side interfaces of workloads start with this (default: cali, as "
+                 "Calico's CNI names them); traffic from such an interface that is no known "
+                 "workload's is dropped. Repeat for several prefixes.",
         )
         parser.add_argument(
             "--dead-letter-unowned", action="store_true",
@@ -71,6 +94,11 @@ class Command:
             )
         if args.netns and not netns_mod.exists(args.netns):
             raise CommandError(f"network namespace {args.netns!r} does not exist")
+        for prefix in args.workload_interface_prefix or ():
+            if not WORKLOAD_PREFIX_RE.match(prefix):
+                raise CommandError(
+                    f"--workload-interface-prefix {prefix!r}: expected the start of an "
+                    "interface name (1-14 letters, digits, '_', '.', '@', ':' or '-')")
         run_async(_main(args, settings))
         return 0
 
@@ -80,6 +108,7 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
     from enforcers.ipsets import DryRunIpsets, NetlinkIpsets, set_name
     from enforcers.iptables import Iptables
     from enforcers.metrics import EnforcerMetrics, serve
+    from enforcers.render import WORKLOAD_PREFIXES
     from enforcers.state import EnforcerState
 
     ipsets: DryRunIpsets | NetlinkIpsets
@@ -96,13 +125,20 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
             ) from None
         programmer = Programmer(ipsets, Iptables(args.netns))
         programmer6 = Programmer(ipsets, Iptables(args.netns, family=6), family=6)
+    prefixes = tuple(args.workload_interface_prefix or WORKLOAD_PREFIXES)
     ipv6 = None
-    if args.ipv6:
-        state6 = EnforcerState(args.node, lambda uid: set_name(uid, "pc6"), family=6)
+    if ipv6_available():
+        state6 = EnforcerState(args.node, lambda uid: set_name(uid, "pc6"), family=6,
+                               workload_prefixes=prefixes, blocked=args.no_ipv6)
         ipv6 = (state6, programmer6)
+        if args.no_ipv6:
+            log.info("--no-ipv6: IPv6 from local endpoints is dropped, not enforced")
+    else:
+        log.info("this kernel has no IPv6 (no /proc/net/if_inet6): enforcing IPv4 only")
     metrics = EnforcerMetrics()
     enforcer = Enforcer(
-        EnforcerState(args.node, set_name), programmer, settings.kafka.aiokafka_kwargs(),
+        EnforcerState(args.node, set_name, workload_prefixes=prefixes), programmer,
+        settings.kafka.aiokafka_kwargs(),
         settings.topic_prefix, metrics, batch_window=args.batch_window,
         resync_interval=args.resync_interval, ipv6=ipv6,
         dead_letter_unowned=args.dead_letter_unowned,

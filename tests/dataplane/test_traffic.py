@@ -31,6 +31,7 @@ from enforcers.engine import Programmer, RecordSink
 from enforcers.ipsets import NetlinkIpsets, set_name
 from enforcers.iptables import Iptables
 from enforcers.metrics import EnforcerMetrics
+from enforcers.render import WORKLOAD_PREFIXES
 from enforcers.state import EnforcerState
 from policy import compile as pcompile
 from policy import labels as plabels
@@ -39,7 +40,13 @@ from policy.load import load
 from policy.model import Policy, PolicyObject, Tier
 from tests.dataplane.conftest import Netns
 from topics import codec
-from topics.records import EndpointRecord, MembershipRecord, PolicyRecord, membership_key
+from topics.records import (
+    DEFAULT_ALLOW_PROFILE,
+    EndpointRecord,
+    MembershipRecord,
+    PolicyRecord,
+    membership_key,
+)
 
 NETNS_PREFIX = "pc-tr-"
 NODE = "node-1"
@@ -71,9 +78,9 @@ class World:
 
     def put_endpoint(self, kind: str, namespace: str | None, name: str, ips: tuple[str, ...],
                      labels: dict[str, str], interface: str | None = None,
-                     node: str | None = NODE) -> EndpointRecord:
+                     node: str | None = NODE, profiles: tuple[str, ...] = ()) -> EndpointRecord:
         rec = EndpointRecord(kind, namespace, name, node, interface, ips, labels, None,
-                             "apply", time.time())  # type: ignore[arg-type]
+                             "apply", time.time(), profiles=profiles)  # type: ignore[arg-type]
         self.endpoints[rec.key] = rec
         self.pending.append(("endpoints", rec.key, rec))
         return rec
@@ -141,7 +148,8 @@ class World:
         )
         packet = pverdict.Packet("TCP", pverdict.Peer(dst, label_sets), port=port)
         arranged = pcompile.arrange(self.tiers(), self.policies())
-        return pverdict.verdict(endpoint, arranged, packet).allowed
+        default = "allow" if DEFAULT_ALLOW_PROFILE in src.profiles else None
+        return pverdict.verdict(endpoint, arranged, packet, default_action=default).allowed
 
 
 # --------------------------------------------------------------------------- topology
@@ -302,17 +310,21 @@ spec:
 class Node:
     """The enforcer's pure core and programmers, fed record by record (no broker)."""
 
-    def __init__(self, topo: Topology, world: World, ipv6: bool = False) -> None:
+    def __init__(self, topo: Topology, world: World, ipv6: bool = False,
+                 blocked6: bool = False, prefixes: tuple[str, ...] = WORKLOAD_PREFIXES) -> None:
+        """``ipv6``: enforce IPv6 too (``blocked6``: drop it, as ``enforce --no-ipv6``);
+        ``prefixes``: the workload interface prefixes (unknown ones are dropped)."""
         self.world = world
         self.metrics = EnforcerMetrics()
-        self.state = EnforcerState(NODE, set_name)
+        self.state = EnforcerState(NODE, set_name, workload_prefixes=prefixes)
         self.ipsets = NetlinkIpsets(netns=topo.node.name)
         self.iptables = Iptables(topo.node.name)
         self.programmer = Programmer(self.ipsets, self.iptables)
         self.planes = [(self.state, self.programmer)]
-        if ipv6:
+        if ipv6 or blocked6:
             self.planes.append((
-                EnforcerState(NODE, lambda uid: set_name(uid, "pc6"), family=6),
+                EnforcerState(NODE, lambda uid: set_name(uid, "pc6"), family=6,
+                              workload_prefixes=prefixes, blocked=blocked6),
                 Programmer(self.ipsets, Iptables(topo.node.name, family=6), family=6),
             ))
         self.sink = RecordSink(self.state, self.metrics, [p[0] for p in self.planes[1:]])

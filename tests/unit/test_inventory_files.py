@@ -31,12 +31,21 @@ def test_a_vm_file_is_one_endpoint_with_all_its_ips() -> None:
     assert (rec.source, rec.observed_at, rec.namespace) == ("inventory", 5.0, None)
 
 
-def test_a_host_with_several_interfaces_is_a_host_endpoint_on_all_of_them() -> None:
+def test_a_host_with_several_interfaces_is_a_host_endpoint_on_each_of_them() -> None:
     text = ("name: db1\nkind: host\ninterfaces:\n  - {name: eth0, ips: [10.0.0.1]}\n"
-            "  - {name: eth1, ips: [192.168.1.1]}\n")
+            "  - {name: eth1, ips: [192.168.1.1]}\nprofiles: [projectcalico-default-allow]\n")
     rec = parse_host(text, "h.yaml", 1.0)
-    assert (rec.key, rec.node, rec.interface) == ("hostendpoint//db1", "db1", "*")
+    assert (rec.key, rec.node, rec.interface) == ("hostendpoint//db1", "db1", "eth0,eth1")
     assert rec.ips == ("10.0.0.1", "192.168.1.1")
+    assert rec.profiles == ("projectcalico-default-allow",)
+
+
+def test_a_vm_with_several_interfaces_names_each_of_them() -> None:
+    """Not '*': iptables reads ``-i *`` as an interface named '*', which matches nothing."""
+    text = ("name: vm2\ninterfaces:\n  - {name: eth0, ips: [10.0.0.1]}\n"
+            "  - {name: eth1, ips: [192.168.1.1]}\n")
+    rec = parse_host(text, "v.yaml", 1.0)
+    assert (rec.kind, rec.node, rec.interface) == ("vm", "vm2", "eth0,eth1")
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -47,6 +56,11 @@ def test_a_host_with_several_interfaces_is_a_host_endpoint_on_all_of_them() -> N
     ("name: a\nkind: pod\ninterfaces: [{name: e, ips: [1.1.1.1]}]", "x.yaml: kind: expected"),
     ("name: a\ninterfaces: [{name: e, ips: [1.1.1.1]}]\nlabels: {'a b': c}", "labels.a b"),
     ("name: a\ninterface: []", "x.yaml: interface: unknown field"),
+    ("name: a\ninterfaces: [{name: 'cali+', ips: [1.1.1.1]}]", "interfaces[0].name: expected"),
+    ("name: a\nkind: host\ninterfaces: [{name: e, ips: [1.1.1.1]}]\nprofiles: [kns.x]",
+     "x.yaml: profiles[0]: unknown profile 'kns.x'"),
+    ("name: a\ninterfaces: [{name: e, ips: [1.1.1.1]}]\nprofiles: [projectcalico-default-allow]",
+     "x.yaml: profiles[0]: only a host has profiles"),
     ("name: [a\n", "x.yaml: line 2, column 1: not valid YAML"),
     ("- just\n- a list\n", "x.yaml: expected a mapping"),
 ])

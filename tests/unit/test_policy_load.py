@@ -317,6 +317,13 @@ def test_every_problem_is_reported_and_nothing_is_returned() -> None:
         ),
         (
             "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h}\n"
+            "spec: {node: n1, interfaceName: eth0, profiles: [projectcalico-default-allow, "
+            "kns.web]}\n",
+            "spec.profiles[1]",
+            "unknown profile 'kns.web'",
+        ),
+        (
+            "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h}\n"
             "spec: {node: n1, expectedIPs: [10.0.0.0/24]}\n",
             "spec.expectedIPs[0]",
             "invalid IP address",

@@ -73,14 +73,26 @@ def endpoints(draw: st.DrawFn) -> EndpointRecord:
         namespace=draw(names) if namespaced else None,
         name=draw(names),
         node=draw(opt_names),
-        interface=draw(opt_names),
+        interface=draw(interfaces(kind)),
         ips=tuple(draw(ip_lists)),
         labels=draw(labels),
         service_account=draw(opt_names),
         source=draw(st.sampled_from(["kubernetes", "inventory", "apply"])),
         observed_at=draw(times),
         resource_version=draw(st.none() | st.integers(0, 10**9).map(str)),
+        profiles=tuple(draw(st.lists(names, max_size=2))),
     )
+
+
+interface_name = st.from_regex(r"\A[A-Za-z0-9_.@:-]{1,15}\Z").filter(lambda n: n not in (".", ".."))
+
+
+def interfaces(kind: str) -> st.SearchStrategy[str | None]:
+    """None, one name, several separated by commas, or '*' for a host endpoint."""
+    several = st.lists(interface_name, min_size=1, max_size=3).map(",".join)
+    if kind == "hostendpoint":
+        return st.none() | several | st.just("*")
+    return st.none() | several
 
 
 @st.composite
@@ -356,6 +368,14 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("empty name", _with(name=""), "EndpointRecord.name: must not be empty"),
     ("slash in name", _with(name="a/b"), "must not contain '/'"),
     ("bad source", _with(source="rumour"), "EndpointRecord.source"),
+    # an interface iptables would read as a prefix (cali+) or another option (-j), or a
+    # workload on "every interface" (iptables takes -i '*' literally: it matches nothing)
+    ("wildcard interface", _with(interface="cali+"), "not an interface name: 'cali+'"),
+    ("interface with a space", _with(interface="eth0 -j"), "not an interface name"),
+    ("interface too long", _with(interface="a" * 16), "not an interface name"),
+    ("empty interface in a list", _with(interface="eth0,"), "not an interface name: ''"),
+    ("a pod on every interface", _with(interface="*"), "'*' (every interface) is for host"),
+    ("profiles not a list", _with(profiles="x"), "EndpointRecord.profiles: expected a list"),
     ("not utf-8", b'{"v":1,"name":"\xff"}', "not valid JSON"),
 ]
 
@@ -371,6 +391,17 @@ def test_malformed_endpoint_values_are_rejected_with_a_reason(raw: bytes, reason
     letter = codec.dead_letter("p.endpoints", 0, 5, b"k", raw, caught.value, "unit-test")
     assert letter.reason == str(caught.value)
     assert letter.raw_value() == raw
+
+
+def test_version_1_endpoints_are_read_without_profiles() -> None:
+    """Records written before ``profiles`` existed stay readable on the compacted topics."""
+    old = dict(GOOD, v=1)
+    del old["profiles"]
+    record = codec.decode("endpoints", orjson.dumps(old))
+    assert isinstance(record, EndpointRecord) and record.profiles == ()
+    assert record == codec.decode("endpoints", orjson.dumps(dict(GOOD)))
+    with pytest.raises(RecordError, match="unexpected field"):  # v1 never had profiles
+        codec.decode("endpoints", orjson.dumps(dict(GOOD, v=1)))
 
 
 def test_other_record_types_reject_bad_fields_too() -> None:
