@@ -1,6 +1,8 @@
 """Every rule shape the enforcer can render loads into the real kernel.
 
-A property over the whole space of Calico egress rules (protocols and notProtocol, ICMP and
+A property over the whole space of Calico egress rules, for every kind of local endpoint
+(pods, a VM's taps, a VM enforcing itself, host endpoints on one or every interface, with
+and without the default-allow profile, an IPv6 plane that drops instead of enforcing) (protocols and notProtocol, ICMP and
 notICMP, ipVersion, nets and notNets of both families, selectors and notSelectors, ports
 and notPorts beyond one multiport's 15 slots, on both sides, every action): each random
 policy set goes through the enforcer's own path (``policy.load_document``, the enforcer
@@ -43,7 +45,9 @@ ENDPOINTS = [
     LocalEndpoint("pod/shop/a", "workload", "cali0123456789a", ("10.65.0.2", "fd65::2")),
     LocalEndpoint("pod/shop/b", "workload", "veth-b", ("10.65.0.3",)),
     LocalEndpoint("hostendpoint//n1-eth0", "host", "eth0", ("10.0.0.11",)),
-    LocalEndpoint("hostendpoint//n1-auto-hep", "host", "*", ("10.0.0.11",)),
+    LocalEndpoint("hostendpoint//n1-auto-hep", "host", "*", ("10.0.0.11",), allow=True),
+    LocalEndpoint("vm//vm-2", "workload", "tap0,tap1", ("10.20.0.2", "10.20.1.2")),
+    LocalEndpoint("vm//n1", "guest", "eth1,eth2", ("10.30.0.1", "fd30::1")),
 ]
 
 
@@ -123,11 +127,13 @@ def policy_documents(draw: st.DrawFn) -> list[dict[str, Any]]:
     return docs
 
 
-def desired_for(docs: list[dict[str, Any]], family: int) -> tuple[dict[str, render.Chain],
-                                                                   dict[str, set[str]]]:
+def desired_for(
+    docs: list[dict[str, Any]], family: int, blocked: bool = False,
+) -> tuple[dict[str, render.Chain], dict[str, set[str]]]:
     prefix = "pc" if family == 4 else "pc6"
-    state = EnforcerState("n1", lambda uid: set_name(uid, prefix), family=family)
-    for doc in docs:
+    state = EnforcerState("n1", lambda uid: set_name(uid, prefix), family=family,
+                          workload_prefixes=("cali", "tap"), blocked=blocked)
+    for doc in docs if not blocked else ():
         obj = load_document(doc, "test")
         compiled = compile_object(obj, family)
         state.upsert_policy(compiled)  # type: ignore[arg-type]
@@ -174,12 +180,12 @@ def _load(ns: Netns, family: int, chains: dict[str, render.Chain],
 
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(policy_documents())
+@given(policy_documents(), st.booleans())
 def test_every_rendered_rule_shape_loads_into_the_kernel(
-    kernel_netns: Netns, docs: list[dict[str, Any]]
+    kernel_netns: Netns, docs: list[dict[str, Any]], blocked6: bool
 ) -> None:
     for family in (4, 6):
-        chains, sets = desired_for(docs, family)
+        chains, sets = desired_for(docs, family, blocked=family == 6 and blocked6)
         _load(kernel_netns, family, chains, sets)
 
 

@@ -199,11 +199,27 @@ def scenarios(draw: st.DrawFn) -> tuple[list[Tier], list[Policy], str, dict[str,
     n = draw(st.integers(0, 4))
     pols = [draw(policies(i)) for i in range(n)]
     tiers = [Tier("sec", order=10.0, default_action=draw(st.sampled_from(["Deny", "Pass"])))]
-    kind = draw(st.sampled_from(["workload", "host"]))
+    kind = draw(st.sampled_from(list(LOCAL_KINDS)))
     labels = {"app": draw(st.sampled_from(["web", "db"]))} if draw(st.booleans()) else {}
-    if kind == "workload":
+    if kind == "pod":
         labels[NAMESPACE_LABEL] = SHOP
     return tiers, pols, kind, labels
+
+
+#: The kinds of local endpoint: (key, enforcer kind, interfaces, default-allow profile,
+#: where its traffic is seen: (chain it enters, interface field of the packet, interface)).
+LOCAL_KINDS: dict[str, tuple[str, render.EndpointKind, str, bool | None,
+                             list[tuple[str, str, str]]]] = {
+    "pod": ("pod/shop/me", "workload", "veth-me", None,
+            [(render.FORWARD_CHAIN, "in", "veth-me"), (render.INPUT_CHAIN, "in", "veth-me")]),
+    "vm-taps": ("vm//me", "workload", "tap0,tap1", None,
+                [(render.FORWARD_CHAIN, "in", "tap1"), (render.INPUT_CHAIN, "in", "tap0")]),
+    "guest": ("vm//me", "guest", "eth0,eth1", None,
+              [(render.OUTPUT_CHAIN, "out", "eth1"), (render.FORWARD_CHAIN, "out", "eth0")]),
+    "host": ("hostendpoint//me", "host", "eth0", None, [(render.OUTPUT_CHAIN, "out", "eth0")]),
+    "host-allow": ("hostendpoint//me", "host", "*", True,
+                   [(render.OUTPUT_CHAIN, "out", "eth7")]),
+}
 
 
 def programmed(tiers: list[Tier], pols: list[Policy],
@@ -234,29 +250,29 @@ def _contains(net: str, ip: str) -> bool:
     st.sampled_from([80, 443, 53, 8050, 6443, 22])), min_size=1, max_size=8))
 def test_rendered_rules_decide_as_policy_verdict(scenario: tuple, packets: list) -> None:
     tiers, pols, kind, labels = scenario
-    local_key = "pod/shop/me" if kind == "workload" else "hostendpoint//me"
-    iface = "veth-me" if kind == "workload" else "eth0"
+    local_key, ep_kind, iface, allow, paths = LOCAL_KINDS[kind]
     universe = [(local_key, LOCAL_IP, labels), *PEERS]
 
-    desired = programmed(tiers, pols, universe, LocalEndpoint(local_key, kind, iface,
-                                                              (LOCAL_IP,)))
+    desired = programmed(tiers, pols, universe, LocalEndpoint(local_key, ep_kind, iface,
+                                                              (LOCAL_IP,), allow=allow))
     arranged = pcompile.arrange(tiers, pols)
-    endpoint = pverdict.Endpoint(kind, labels, LOCAL_IP)
+    endpoint = pverdict.Endpoint("host" if ep_kind == "host" else "workload", labels, LOCAL_IP)
 
     for dst, proto, port in packets:
         label_sets = tuple(lab for _k, ip, lab in universe if _contains(ip, dst))
         expected = pverdict.verdict(
             endpoint, arranged,
             pverdict.Packet(proto.upper(), pverdict.Peer(dst, label_sets), port=port),
+            default_action="allow" if allow else None,
         )
-        pkt = render.Packet(LOCAL_IP, dst, proto, dport=port,
-                            in_iface=iface if kind == "workload" else "",
-                            out_iface=iface if kind == "host" else "")
-        starts = [render.FORWARD_CHAIN, render.INPUT_CHAIN] if kind == "workload" else [
-            render.OUTPUT_CHAIN]
-        for start in starts:  # to elsewhere (forwarded) and to the host itself (input)
+        # every path its traffic takes: forwarded, to the host itself, sent by itself
+        for start, direction, name in paths:
+            pkt = render.Packet(LOCAL_IP, dst, proto, dport=port,
+                                in_iface=name if direction == "in" else "",
+                                out_iface=name if direction == "out" else "")
             got = render.simulate(desired.chains, start, pkt, desired.sets)
-            assert (got != "DROP") == expected.allowed, (dst, proto, port, expected.reason)
+            assert (got != "DROP") == expected.allowed, (start, dst, proto, port,
+                                                         expected.reason)
 
 
 def test_ipv6_keeps_neighbour_discovery_working_under_default_deny() -> None:
@@ -396,3 +412,21 @@ def test_an_allow_with_a_named_not_port_never_matches() -> None:
     assert isinstance(compiled, CompiledPolicy)
     (rule,) = compiled.rules
     assert rule.spec.never is not None and rule.unenforced is not None
+
+
+def test_unknown_workload_interfaces_are_dropped_and_skipped_by_host_endpoints() -> None:
+    """Calico's "unknown interface": a workload interface nobody owns yet is dropped, in
+    FORWARD and INPUT; a '*' host endpoint never claims traffic to workload interfaces."""
+    eps = [EndpointSpec("pod/ns/a", "workload", "cali-a"),
+           EndpointSpec("hostendpoint//n1", "host", "*")]
+    chains = render.render(eps, workload_prefixes=("cali", "tap"))
+    for iface in ("cali-new", "tap9"):
+        pkt = render.Packet("10.65.0.9", "10.66.0.2", "tcp", dport=80, in_iface=iface)
+        assert render.simulate(chains, render.FORWARD_CHAIN, pkt, {}) == "DROP"
+        assert render.simulate(chains, render.INPUT_CHAIN, pkt, {}) == "DROP"
+        to_pod = render.Packet("10.0.0.1", "10.65.0.9", "tcp", dport=80, out_iface=iface)
+        assert render.simulate(chains, render.OUTPUT_CHAIN, to_pod, {}) == "RETURN"
+    known = render.Packet("10.65.0.2", "10.66.0.2", "tcp", dport=80, in_iface="cali-a")
+    assert render.simulate(chains, render.FORWARD_CHAIN, known, {}) == "ACCEPT"
+    other = render.Packet("10.0.0.1", "10.66.0.2", "tcp", dport=80, in_iface="eth0")
+    assert render.simulate(chains, render.FORWARD_CHAIN, other, {}) == "RETURN"
