@@ -1,16 +1,16 @@
 """Every rule shape the enforcer can render loads into the real kernel.
 
-A property over the whole space of Calico egress rules, for every kind of local endpoint
-(pods, a VM's taps, a VM enforcing itself, host endpoints on one or every interface, with
-and without the default-allow profile, an IPv6 plane that drops instead of enforcing) (protocols and notProtocol, ICMP and
+A property over the whole space of Calico egress rules (protocols and notProtocol, ICMP and
 notICMP, ipVersion, nets and notNets of both families, selectors and notSelectors, ports
-and notPorts beyond one multiport's 15 slots, on both sides, every action): each random
-policy set goes through the enforcer's own path (``policy.load_document``, the enforcer
-state, ``desired()``) for IPv4 and IPv6, and the chains are loaded with real
-``iptables-restore`` / ``ip6tables-restore`` into a namespace of the test's, with the ipsets
-the rules name. The kernel must take every transaction, and ``iptables-save`` must then show
-exactly the rules we wrote (their hash comments). A rule the kernel refuses would stall the
-whole node, so one example of it is a failure.
+and notPorts beyond one multiport's 15 slots, on both sides, every action) and every kind
+of local endpoint (pods, a VM's taps, a VM enforcing itself, host endpoints on one or
+every interface, with and without the default-allow profile, an IPv6 plane that drops
+instead of enforcing): each random policy set goes through the enforcer's own path
+(``policy.load_document``, the enforcer state, ``desired()``) for IPv4 and IPv6, and the
+chains are loaded with real ``iptables-restore`` / ``ip6tables-restore`` into a namespace
+of the test's, with the ipsets the rules name. The kernel must take every transaction, and
+``iptables-save`` must then show exactly the rules we wrote (their hash comments). A rule
+the kernel refuses would stall the whole node, so one example of it is a failure.
 """
 
 from __future__ import annotations
