@@ -72,6 +72,8 @@ from enforcers.iptables import (
 )
 from enforcers.metrics import EnforcerMetrics
 from enforcers.render import Chain, restore_text
+from policy import enforcement
+from policy.model import PolicyObject
 from topics import codec
 from topics.records import (
     DEFAULT_ALLOW_PROFILE,
@@ -296,11 +298,16 @@ class Programmer:
 # --------------------------------------------------------------------------- records
 
 
-def _warn_unenforced(policy: state_mod.CompiledPolicy) -> None:
-    """Say which egress rules of `policy` are enforced fail-closed, and how."""
-    for index, rule in enumerate(policy.rules):
-        if rule.unenforced is not None:
-            log.warning("policy %s, egress rule %d: %s", policy.key, index, rule.unenforced)
+def _warn_unenforced(obj: PolicyObject, compiled: object) -> None:
+    """Say what of `obj` is not enforced as written: egress rules enforced fail-closed (and
+    how), ingress, a network set's domains."""
+    if isinstance(compiled, state_mod.CompiledPolicy):
+        for index, rule in enumerate(compiled.rules):
+            if rule.unenforced is not None:
+                log.warning("policy %s, egress rule %d: %s", obj.key, index, rule.unenforced)
+    for note in enforcement.notes(obj):
+        if not note.startswith("egress rule"):  # said just above, with how it is enforced
+            log.warning("%s: %s", obj.key, note)
 
 
 def local_endpoint(
@@ -465,8 +472,8 @@ class RecordSink:
             elif isinstance(compiled, state_mod.CompiledPolicy):
                 st.upsert_policy(compiled, observed)
                 self.policy_kinds[key] = ("policy", compiled.key)
-                if st is self.enforcing[0]:
-                    _warn_unenforced(compiled)
+            if st is self.enforcing[0]:
+                _warn_unenforced(obj, compiled)
 
     def owns(self, suffix: str, key_raw: bytes | None, value: bytes | None) -> bool:
         """Whether a rejected record is this node's to dead-letter (see the module docstring)."""

@@ -54,7 +54,7 @@ from typing import Literal, TypeAlias
 from enforcers import render
 from enforcers.render import ActionName, Chain, EndpointSpec, PolicySpec, RuleSpec, TierSpec
 from policy import compile as pcompile
-from policy import model
+from policy import enforcement, model
 
 SetNamer = Callable[[str], str]
 #: The IPs one member contributes to a set: one IP bare (most members), else a tuple.
@@ -842,18 +842,6 @@ def _ports(ports: Iterable[model.Port]) -> tuple[render.PortRange, ...]:
 # whose effect could go either way, becomes a widened Deny.
 
 
-def _gaps(entity: model.EntityRule) -> list[str]:
-    """The parts of one rule side that cannot be programmed yet."""
-    gaps = []
-    if entity.domains:
-        gaps.append("domain names")
-    if entity.services is not None:
-        gaps.append("services")
-    if any(p.name is not None for p in (*entity.ports, *entity.not_ports)):
-        gaps.append("named ports")
-    return gaps
-
-
 def _exact(entity: model.EntityRule) -> render.PeerSpec:
     return render.PeerSpec(
         nets=entity.nets, not_nets=entity.not_nets,
@@ -903,7 +891,7 @@ def compile_rule(rule: pcompile.CompiledRule, family: int = 4) -> CompiledRule:
     """A compiled egress rule as the renderer needs it (selectors as uids), made fail-closed
     where part of it cannot be programmed (`unenforced` then says how)."""
     r = rule.rule
-    gaps = _gaps(r.source) + _gaps(r.destination) + (["notICMP"] if r.not_icmp is not None else [])
+    gaps = enforcement.rule_gaps(r)
     action: ActionName = r.action
     never: str | None = None
     unenforced: str | None = None

@@ -67,10 +67,21 @@ async def _check_topics(settings: Settings) -> None:
         raise CommandError(f"{detail}; run `portcullis topics create` first")
 
 
+def _warn_unenforced(objects: list[object]) -> None:
+    """Say, per object, what the dataplane will not enforce as written (stderr)."""
+    from policy.enforcement import notes
+
+    for obj in objects:
+        for note in notes(obj):  # type: ignore[arg-type]
+            print(f"warning: {obj.key}: {note}", file=sys.stderr)  # type: ignore[attr-defined]
+
+
 def _publish(args: argparse.Namespace, settings: Settings, *, delete: bool) -> int:
     from watchers.apply import publish_objects
 
     objects = _load(args)
+    if not delete:
+        _warn_unenforced(objects)
     _quiet_aiokafka(settings)
 
     async def go() -> list[object]:

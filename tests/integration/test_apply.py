@@ -171,3 +171,31 @@ def test_apply_refuses_missing_topics(
 ) -> None:
     assert run(tansu_broker, topic_prefix, "apply", "-f", str(EXAMPLES)) == 1
     assert "portcullis topics create" in capsys.readouterr().err
+
+
+def test_apply_warns_per_object_about_what_is_not_enforced_as_written(
+    broker: Broker, prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Calico YAML with ingress rules is accepted, and the operator is told it has no
+    effect; a network set's domains likewise (fail closed)."""
+    docs = [
+        {"apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+         "metadata": {"name": "web", "namespace": "shop"},
+         "spec": {"selector": "app == 'web'", "types": ["Ingress", "Egress"],
+                  "ingress": [{"action": "Allow"}], "egress": [{"action": "Allow"}]}},
+        {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+         "metadata": {"name": "saas"},
+         "spec": {"nets": ["192.0.2.0/24"], "allowedEgressDomains": ["*.slack.com"]}},
+    ]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    assert run(broker, prefix, "apply", "-f", str(path)) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "warning: NetworkPolicy/shop/web: ingress is not enforced (Portcullis enforces egress "
+        "only): its 1 ingress rule(s) have no effect",
+        "warning: GlobalNetworkSet//saas: allowedEgressDomains are not enforced yet: egress "
+        "Allow rules that select this set match only its nets (fail closed)",
+    ]
+    assert captured.out.splitlines() == ["networkpolicy/shop/web created",
+                                         "globalnetworkset/saas created"]
