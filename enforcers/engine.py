@@ -60,6 +60,7 @@ import orjson
 
 from enforcers import render
 from enforcers import state as state_mod
+from enforcers.interfaces import Addresses, interfaces_holding
 from enforcers.ipsets import IpsetBackend, replace_contents
 from enforcers.iptables import (
     Actual,
@@ -91,6 +92,8 @@ _MEMBERSHIP_FIELDS = {"v", *MembershipRecord.__dataclass_fields_order__}  # type
 
 #: How many times one transaction may find more refused rules before it gives up.
 MAX_REFUSAL_ROUNDS = 8
+#: How often host endpoints given by IPs are bound to interfaces again (addresses move).
+REBIND_INTERVAL = 1.0
 #: A failed transaction is tried again from scratch this soon (not at the next resync),
 #: then twice as late each time it fails again, up to the resync interval.
 RETRY_AFTER_FAILURE = 1.0
@@ -310,10 +313,17 @@ def _warn_unenforced(obj: PolicyObject, compiled: object) -> None:
             log.warning("%s: %s", obj.key, note)
 
 
+def _by_ip(rec: EndpointRecord, node: str) -> bool:
+    """A local host endpoint that names no interface, only its IPs."""
+    return rec.kind == "hostendpoint" and rec.node == node and not rec.interface and bool(
+        rec.ips)
+
+
 def local_endpoint(
-    key: str, rec: EndpointRecord, node: str
+    key: str, rec: EndpointRecord, node: str, bound: str | None = None,
 ) -> state_mod.LocalEndpoint | None:
-    """What `node` enforces for the endpoint record at `key` (None: nothing, not local).
+    """What `node` enforces for the endpoint record at `key` (None: nothing, not local);
+    `bound`: the interfaces a host endpoint given by IPs is on now.
 
     A pod is a workload: its traffic arrives on its interface. A VM is a workload of the
     hypervisor it runs on (``node`` names the hypervisor; its interfaces are the taps
@@ -321,16 +331,17 @@ def local_endpoint(
     inventory's default), a guest: its traffic leaves through its own interfaces. A host
     endpoint denies after the last tier unless it has Calico's default-allow profile.
     """
-    if rec.node != node or not rec.interface:
+    interface = rec.interface or bound
+    if rec.node != node or not interface:
         return None
     if rec.kind == "pod":
-        return state_mod.LocalEndpoint(key, "workload", rec.interface, rec.ips)
+        return state_mod.LocalEndpoint(key, "workload", interface, rec.ips)
     if rec.kind == "vm":
         kind: render.EndpointKind = "guest" if rec.name == rec.node else "workload"
-        return state_mod.LocalEndpoint(key, kind, rec.interface, rec.ips)
+        return state_mod.LocalEndpoint(key, kind, interface, rec.ips)
     if rec.kind == "hostendpoint":
         allow = DEFAULT_ALLOW_PROFILE in rec.profiles
-        return state_mod.LocalEndpoint(key, "host", rec.interface, rec.ips, allow=allow)
+        return state_mod.LocalEndpoint(key, "host", interface, rec.ips, allow=allow)
     return None
 
 
@@ -349,8 +360,15 @@ class RecordSink:
         prune: bool = False,
         on_reject: RejectHook | None = None,
         dead_letter_unowned: bool = False,
+        read_addresses: Callable[[], Addresses] | None = None,
     ) -> None:
+        """``read_addresses``: the node's interface addresses, to bind host endpoints given
+        by ``expectedIPs`` only (None: such endpoints are not enforced, and said so)."""
         self.state = state
+        self.read_addresses = read_addresses
+        self.addresses: Addresses | None = None  # the last reading
+        # local host endpoints given by their IPs: key -> record, bound again by `rebind`
+        self.by_ip: dict[str, EndpointRecord] = {}
         # rejected records this node owns go here (the dead-letter publisher)
         self.on_reject = on_reject
         self.dead_letter_unowned = dead_letter_unowned
@@ -367,14 +385,47 @@ class RecordSink:
         self.metrics = metrics
         self.policy_kinds: dict[str, tuple[str, str]] = {}  # kafka key -> (what, state key)
 
-    def endpoint(self, key: str, rec: EndpointRecord | None) -> None:
+    def endpoint(self, key: str, rec: EndpointRecord | None, observed: bool = True) -> None:
+        """Apply an endpoint record (`observed`: count its observed_at as a change's)."""
+        bound = None
+        if rec is not None and _by_ip(rec, self.state.node):
+            self.by_ip[key] = rec
+            bound = self._bind(rec)
+        else:
+            self.by_ip.pop(key, None)
+        at = rec.observed_at if rec is not None and observed else None
         for st in self.states:
-            ep = local_endpoint(key, rec, st.node) if rec is not None else None
+            ep = local_endpoint(key, rec, st.node, bound) if rec is not None else None
             if ep is None:
                 if key in st.endpoints:
-                    st.delete_endpoint(key, rec.observed_at if rec else None)
+                    st.delete_endpoint(key, at)
                 continue
-            st.upsert_endpoint(ep, rec.observed_at if rec else None)
+            st.upsert_endpoint(ep, at)
+
+    def _bind(self, rec: EndpointRecord) -> str | None:
+        """The interfaces holding a by-IP host endpoint's addresses, from the last reading."""
+        if self.read_addresses is None:
+            log.warning("host endpoint %s names no interface and this enforcer cannot read "
+                        "the node's addresses: not enforced", rec.key)
+            return None
+        if self.addresses is None:
+            self.addresses = self.read_addresses()
+        return interfaces_holding(self.addresses, rec.ips)
+
+    def rebind(self) -> bool:
+        """Read the node's addresses again and bind every by-IP host endpoint anew; True if
+        any moved (a plan is due). Cheap when there are none."""
+        if not self.by_ip or self.read_addresses is None:
+            return False
+        self.addresses = self.read_addresses()
+        before = {key: self.state.endpoints.get(key) for key in self.by_ip}
+        for key, rec in list(self.by_ip.items()):
+            self.endpoint(key, rec, observed=False)
+        moved = [key for key, ep in before.items() if self.state.endpoints.get(key) != ep]
+        for key in moved:
+            ep = self.state.endpoints.get(key)
+            log.info("host endpoint %s is now on %s", key, ep.interface if ep else "no interface")
+        return bool(moved)
 
     def membership(self, key: str, rec: MembershipRecord | None) -> None:
         for st in self.enforcing:
@@ -649,8 +700,12 @@ class Enforcer:
         prune_memberships: bool = True,
         dead_letter_unowned: bool = False,
         fetch_max_wait_ms: int = 50,
+        read_addresses: Callable[[], Addresses] | None = None,
     ) -> None:
-        """``batch_window``: transactions start at most this often; a change arriving after
+        """``read_addresses``: the node's interface addresses (see ``RecordSink``); read
+        again every ``REBIND_INTERVAL`` while host endpoints given by IPs exist.
+
+        ``batch_window``: transactions start at most this often; a change arriving after
         a quiet spell is applied at once, one arriving within the window of the previous
         transaction waits for the window's end, with whatever else arrives meanwhile.
 
@@ -676,6 +731,7 @@ class Enforcer:
         self.sink = RecordSink(
             state, self.metrics, [p[0] for p in self.planes[1:]], prune=prune_memberships,
             on_reject=self.dead_letters.reject, dead_letter_unowned=dead_letter_unowned,
+            read_addresses=read_addresses,
         )
         self.batch_window = batch_window
         self._last_transaction = float("-inf")  # when the last one finished (monotonic)
@@ -868,6 +924,7 @@ class Enforcer:
             self.synced.set()
             next_resync = time.monotonic() + self.resync_interval
             retry_after, retry_at = RETRY_AFTER_FAILURE, None
+            next_rebind = time.monotonic() + REBIND_INTERVAL
             dirty = False
             while not stop.is_set():
                 timeout = max(0.0, min(0.5, next_resync - time.monotonic()))
@@ -881,6 +938,12 @@ class Enforcer:
                             break
                         self._take(more)
                     dirty = True
+                if self.sink.by_ip and time.monotonic() >= next_rebind:
+                    next_rebind = time.monotonic() + REBIND_INTERVAL
+                    try:
+                        dirty = self.sink.rebind() or dirty
+                    except Exception as exc:  # keep what is bound; try again next time
+                        log.warning("reading the node's addresses failed: %s", exc)
                 if dirty and any(st.needs_reread for st in self.sink.states):
                     try:
                         await self._reread_memberships(consumer)

@@ -105,6 +105,7 @@ class Command:
 
 async def _main(args: argparse.Namespace, settings: Settings) -> None:
     from enforcers.engine import DryRunIptables, Enforcer, Programmer
+    from enforcers.interfaces import read_addresses
     from enforcers.ipsets import DryRunIpsets, NetlinkIpsets, set_name
     from enforcers.iptables import Iptables
     from enforcers.metrics import EnforcerMetrics, serve
@@ -143,6 +144,7 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
         resync_interval=args.resync_interval, ipv6=ipv6,
         dead_letter_unowned=args.dead_letter_unowned,
         fetch_max_wait_ms=round(args.fetch_max_wait * 1000),
+        read_addresses=lambda: read_addresses(args.netns),
     )
     server = await serve(metrics, args.metrics_port) if args.metrics_port else None
     stop = asyncio.Event()

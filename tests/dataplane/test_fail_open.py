@@ -173,3 +173,30 @@ def test_ipv6_of_a_node_that_does_not_enforce_it_is_dropped(topology: Topology) 
         assert not any(topology.connect6(source, ip6, port)
                        for ip6 in OUTSIDE_IPS6 for port in (80, 443))
     node.ipsets.close()
+
+
+def test_a_host_endpoint_given_by_its_ip_is_enforced_on_the_interface_holding_it(
+    topology: Topology,
+) -> None:
+    """A HostEndpoint with expectedIPs and no interfaceName stands for the interface that
+    holds one of them (Calico's rule); before, it was not enforced at all."""
+    world = World()
+    hep = world.put_endpoint("hostendpoint", None, "node-1-uplink", ("10.66.0.1", "10.99.0.1"),
+                             {"host": "yes"}, None)
+    node = Node(topology, world)
+    node.sync()
+    assert node.state.endpoints[hep.key].interface == "to-out"
+    assert not topology.connect("node", "10.66.0.2", 80)  # default deny of a host endpoint
+    assert topology.connect("node", "10.66.0.2", 6443)  # failsafe
+    _matrix_agrees(topology, world, "node", hep.key)
+    # the address moves to another interface: the endpoint follows it
+    topology.node.run("ip", "addr", "add", "10.99.0.1/32", "dev", "veth-a")
+    assert node.sink.rebind()
+    node.sync()
+    assert node.state.endpoints[hep.key].interface == "to-out,veth-a"
+    assert not node.sink.rebind()  # nothing moved since
+    topology.node.run("ip", "addr", "del", "10.66.0.1/24", "dev", "to-out")
+    assert node.sink.rebind()
+    node.sync()
+    assert node.state.endpoints[hep.key].interface == "veth-a"
+    node.ipsets.close()

@@ -28,6 +28,7 @@ import pytest
 
 from enforcers import netns as netns_mod
 from enforcers.engine import Programmer, RecordSink
+from enforcers.interfaces import read_addresses
 from enforcers.ipsets import NetlinkIpsets, set_name
 from enforcers.iptables import Iptables
 from enforcers.metrics import EnforcerMetrics
@@ -327,7 +328,8 @@ class Node:
                               workload_prefixes=prefixes, blocked=blocked6),
                 Programmer(self.ipsets, Iptables(topo.node.name, family=6), family=6),
             ))
-        self.sink = RecordSink(self.state, self.metrics, [p[0] for p in self.planes[1:]])
+        self.sink = RecordSink(self.state, self.metrics, [p[0] for p in self.planes[1:]],
+                               read_addresses=lambda: read_addresses(topo.node.name))
         self.started = False
 
     def sync(self) -> None:
