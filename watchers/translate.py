@@ -17,6 +17,7 @@ from typing import Any
 import policy
 from policy import kubernetes as kubernetes_policy
 from topics.records import (
+    DEFAULT_ALLOW_PROFILE,
     EndpointRecord,
     PolicyRecord,
     ProfileRecord,
@@ -161,7 +162,9 @@ def node_addresses(node: Mapping[str, Any]) -> list[str]:
 def node_host_endpoint(
     node: Mapping[str, Any], observed_at: float, *, deleted: bool = False
 ) -> Publication:
-    """Calico's automatic host endpoint: ``<node>-auto-hep``, every interface, the node's labels."""
+    """Calico's automatic host endpoint: ``<node>-auto-hep``, every interface, the node's
+    labels, and (as Calico gives it) the default-allow profile: turning automatic host
+    endpoints on puts nodes under policy without default-denying their egress."""
     meta = _meta(node)
     node_name = str(meta["name"])
     name = node_name + AUTO_HEP_SUFFIX
@@ -179,6 +182,7 @@ def node_host_endpoint(
         source="kubernetes",
         observed_at=observed_at,
         resource_version=_rv(meta),
+        profiles=(DEFAULT_ALLOW_PROFILE,),
     )
     return Publication.upsert(ENDPOINTS, record)
 
@@ -243,6 +247,7 @@ def policy_publications(
             interface=obj.interface_name or None, ips=tuple(obj.expected_ips),
             labels=labels, service_account=None, source=source,
             observed_at=observed_at, resource_version=resource_version,
+            profiles=tuple(obj.profiles),
         )))
     return pubs
 

@@ -122,6 +122,7 @@ async def test_watch_kubernetes_publishes_pods_profiles_and_policies_and_resumes
             "pod/prod/web-1", "pod/prod/web-2", "hostendpoint//node-1-auto-hep"}, log)
         hep = state["hostendpoint//node-1-auto-hep"]
         assert (hep.node, hep.interface, hep.ips) == ("node-1", "*", ("192.168.0.1",))
+        assert hep.profiles == ("projectcalico-default-allow",)
         state = await until(policies, lambda s: len(s) == 2, log)
         assert set(state) == {"GlobalNetworkPolicy//deny-egress",
                               "NetworkPolicy/prod/knp.default.allow-dns"}

@@ -8,6 +8,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import policy
+from topics.records import EndpointRecord
 from watchers import translate
 from watchers.mirror import Mirror, Publication
 
@@ -58,6 +60,8 @@ def test_nodes_get_automatic_host_endpoints() -> None:
     rec = translate.node_host_endpoint(node, 0.0).value
     assert rec is not None and rec.key == "hostendpoint//n1-auto-hep"
     assert (rec.interface, rec.ips, rec.node) == ("*", ("192.168.0.10",), "n1")
+    # as Calico's: what no policy decides is allowed (no default deny of every node's egress)
+    assert rec.profiles == ("projectcalico-default-allow",)
 
 
 def test_namespaces_and_service_accounts_are_profiles() -> None:
@@ -140,3 +144,14 @@ def test_topic_follows_the_cluster_through_missed_events_and_relists(
             apply(mirror.snapshot_changes("pods", [_ep(k, g) for k, g in cluster.items()]))
     apply(mirror.snapshot_changes("pods", [_ep(k, g) for k, g in cluster.items()]))
     assert topic == {f"pod/ns/p{k}": str(g) for k, g in cluster.items()}
+
+
+def test_a_host_endpoint_carries_its_profiles_to_the_endpoint_record() -> None:
+    (hep,) = policy.load(
+        "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: h}\n"
+        "spec: {node: n1, interfaceName: eth0, profiles: [projectcalico-default-allow]}\n")
+    pubs = translate.policy_publications(hep, actor="a", applied_at=1.0, observed_at=1.0,
+                                         source="apply")
+    (record,) = [p.value for p in pubs if p.topic == "endpoints"]
+    assert isinstance(record, EndpointRecord)
+    assert (record.interface, record.profiles) == ("eth0", ("projectcalico-default-allow",))
