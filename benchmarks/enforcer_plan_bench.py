@@ -28,6 +28,7 @@ Prints medians and p99s and saves ``benchmarks/results/enforcer_plan_bench.json`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -49,11 +50,13 @@ from enforcers.state import (
     EnforcerState,
     LocalEndpoint,
 )
+from policy.selectors import parse
 
 RESULTS = Path(__file__).parent / "results" / "enforcer_plan_bench.json"
 N_ENDPOINTS = 200
 N_POLICIES = 500
 N_APPLIES = 100  # applies-to selectors; each local endpoint is in a few
+APPLIES = [parse(f"has(a{k})") for k in range(N_APPLIES)]
 N_PEERS = 150
 TIERS = [CompiledTier("sec", (False, False, 10.0, "sec"), "Pass"),
          CompiledTier("platform", (False, False, 20.0, "platform"), "Deny")]
@@ -73,12 +76,14 @@ def make_policy(rng: random.Random, i: int, version: int = 0) -> CompiledPolicy:
             dst_uid=f"s:peer-{rng.randrange(N_PEERS)}"))
     tier = rng.choice(["default", "default", "sec", "platform"])
     return CompiledPolicy(f"GlobalNetworkPolicy//p{i}", tier, (float(i % 17), f"p{i}"),
-                          f"s:apply-{i % N_APPLIES}", True, tuple(rules))
+                          APPLIES[i % N_APPLIES], True, tuple(rules))
 
 
 def endpoint(i: int) -> LocalEndpoint:
+    """Local endpoint `i`, in a few applies-to selectors (by its labels)."""
     ip = f"10.0.{i // 250}.{i % 250}"
-    return LocalEndpoint(f"pod/ns/e{i}", "workload", f"cali{i:011d}", (ip,))
+    labels = {f"a{(i * m) % N_APPLIES}": "y" for m in (1, 3, 7, 11)}
+    return LocalEndpoint(f"pod/ns/e{i}", "workload", f"cali{i:011d}", (ip,), labels=labels)
 
 
 def build(rng: random.Random) -> EnforcerState:
@@ -88,10 +93,7 @@ def build(rng: random.Random) -> EnforcerState:
     for i in range(N_POLICIES):
         state.upsert_policy(make_policy(rng, i))
     for i in range(N_ENDPOINTS):
-        ep = endpoint(i)
-        state.upsert_endpoint(ep)
-        for uid in {f"s:apply-{rng.randrange(N_APPLIES)}" for _ in range(4)}:
-            state.upsert_membership(uid, ep.key, ep.ips)
+        state.upsert_endpoint(endpoint(i))
     for p in range(N_PEERS):  # remote peers: set contents only
         for j in range(20):
             state.upsert_membership(f"s:peer-{p}", f"pod/other/r{p}-{j}", [f"10.9.{p}.{j}"])
@@ -103,11 +105,12 @@ def change(state: EnforcerState, rng: random.Random, kind: str, step: int) -> No
     i = rng.randrange(N_ENDPOINTS)
     ep = endpoint(i)
     if kind == "membership":  # a label change: the endpoint joins or leaves a selector
-        uid = f"s:apply-{rng.randrange(N_APPLIES)}"
-        if state.membership(uid, ep.key) is not None:
-            state.delete_membership(uid, ep.key)
-        else:
-            state.upsert_membership(uid, ep.key, ep.ips)
+        ep = state.endpoints.get(ep.key, ep)
+        labels = dict(ep.labels)
+        label = f"a{rng.randrange(N_APPLIES)}"
+        if labels.pop(label, None) is None:
+            labels[label] = "y"
+        state.upsert_endpoint(dataclasses.replace(ep, labels=labels))
     elif kind == "endpoint":  # a pod goes and comes back (new interface: a new chain)
         if ep.key in state.endpoints:
             state.delete_endpoint(ep.key)
@@ -159,16 +162,14 @@ def one_changed_chain(n_endpoints: int, steps: int) -> dict[str, Any]:
         rule = CompiledRule(RuleSpec("Allow", "tcp", destination=PeerSpec(
             ports=(PortRange(port, port),))), dst_uid=f"s:peer-{k}")
         return CompiledPolicy(f"GlobalNetworkPolicy//q{k}", "default", (float(k), f"q{k}"),
-                              f"s:apply-{k}", True, (rule,))
+                              parse(f"has(q{k})"), True, (rule,))
 
     for k in range(10):
         state.upsert_policy(pol(k, 443))
         for j in range(20):
             state.upsert_membership(f"s:peer-{k}", f"pod/other/r{k}-{j}", [f"10.9.{k}.{j}"])
     for i in range(n_endpoints):
-        ep = endpoint(i)
-        state.upsert_endpoint(ep)
-        state.upsert_membership(f"s:apply-{i % 10}", ep.key, ep.ips)
+        state.upsert_endpoint(dataclasses.replace(endpoint(i), labels={f"q{i % 10}": "y"}))
     programmer = Programmer(DryRunIpsets(), DryRunIptables())
     programmer.start(state)
     baseline = WholeRulesetApply(programmer.chains)
@@ -201,11 +202,10 @@ def memory(n_remote: int = 20_000, per_endpoint: int = 5) -> dict[str, Any]:
     for label, needed in (("needed", True), ("not_needed", False)):
         state = EnforcerState("n1", namer)
         state.upsert_endpoint(endpoint(0))
-        state.upsert_membership("s:apply-0", endpoint(0).key, endpoint(0).ips)
         if needed:
             rules = tuple(CompiledRule(RuleSpec("Allow"), dst_uid=f"s:peer-{k}")
                           for k in range(n_sel))
-            state.upsert_policy(CompiledPolicy("p", "default", (1.0, "p"), "s:apply-0", True,
+            state.upsert_policy(CompiledPolicy("p", "default", (1.0, "p"), APPLIES[0], True,
                                                rules))
         state.plan()
         tracemalloc.start()
@@ -221,13 +221,12 @@ def memory(n_remote: int = 20_000, per_endpoint: int = 5) -> dict[str, Any]:
     # a 10,000-member selector becomes needed (a policy now refers to it), then not
     state = EnforcerState("n1", namer)
     state.upsert_endpoint(endpoint(0))
-    state.upsert_membership("s:apply-0", endpoint(0).key, endpoint(0).ips)
     for i in range(10_000):
         state.upsert_membership("s:big", f"pod/ns/b{i}", [f"10.200.{i >> 8}.{i & 255}"])
     state.plan()
     need, drop = [], []
     for _ in range(5):
-        state.upsert_policy(CompiledPolicy("p", "default", (1.0, "p"), "s:apply-0", True,
+        state.upsert_policy(CompiledPolicy("p", "default", (1.0, "p"), APPLIES[0], True,
                                            (CompiledRule(RuleSpec("Allow"), dst_uid="s:big"),)))
         started = time.perf_counter()
         plan = state.plan()

@@ -74,6 +74,7 @@ from enforcers.iptables import (
 from enforcers.metrics import EnforcerMetrics
 from enforcers.render import Chain, restore_text
 from policy import enforcement
+from policy.labels import effective_labels
 from policy.model import PolicyObject
 from topics import codec
 from topics.records import (
@@ -81,10 +82,13 @@ from topics.records import (
     EndpointRecord,
     MembershipRecord,
     PolicyRecord,
+    ProfileRecord,
     RecordError,
+    profile_key,
     split_membership_key,
+    split_profile_key,
 )
-from topics.specs import DEADLETTER, ENDPOINTS, MEMBERSHIPS, POLICIES
+from topics.specs import DEADLETTER, ENDPOINTS, MEMBERSHIPS, POLICIES, PROFILES
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +325,11 @@ def _by_ip(rec: EndpointRecord, node: str) -> bool:
 
 def local_endpoint(
     key: str, rec: EndpointRecord, node: str, bound: str | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> state_mod.LocalEndpoint | None:
     """What `node` enforces for the endpoint record at `key` (None: nothing, not local);
-    `bound`: the interfaces a host endpoint given by IPs is on now.
+    `bound`: the interfaces a host endpoint given by IPs is on now; `labels`: its effective
+    labels (they decide which policies apply to it).
 
     A pod is a workload: its traffic arrives on its interface. A VM is a workload of the
     hypervisor it runs on (``node`` names the hypervisor; its interfaces are the taps
@@ -334,14 +340,16 @@ def local_endpoint(
     interface = rec.interface or bound
     if rec.node != node or not interface:
         return None
+    labels = dict(labels or {})
     if rec.kind == "pod":
-        return state_mod.LocalEndpoint(key, "workload", interface, rec.ips)
+        return state_mod.LocalEndpoint(key, "workload", interface, rec.ips, labels=labels)
     if rec.kind == "vm":
         kind: render.EndpointKind = "guest" if rec.name == rec.node else "workload"
-        return state_mod.LocalEndpoint(key, kind, interface, rec.ips)
+        return state_mod.LocalEndpoint(key, kind, interface, rec.ips, labels=labels)
     if rec.kind == "hostendpoint":
         allow = DEFAULT_ALLOW_PROFILE in rec.profiles
-        return state_mod.LocalEndpoint(key, "host", interface, rec.ips, allow=allow)
+        return state_mod.LocalEndpoint(key, "host", interface, rec.ips, allow=allow,
+                                       labels=labels)
     return None
 
 
@@ -367,6 +375,10 @@ class RecordSink:
         self.state = state
         self.read_addresses = read_addresses
         self.addresses: Addresses | None = None  # the last reading
+        # this node's endpoint records (their labels follow profile changes)
+        self.local: dict[str, EndpointRecord] = {}
+        # the namespace and service-account labels endpoints inherit, by profile key
+        self.profiles: dict[str, ProfileRecord] = {}
         # local host endpoints given by their IPs: key -> record, bound again by `rebind`
         self.by_ip: dict[str, EndpointRecord] = {}
         # rejected records this node owns go here (the dead-letter publisher)
@@ -388,19 +400,52 @@ class RecordSink:
     def endpoint(self, key: str, rec: EndpointRecord | None, observed: bool = True) -> None:
         """Apply an endpoint record (`observed`: count its observed_at as a change's)."""
         bound = None
+        if rec is not None and rec.node == self.state.node:
+            self.local[key] = rec
+        else:
+            self.local.pop(key, None)
         if rec is not None and _by_ip(rec, self.state.node):
             self.by_ip[key] = rec
             bound = self._bind(rec)
         else:
             self.by_ip.pop(key, None)
         at = rec.observed_at if rec is not None and observed else None
+        labels = self._labels(rec) if rec is not None and key in self.local else {}
         for st in self.states:
-            ep = local_endpoint(key, rec, st.node, bound) if rec is not None else None
+            ep = local_endpoint(key, rec, st.node, bound, labels) if rec is not None else None
             if ep is None:
                 if key in st.endpoints:
                     st.delete_endpoint(key, at)
                 continue
             st.upsert_endpoint(ep, at)
+
+    def _labels(self, rec: EndpointRecord) -> dict[str, str]:
+        """An endpoint's effective labels, with what it inherits from its profiles."""
+        ns = sa = None
+        if rec.namespace is not None:
+            ns = self.profiles.get(profile_key(rec.namespace))
+            if rec.service_account:
+                sa = self.profiles.get(profile_key(rec.namespace, rec.service_account))
+        return effective_labels(
+            rec.kind, rec.labels, namespace=rec.namespace, service_account=rec.service_account,
+            namespace_labels=ns.labels if ns is not None else None,
+            service_account_labels=sa.labels if sa is not None else None,
+        )
+
+    def profile(self, key: str, rec: ProfileRecord | None) -> None:
+        """A namespace's or service account's labels changed: so did its local endpoints'."""
+        if rec is None:
+            self.profiles.pop(key, None)
+        else:
+            self.profiles[key] = rec
+        namespace, account = split_profile_key(key)
+        inheriting = [(k, ep) for k, ep in self.local.items() if ep.namespace == namespace
+                      and (account is None or ep.service_account == account)]
+        for ep_key, ep in inheriting:
+            self.endpoint(ep_key, ep, observed=False)
+        if inheriting and rec is not None:
+            for st in self.states:
+                st.note(rec.observed_at)
 
     def _bind(self, rec: EndpointRecord) -> str | None:
         """The interfaces holding a by-IP host endpoint's addresses, from the last reading."""
@@ -554,13 +599,13 @@ class RecordSink:
                     return
                 self.membership(key, codec.decode_as(MembershipRecord, value))
             elif suffix == ENDPOINTS.suffix:
-                if value is not None and key not in self.state.endpoints and (
-                    self._elsewhere(value)
-                ):
+                if value is not None and key not in self.local and self._elsewhere(value):
                     return  # another node's endpoint: nothing to enforce here
                 self.endpoint(key, codec.decode_as(EndpointRecord, value))
             elif suffix == POLICIES.suffix:
                 self.policy(key, codec.decode_as(PolicyRecord, value))
+            elif suffix == PROFILES.suffix:
+                self.profile(key, codec.decode_as(ProfileRecord, value))
         except (RecordError, ValueError) as exc:
             self.metrics.rejected.inc()
             at = f"[{where[1]}]@{where[2]}" if where else ""
@@ -738,7 +783,8 @@ class Enforcer:
         self.resync_interval = resync_interval
         self.synced = asyncio.Event()
         self._need_restart = False
-        self.topics = {s.name(topic_prefix): s.suffix for s in (POLICIES, MEMBERSHIPS, ENDPOINTS)}
+        self.topics = {s.name(topic_prefix): s.suffix
+                       for s in (POLICIES, PROFILES, MEMBERSHIPS, ENDPOINTS)}
 
     async def _consumer(self, stop: asyncio.Event) -> Any:
         """A started consumer assigned every partition, or None if stopped while retrying."""

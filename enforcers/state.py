@@ -10,6 +10,13 @@ endpoints) and answers two questions:
   write chains, remove members, and destroy sets only after no chain refers to
   them any more.
 
+Which policies apply to a local endpoint is decided here, from the endpoint's effective
+labels (its own and those it inherits from its namespace and service account) and each
+policy's applies-to selector, as Felix decides it: never from the processor's
+memberships, so a new pod is under its policies from its first programming and a label
+change takes effect with the endpoint (or profile) record itself, whether the processor
+is fast, slow or down. Memberships give the *contents* of the sets that rules refer to.
+
 Set contents are refcounted: an IP (or a network set's CIDR) stays in a set
 while any member endpoint contributes it, so shared and reused IPs never drop
 early. Only sets that a rule of a policy applying to a local endpoint refers
@@ -55,6 +62,7 @@ from enforcers import render
 from enforcers.render import ActionName, Chain, EndpointSpec, PolicySpec, RuleSpec, TierSpec
 from policy import compile as pcompile
 from policy import enforcement, model
+from policy.selectors import Selector
 
 SetNamer = Callable[[str], str]
 #: The IPs one member contributes to a set: one IP bare (most members), else a tuple.
@@ -86,14 +94,19 @@ class CompiledRule:
 
 @dataclass(frozen=True, slots=True)
 class CompiledPolicy:
-    """What the enforcer needs of a policy: how it sorts, what it applies to, its rules."""
+    """What the enforcer needs of a policy: how it sorts, what it applies to (the selector,
+    namespace scoping included: evaluated here against local endpoints), its rules."""
 
     key: str
     tier: str
     sort_key: tuple[object, ...]
-    applies_uid: str
+    applies: Selector
     egress: bool
     rules: tuple[CompiledRule, ...]
+
+    @property
+    def applies_uid(self) -> str:
+        return self.applies.uid
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,13 +120,16 @@ class CompiledTier:
 class LocalEndpoint:
     """An endpoint this node enforces. ``interface``: one name, several separated by commas,
     or ``*`` (a host endpoint on every interface); ``allow``: its profile's verdict after
-    the last tier (None: the kind's default, see ``render.EndpointSpec``)."""
+    the last tier (None: the kind's default, see ``render.EndpointSpec``); ``labels``: its
+    effective labels (``policy.labels.effective_labels``), which decide the policies that
+    apply to it."""
 
     key: str
     kind: render.EndpointKind
     interface: str
     ips: tuple[str, ...]
     allow: bool | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     def chain_key(self) -> str:
         """What names its chain besides the interface: "" for workloads, else the key."""
@@ -247,8 +263,11 @@ class EnforcerState:
         self.members: dict[str, dict[str, Ips]] = {}
         # the selectors of each local endpoint (small tuples: a handful each); remote
         # endpoints are not indexed (only ``members`` knows them: it is the compact record)
-        self.uids_of_endpoint: dict[str, tuple[str, ...]] = {}
-        self.policies_by_uid: dict[str, set[str]] = defaultdict(set)
+        # the policies whose applies-to selector matches each local endpoint, evaluated
+        # here from its labels (as Felix does), never waiting for the processor: a new pod
+        # is under its policies from its first programming, and a label change takes
+        # effect with the endpoint record itself
+        self.applies: dict[str, frozenset[str]] = {}
         # refcounted contents of the needed selectors only (those some policy in use refers
         # to); present, possibly empty, exactly while needed
         self.contents: dict[str, Counter[str]] = {}
@@ -260,8 +279,8 @@ class EnforcerState:
         self._programmed_sets: dict[str, set[str]] = {}
         self._uid_of_set: dict[str, str] = {}
         self._dirty_members: dict[str, set[str]] = defaultdict(set)
-        # Incremental rendering. Chains and sets in use only change with policies, tiers,
-        # local endpoints and the applies-to memberships of local endpoints; a plan
+        # Incremental rendering. Chains and sets in use only change with policies, tiers
+        # and local endpoints (their interfaces and labels); a plan
         # re-renders only what such a change touched: the endpoint's chain (from its
         # outline: tiers and policy keys), the chains of policies that changed or came into
         # use, and the dispatch chains when the local interfaces changed. The ruleset is
@@ -289,7 +308,8 @@ class EnforcerState:
 
     # ------------------------------------------------------------------ updates
 
-    def _note(self, observed_at: float | None) -> None:
+    def note(self, observed_at: float | None) -> None:
+        """Count a change seen at `observed_at` (the latency clock of the next plan)."""
         if observed_at is not None:
             self.observed.append(observed_at)
 
@@ -319,14 +339,25 @@ class EnforcerState:
         self._changed: set[str] | None = None  # chain names changed since the last plan
         self.contents = {}  # nothing is needed until the next render says so
 
-    def _local_members(self, uid: str) -> list[str]:
-        """Local endpoints in a selector (a scan of the few local endpoints)."""
-        return [k for k in self.endpoints if uid in self.uids_of_endpoint.get(k, ())]
+    def _applying_keys(self, ep: LocalEndpoint) -> frozenset[str]:
+        """The policies whose applies-to selector matches a local endpoint."""
+        return frozenset(k for k, pol in self.policies.items() if pol.applies.matches(ep.labels))
+
+    def _reapply(self, key: str, policy: CompiledPolicy | None) -> None:
+        """Policy `key` changed what it applies to (`policy` None: it is gone): update the
+        local endpoints' sets of applying policies, and mark those it applies to, or did."""
+        for ep in self.endpoints.values():
+            had = self.applies.get(ep.key, frozenset())
+            if policy is not None and policy.applies.matches(ep.labels):
+                self.applies[ep.key] = had | {key}
+                self._dirty_eps.add(ep.key)
+            elif key in had:
+                self.applies[ep.key] = had - {key}
+                self._dirty_eps.add(ep.key)
 
     def _unindex_policy(self, key: str) -> CompiledPolicy | None:
         old = self.policies.pop(key, None)
         if old is not None:
-            _discard(self.policies_by_uid, old.applies_uid, key)
             for rule in old.rules:
                 for uid in rule.uids():
                     _release(self.peer_refs, uid)
@@ -340,31 +371,28 @@ class EnforcerState:
         key = (old or new).key  # type: ignore[union-attr]
         self._dirty_pols.add(key)
         if old is not None and new is not None and (
-            old.applies_uid, old.tier, old.sort_key, old.egress
-        ) == (new.applies_uid, new.tier, new.sort_key, new.egress):
+            old.applies, old.tier, old.sort_key, old.egress
+        ) == (new.applies, new.tier, new.sort_key, new.egress):
             return
-        for pol in (old, new):
-            if pol is not None and pol.egress:
-                self._dirty_eps.update(self._local_members(pol.applies_uid))
+        self._reapply(key, new)
 
     def upsert_policy(self, policy: CompiledPolicy, observed_at: float | None = None) -> None:
         old = self._unindex_policy(policy.key)
         if old != policy:
             self.refused.pop(policy.key, None)  # a new version may load: try it
         self.policies[policy.key] = policy
-        self.policies_by_uid[policy.applies_uid].add(policy.key)
         for rule in policy.rules:
             for uid in rule.uids():
                 self.peer_refs[uid] += 1
                 if uid in self.pruned:
                     self.needs_reread = True
         self._policy_changed(old, policy)
-        self._note(observed_at)
+        self.note(observed_at)
 
     def delete_policy(self, key: str, observed_at: float | None = None) -> None:
         self.refused.pop(key, None)
         self._policy_changed(self._unindex_policy(key), None)
-        self._note(observed_at)
+        self.note(observed_at)
 
     def reread_done(self) -> None:
         """The memberships were read again: what rules use now is complete."""
@@ -375,36 +403,32 @@ class EnforcerState:
         if self.tiers.get(tier.name) != tier:
             self.tiers[tier.name] = tier
             self._all_dirty = True  # rare: every endpoint chain is looked at again
-        self._note(observed_at)
+        self.note(observed_at)
 
     def delete_tier(self, name: str, observed_at: float | None = None) -> None:
         if self.tiers.pop(name, None) is not None:
             self._all_dirty = True
-        self._note(observed_at)
+        self.note(observed_at)
 
     def upsert_endpoint(self, ep: LocalEndpoint, observed_at: float | None = None) -> None:
         old = self.endpoints.get(ep.key)
         self.endpoints[ep.key] = ep
-        if old is None:  # its memberships may have come first: one lookup per selector
-            uids = tuple(uid for uid, by_endpoint in self.members.items() if ep.key in by_endpoint)
-            if uids:
-                self.uids_of_endpoint[ep.key] = uids
+        if old is None or old.labels != ep.labels:
+            applying = self._applying_keys(ep)
+            if applying != self.applies.get(ep.key):
+                self.applies[ep.key] = applying
+                self._dirty_eps.add(ep.key)
         if old is None or (old.kind, old.interface, old.allow) != (ep.kind, ep.interface, ep.allow):
             self._dirty_eps.add(ep.key)  # its IPs alone change no chain
             self._dispatch_dirty = True
-        self._note(observed_at)
+        self.note(observed_at)
 
     def delete_endpoint(self, key: str, observed_at: float | None = None) -> None:
         if self.endpoints.pop(key, None) is not None:
-            self.uids_of_endpoint.pop(key, None)
+            self.applies.pop(key, None)
             self._dirty_eps.add(key)
             self._dispatch_dirty = True
-        self._note(observed_at)
-
-    def _membership_changed(self, uid: str, endpoint_key: str) -> None:
-        """A local endpoint joined or left a selector: its chain changes if policies apply."""
-        if endpoint_key in self.endpoints and uid in self.policies_by_uid:
-            self._dirty_eps.add(endpoint_key)
+        self.note(observed_at)
 
     def membership(self, uid: str, endpoint_key: str) -> tuple[str, ...] | None:
         """The set members one endpoint contributes to a selector's set (None: not a member)."""
@@ -454,11 +478,6 @@ class EnforcerState:
             uid = sys.intern(uid)
             by_endpoint = self.members[uid] = {}
         by_endpoint[endpoint_key] = value
-        if old is None and endpoint_key in self.endpoints:
-            uid = sys.intern(uid)
-            known = self.uids_of_endpoint.get(endpoint_key, ())
-            self.uids_of_endpoint[endpoint_key] = (*known, uid)
-            self._membership_changed(uid, endpoint_key)
         counter = self.contents.get(uid)
         if counter is not None:
             self._recount(uid, counter, old or (), new)
@@ -474,17 +493,10 @@ class EnforcerState:
             return
         if not by_endpoint:
             del self.members[uid]
-        if endpoint_key in self.endpoints:
-            uids = tuple(u for u in self.uids_of_endpoint[endpoint_key] if u != uid)
-            if uids:
-                self.uids_of_endpoint[endpoint_key] = uids
-            else:
-                del self.uids_of_endpoint[endpoint_key]
         counter = self.contents.get(uid)
         if counter is not None:
             self._recount(uid, counter, ips_of(stored), ())
-        self._membership_changed(uid, endpoint_key)
-        self._note(observed_at)
+        self.note(observed_at)
 
     def _recount(
         self, uid: str, counter: Counter[str], old: Iterable[str], new: Iterable[str]
@@ -542,11 +554,10 @@ class EnforcerState:
         found: list[CompiledPolicy] = []
         if self.blocked:
             return found
-        for uid in self.uids_of_endpoint.get(endpoint_key, ()):
-            for pkey in self.policies_by_uid.get(uid, ()):
-                pol = self.policies[pkey]
-                if pol.egress:
-                    found.append(pol)
+        for pkey in self.applies.get(endpoint_key, ()):
+            pol = self.policies[pkey]
+            if pol.egress:
+                found.append(pol)
         # the key breaks ties: the order never depends on set iteration (which a cached
         # chain could not follow)
         found.sort(key=lambda p: (self._tier(p.tier).sort_key, p.sort_key, p.key))
@@ -923,7 +934,7 @@ def compile_policy(policy: model.Policy, family: int = 4) -> CompiledPolicy:
         key=policy.key,
         tier=policy.tier,
         sort_key=(order, pcompile.policy_sort_name(policy)),
-        applies_uid=compiled.applies_to.uid,
+        applies=compiled.applies_to,
         egress=compiled.applies_in("Egress"),
         rules=tuple(compile_rule(r, family) for r in compiled.rules("Egress")),
     )

@@ -91,3 +91,29 @@ def network_set_labels(
     return endpoint_labels(
         own, namespace=namespace, namespace_labels=namespace_labels, orchestrator=None
     )
+
+
+def effective_labels(
+    kind: str,
+    own: Mapping[str, str],
+    *,
+    namespace: str | None,
+    service_account: str | None = None,
+    namespace_labels: Mapping[str, str] | None = None,
+    service_account_labels: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The labels selectors see for an endpoint of `kind` (``pod``, ``networkset``, …), with
+    what it inherits, as Felix builds them: the one definition the processor and the
+    enforcer share."""
+    if kind == "pod":
+        return endpoint_labels(
+            own,
+            namespace=namespace,
+            service_account=service_account,
+            namespace_labels=namespace_labels,
+            service_account_labels=service_account_labels,
+        )
+    if kind == "networkset":
+        return network_set_labels(own, namespace, namespace_labels)
+    # Host endpoints, VMs and global network sets are cluster-scoped: own labels only.
+    return endpoint_labels(own, namespace=None)

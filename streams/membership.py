@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from policy.labelindex import SelectorIndex
-from policy.labels import endpoint_labels, network_set_labels
+from policy.labels import effective_labels as labels_of
 from policy.selectors import Selector, parse
 from topics.records import (
     EndpointRecord,
@@ -63,18 +63,11 @@ def effective_labels(
     service_account_labels: Mapping[str, str] | None,
 ) -> dict[str, str]:
     """The labels selectors see for `endpoint`, with what it inherits (as Felix builds them)."""
-    if endpoint.kind == "pod":
-        return endpoint_labels(
-            endpoint.labels,
-            namespace=endpoint.namespace,
-            service_account=endpoint.service_account,
-            namespace_labels=namespace_labels,
-            service_account_labels=service_account_labels,
-        )
-    if endpoint.kind == "networkset":
-        return network_set_labels(endpoint.labels, endpoint.namespace, namespace_labels)
-    # Host endpoints, VMs and global network sets are cluster-scoped: own labels only.
-    return endpoint_labels(endpoint.labels, namespace=None)
+    return labels_of(
+        endpoint.kind, endpoint.labels, namespace=endpoint.namespace,
+        service_account=endpoint.service_account, namespace_labels=namespace_labels,
+        service_account_labels=service_account_labels,
+    )
 
 
 def member_record(uid: str, endpoint: EndpointRecord, observed_at: float) -> MembershipRecord:

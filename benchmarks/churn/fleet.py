@@ -37,6 +37,7 @@ from topics.records import (
     EndpointRecord,
     MembershipRecord,
     PolicyRecord,
+    ProfileRecord,
     RecordError,
     split_membership_key,
 )
@@ -92,6 +93,7 @@ class Fleet:
     samples: list[Sample] = field(default_factory=list)
     on_sample: Callable[[Sample], None] | None = None
     policies: dict[str, PolicyRecord] = field(default_factory=dict)
+    profiles: dict[str, ProfileRecord] = field(default_factory=dict)
     endpoints: dict[str, EndpointRecord] = field(default_factory=dict)
     memberships: dict[str, MembershipRecord] = field(default_factory=dict)
     by_uid: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
@@ -127,6 +129,17 @@ class Fleet:
                   for uid in new_uids for ep in self.by_uid.get(uid, ())]
         for node in self.nodes.values():
             self._enqueue(node, arrival, self._apply_policy, node, key, rec, replay)
+
+    def profile(self, key: str, rec: ProfileRecord | None, arrival: float) -> None:
+        """Namespace and service-account labels: every node reads them (its endpoints
+        inherit them, and they decide which policies apply)."""
+        self.records += 1
+        if rec is None:
+            self.profiles.pop(key, None)
+        else:
+            self.profiles[key] = rec
+        for node in self.nodes.values():
+            self._enqueue(node, arrival, node.sink.profile, key, rec)
 
     def _apply_policy(self, node: NodeSim, key: str, rec: PolicyRecord | None,
                       replay: list[tuple[str, str, tuple[str, ...]]]) -> None:
@@ -175,8 +188,10 @@ class Fleet:
     def _apply_endpoint(node: NodeSim, key: str, rec: EndpointRecord | None,
                         at: float | None) -> None:
         if rec is None or rec.node != node.name:
-            if key in node.state.endpoints:
-                node.state.delete_endpoint(key, at)
+            was_local = key in node.state.endpoints
+            node.sink.endpoint(key, None)  # the sink forgets it too (profiles re-apply)
+            if was_local:
+                node.state.note(at)
         else:
             node.sink.endpoint(key, rec)
 
@@ -288,6 +303,8 @@ class Fleet:
         node = self.nodes[name]
         node.pending = []
         node.restart()
+        for key, prof in self.profiles.items():
+            node.sink.profile(key, prof)
         for key, pol in self.policies.items():
             node.sink.policy(key, pol)
         for key, ep in self.endpoints.items():

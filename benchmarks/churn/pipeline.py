@@ -70,6 +70,7 @@ class PurePipeline:
         profiles, policies, endpoints = initial_records(self.cluster)
         for prof in profiles:
             self.processor.publish_profile(prof.key, prof)
+            self.fleet.profile(prof.key, prof, 0.0)
         for pol in policies:
             self.processor.publish_policy(pol.key, pol)
             self.fleet.policy(pol.key, pol, 0.0)
@@ -123,6 +124,8 @@ class NaivePipeline:
         self.fleet.naive = True
         self.memberships: dict[str, MembershipRecord] = {}
         self.events: set[float] = set()
+        for prof in profiles:
+            self.fleet.profile(prof.key, prof, 0.0)
         for pol in policies:
             self.fleet.policy(pol.key, pol, 0.0)
         for ep in endpoints:

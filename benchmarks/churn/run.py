@@ -352,12 +352,13 @@ class Run:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         from topics import codec
-        from topics.records import EndpointRecord, MembershipRecord, PolicyRecord
-        from topics.specs import ENDPOINTS, MEMBERSHIPS, POLICIES
+        from topics.records import EndpointRecord, MembershipRecord, PolicyRecord, ProfileRecord
+        from topics.specs import ENDPOINTS, MEMBERSHIPS, POLICIES, PROFILES
 
         fleet = self.fleet
         assert fleet is not None
-        names = {s.name(self.prefix): s.suffix for s in (POLICIES, ENDPOINTS, MEMBERSHIPS)}
+        names = {s.name(self.prefix): s.suffix
+                 for s in (POLICIES, PROFILES, ENDPOINTS, MEMBERSHIPS)}
         consumer = AIOKafkaConsumer(**self.kafka, group_id=None, enable_auto_commit=False,
                                     auto_offset_reset="earliest", max_poll_records=20_000,
                                     fetch_max_wait_ms=10 if self.opts.broker == "tansu" else 20)
@@ -390,6 +391,9 @@ class Run:
                             elif suffix == ENDPOINTS.suffix:
                                 fleet.endpoint(
                                     key, codec.decode_as(EndpointRecord, msg.value), arrival)
+                            elif suffix == PROFILES.suffix:
+                                fleet.profile(
+                                    key, codec.decode_as(ProfileRecord, msg.value), arrival)
                             else:
                                 fleet.policy(
                                     key, codec.decode_as(PolicyRecord, msg.value), arrival)

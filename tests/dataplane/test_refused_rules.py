@@ -63,8 +63,10 @@ def test_a_refused_rule_fails_closed_and_the_rest_is_programmed(netns: Netns) ->
     state.upsert_policy(good)
     state.upsert_membership(bad.applies_uid, "pod/ns/a", ["10.65.0.2"])
     state.upsert_membership(good.applies_uid, "pod/ns/b", ["10.65.0.3"])
-    state.upsert_endpoint(LocalEndpoint("pod/ns/a", "workload", "cali-a", ("10.65.0.2",)))
-    state.upsert_endpoint(LocalEndpoint("pod/ns/b", "workload", "cali-b", ("10.65.0.3",)))
+    state.upsert_endpoint(LocalEndpoint("pod/ns/a", "workload", "cali-a", ("10.65.0.2",),
+                                        labels={"app": "a"}))
+    state.upsert_endpoint(LocalEndpoint("pod/ns/b", "workload", "cali-b", ("10.65.0.3",),
+                                        labels={"app": "b"}))
     heard: list[str] = []
     with NetlinkIpsets(netns=netns.name) as ipsets:
         programmer = Programmer(ipsets, Iptables(netns.name))
@@ -86,7 +88,8 @@ def test_a_refused_rule_fails_closed_and_the_rest_is_programmed(netns: Netns) ->
         assert any("! -d 10.1.0.0/16" in r or "-d 10.1.0.0/16" in r for r in good_rules)
 
         # later transactions go on as usual
-        state.upsert_endpoint(LocalEndpoint("pod/ns/c", "workload", "cali-c", ("10.65.0.4",)))
+        state.upsert_endpoint(LocalEndpoint("pod/ns/c", "workload", "cali-c", ("10.65.0.4",),
+                                            labels={"app": "b"}))
         state.upsert_membership(good.applies_uid, "pod/ns/c", ["10.65.0.4"])
         result, _ = programmer.transaction(state)
         assert result.applied

@@ -321,3 +321,66 @@ async def test_fail_static_when_the_brokers_go_away(
             await asyncio.wait_for(task, 15)
     finally:
         own.cleanup() if own.running else own.stop()
+
+
+PROD_EGRESS = """
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: prod-egress}
+spec:
+  selector: app == 'web'
+  namespaceSelector: env == 'prod'
+  types: [Egress]
+  egress:
+  - {action: Allow, protocol: TCP, destination: {nets: [10.66.1.0/24], ports: [443]}}
+"""
+
+
+async def test_a_new_pod_is_under_its_policies_without_waiting_for_the_processor(
+    broker: Broker, topic_prefix: str, topology: Topology
+) -> None:
+    """Which policies apply to a local endpoint is decided on the node, from its labels and
+    those it inherits from its namespace (the profiles topic), as Felix does. Before, it
+    came from the processor's memberships: until they arrived (or, with the processor
+    down, forever) a new pod had no policy and was allowed everything. No processor runs
+    here, and no membership is ever published."""
+    from topics.records import ProfileRecord
+
+    await make_topics(broker.bootstrap, topic_prefix)
+    world = World()
+    world.put_objects(PROD_EGRESS)
+    prod = ProfileRecord("namespace", "shop", None, {"env": "prod"}, time.time())
+    await publish(broker.bootstrap, topic_prefix,
+                  [*world.changes(), ("profiles", prod.key, prod)])
+    ipsets = NetlinkIpsets(netns=topology.node.name)
+    enforcer = Enforcer(
+        EnforcerState(NODE, set_name), Programmer(ipsets, Iptables(topology.node.name)),
+        {"bootstrap_servers": broker.bootstrap}, topic_prefix, resync_interval=0.5,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(enforcer.run(stop))
+    try:
+        await asyncio.wait_for(enforcer.synced.wait(), 30)
+        assert topology.connect("pod-a", "10.66.0.2", 80)  # no endpoint yet: not ours
+        pod = world.put_endpoint("pod", "shop", "a", ("10.65.1.2",), {"app": "web"}, "veth-a")
+        await publish(broker.bootstrap, topic_prefix, [("endpoints", pod.key, pod)])
+        await eventually(lambda: pod.key in enforcer.state.endpoints)
+        await eventually(lambda: not topology.connect("pod-a", "10.66.0.2", 80))
+        assert topology.connect("pod-a", "10.66.1.1", 443)
+        assert not topology.connect("pod-a", "10.66.1.1", 80)
+
+        # the namespace is relabelled: the policy no longer applies, default allow
+        dev = ProfileRecord("namespace", "shop", None, {"env": "dev"}, time.time())
+        await publish(broker.bootstrap, topic_prefix, [("profiles", dev.key, dev)])
+        await eventually(lambda: topology.connect("pod-a", "10.66.0.2", 80))
+        # and the pod's own label change takes effect with its endpoint record alone
+        await publish(broker.bootstrap, topic_prefix, [("profiles", prod.key, prod)])
+        await eventually(lambda: not topology.connect("pod-a", "10.66.0.2", 80))
+        pod = world.put_endpoint("pod", "shop", "a", ("10.65.1.2",), {"app": "db"}, "veth-a")
+        await publish(broker.bootstrap, topic_prefix, [("endpoints", pod.key, pod)])
+        await eventually(lambda: topology.connect("pod-a", "10.66.0.2", 80))
+        assert not any(s == "memberships" for s, _k, _r in world.pending)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        ipsets.close()

@@ -22,17 +22,21 @@ from enforcers.state import (
 )
 from policy import compile as pcompile
 from policy.load import load
+from policy.selectors import Selector, parse
 
 
 def namer(uid: str) -> str:
     return "pc-" + uid.replace(":", "")[:20]
 
 
-APPLY = ["s:apply-web", "s:apply-all", "s:apply-db"]
+# what policies apply to: evaluated by the state against local endpoints' labels
+APPLY = [parse("app == 'web'"), parse("all()"), parse("app == 'db'")]
+APPLY_UIDS = [s.uid for s in APPLY]
 PEERS = ["s:peer-a", "s:peer-b", "s:peer-c"]
+WEB, DB = {"app": "web"}, {"app": "db"}
 
 
-def policy(key: str, applies: str, tier: str = "default", order: float = 10.0,
+def policy(key: str, applies: Selector, tier: str = "default", order: float = 10.0,
            peers: tuple[str, ...] = (), not_peer: str | None = None,
            action: str = "Allow") -> CompiledPolicy:
     rules = [
@@ -54,10 +58,11 @@ POLICIES = [
 TIERS = [CompiledTier("sec", (False, False, 10.0, "sec"), "Deny"),
          CompiledTier("sec", (False, False, 10.0, "sec"), "Pass")]
 ENDPOINTS = [
-    LocalEndpoint("pod/ns/a", "workload", "vetha", ("10.0.0.1",)),
-    LocalEndpoint("pod/ns/b", "workload", "vethb", ("10.0.0.2",)),
+    LocalEndpoint("pod/ns/a", "workload", "vetha", ("10.0.0.1",), labels=WEB),
+    LocalEndpoint("pod/ns/b", "workload", "vethb", ("10.0.0.2",), labels=DB),
     LocalEndpoint("hostendpoint//n1", "host", "eth0", ("192.168.1.1",)),
-    LocalEndpoint("pod/ns/a", "workload", "vethc", ("10.0.0.3",)),  # a moved interface
+    LocalEndpoint("pod/ns/a", "workload", "vethc", ("10.0.0.3",), labels=WEB),  # moved iface
+    LocalEndpoint("pod/ns/a", "workload", "vetha", ("10.0.0.1",), labels=DB),  # relabelled
 ]
 MEMBER_KEYS = ["pod/ns/a", "pod/ns/b", "hostendpoint//n1", "pod/other/x", "networkset/ns/s"]
 IPS = ["10.0.0.1", "10.0.0.2", "10.0.0.9", "10.9.0.0/16", "0.0.0.0/0", "fd00::1"]
@@ -70,10 +75,10 @@ ops = st.one_of(
     st.tuples(st.just("endpoint"), st.sampled_from(ENDPOINTS)),
     st.tuples(st.just("unendpoint"), st.sampled_from(["pod/ns/a", "pod/ns/b"])),
     st.tuples(st.just("member"), st.tuples(
-        st.sampled_from(APPLY + PEERS), st.sampled_from(MEMBER_KEYS),
+        st.sampled_from(APPLY_UIDS + PEERS), st.sampled_from(MEMBER_KEYS),
         st.lists(st.sampled_from(IPS), max_size=3))),
     st.tuples(st.just("unmember"), st.tuples(
-        st.sampled_from(APPLY + PEERS), st.sampled_from(MEMBER_KEYS))),
+        st.sampled_from(APPLY_UIDS + PEERS), st.sampled_from(MEMBER_KEYS))),
     st.tuples(st.just("plan"), st.none()),
 )
 
@@ -128,7 +133,7 @@ def test_an_ip_stays_while_any_member_contributes_it() -> None:
     state = EnforcerState("n1", namer)
     state.upsert_endpoint(ENDPOINTS[0])
     state.upsert_policy(POLICIES[0])
-    state.upsert_membership(APPLY[0], "pod/ns/a", ["10.0.0.1"])
+    state.upsert_membership(APPLY_UIDS[0], "pod/ns/a", ["10.0.0.1"])
     state.upsert_membership(PEERS[0], "pod/x/old", ["10.1.1.1"])
     state.upsert_membership(PEERS[0], "pod/y/new", ["10.1.1.1"])  # IP reused
     plan = state.plan()
@@ -146,7 +151,7 @@ def test_set_is_destroyed_only_when_no_chain_refers_to_it() -> None:
     state = EnforcerState("n1", namer)
     state.upsert_endpoint(ENDPOINTS[0])
     state.upsert_policy(POLICIES[0])
-    state.upsert_membership(APPLY[0], "pod/ns/a", ["10.0.0.1"])
+    state.upsert_membership(APPLY_UIDS[0], "pod/ns/a", ["10.0.0.1"])
     first = state.plan()
     name = namer(PEERS[0])
     assert name in first.create_sets
@@ -161,7 +166,7 @@ def test_sets_are_only_programmed_for_policies_applying_here() -> None:
     state = EnforcerState("n1", namer)
     state.upsert_policy(POLICIES[0])
     state.upsert_membership(PEERS[0], "pod/x/y", ["10.1.1.1"])
-    state.upsert_membership(APPLY[0], "pod/elsewhere/z", ["10.2.2.2"])
+    state.upsert_membership(APPLY_UIDS[0], "pod/elsewhere/z", ["10.2.2.2"])
     assert state.plan().create_sets == {}
 
 
@@ -237,10 +242,16 @@ def test_compiled_model_policies_order_across_tiers_and_use_compile_uids() -> No
     state.upsert_tier(tier)
     state.upsert_policy(guard)
     state.upsert_policy(web)
-    state.upsert_endpoint(ENDPOINTS[0])
-    state.upsert_membership(guard.applies_uid, "pod/ns/a", ["10.0.0.1"])
-    state.upsert_membership(web.applies_uid, "pod/ns/a", ["10.0.0.1"])
-    assert [p.key for p in state.applying("pod/ns/a")] == [guard.key, web.key]
+    labels = {"app": "web", "projectcalico.org/namespace": "shop"}
+    state.upsert_endpoint(LocalEndpoint("pod/shop/a", "workload", "vetha", ("10.0.0.1",),
+                                        labels=labels))
+    assert [p.key for p in state.applying("pod/shop/a")] == [guard.key, web.key]
+    # the namespace scoping is part of what a policy applies to: not in shop, not applying
+    state.upsert_endpoint(LocalEndpoint("pod/shop/a", "workload", "vetha", ("10.0.0.1",),
+                                        labels={**labels, "projectcalico.org/namespace": "x"}))
+    assert [p.key for p in state.applying("pod/shop/a")] == [guard.key]
+    state.upsert_endpoint(LocalEndpoint("pod/shop/a", "workload", "vetha", ("10.0.0.1",),
+                                        labels=labels))
     (spec,) = state.endpoint_specs()
     assert [t.name for t in spec.tiers] == ["security", "default"]
     assert spec.tiers[0].default_action == "Pass"
@@ -292,7 +303,7 @@ def test_restart_swaps_changed_sets_in_and_never_empties_one() -> None:
         state.upsert_endpoint(ENDPOINTS[0])
         state.upsert_policy(POLICIES[0])
         state.upsert_policy(policy("p9", APPLY[0], order=20, peers=(PEERS[1],)))
-        state.upsert_membership(APPLY[0], "pod/ns/a", ["10.0.0.1"])
+        state.upsert_membership(APPLY_UIDS[0], "pod/ns/a", ["10.0.0.1"])
         state.upsert_membership(PEERS[0], "pod/x/y", peer_ips)
         state.upsert_membership(PEERS[1], "pod/x/z", ["10.7.7.7"])
         return state
@@ -328,11 +339,11 @@ def upsert_pruned(state: EnforcerState, arg: object) -> None:
 @given(st.lists(ops, max_size=40))
 @example([  # a peer's memberships arrive before the policy that uses them
     ("member", (PEERS[0], "pod/other/x", ["10.0.0.9"])), ("policy", POLICIES[0]),
-    ("endpoint", ENDPOINTS[0]), ("member", (APPLY[0], "pod/ns/a", ["10.0.0.1"])),
+    ("endpoint", ENDPOINTS[0]), ("member", (APPLY_UIDS[0], "pod/ns/a", ["10.0.0.1"])),
 ])
 @example([  # ... and again after the only policy using them was deleted and came back
     ("policy", POLICIES[0]), ("endpoint", ENDPOINTS[0]),
-    ("member", (APPLY[0], "pod/ns/a", ["10.0.0.1"])), ("unpolicy", "p1"),
+    ("member", (APPLY_UIDS[0], "pod/ns/a", ["10.0.0.1"])), ("unpolicy", "p1"),
     ("member", (PEERS[0], "pod/other/x", ["10.0.0.9"])), ("plan", None),
     ("policy", POLICIES[0]),
 ])
@@ -379,8 +390,9 @@ MORE_POLICIES = [
 ]
 MORE_ENDPOINTS = [
     *ENDPOINTS,
-    LocalEndpoint("pod/ns/b", "workload", "vetha", ("10.0.0.2",)),  # shares a's interface
-    LocalEndpoint("pod/ns/a", "workload", "vetha", ("10.0.0.7",)),  # new IP only
+    LocalEndpoint("pod/ns/b", "workload", "vetha", ("10.0.0.2",), labels=DB),  # a's interface
+    LocalEndpoint("pod/ns/a", "workload", "vetha", ("10.0.0.7",), labels=WEB),  # new IP only
+    LocalEndpoint("pod/ns/b", "workload", "vethb", ("10.0.0.2",)),  # no labels any more
     LocalEndpoint("hostendpoint//n1", "host", "*", ("192.168.1.1",)),
 ]
 more_ops = st.one_of(
@@ -396,15 +408,15 @@ more_ops = st.one_of(
 SEED: list[tuple[str, object]] = [
     ("tier", TIERS[0]), *(("policy", p) for p in MORE_POLICIES[:3]),
     ("policy", MORE_POLICIES[-1]), *(("endpoint", e) for e in ENDPOINTS[:3]),
-    *(("member", (uid, key, ["10.0.0.1"])) for uid in APPLY for key in sorted(LOCAL_KEYS)),
+    *(("member", (uid, key, ["10.0.0.1"])) for uid in APPLY_UIDS for key in sorted(LOCAL_KEYS)),
     ("member", (PEERS[0], "pod/other/x", ["10.0.0.9"])), ("plan", None),
 ]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.booleans(), st.lists(more_ops, max_size=40))
-@example(True, [("unmember", (APPLY[0], "pod/ns/a")), ("plan", None),  # leaves a selector
-                ("member", (APPLY[0], "pod/ns/a", ["10.0.0.1"]))])  # and joins again
+@example(True, [("unmember", (APPLY_UIDS[0], "pod/ns/a")), ("plan", None),  # leaves a selector
+                ("member", (APPLY_UIDS[0], "pod/ns/a", ["10.0.0.1"]))])  # and joins again
 def test_every_incremental_plan_renders_exactly_what_a_full_render_does(
     seeded: bool, sequence: list
 ) -> None:
@@ -438,7 +450,7 @@ def test_every_incremental_plan_renders_exactly_what_a_full_render_does(
 def oracle_sets(sequence: list) -> dict[str, set[str]]:
     """The sets a node must have, from scratch over the final inputs (no EnforcerState)."""
     policies: dict[str, CompiledPolicy] = {}
-    endpoints: set[str] = set()
+    endpoints: dict[str, LocalEndpoint] = {}
     members: dict[tuple[str, str], list[str]] = {}
     for kind, arg in sequence:
         if kind == "policy":
@@ -446,9 +458,9 @@ def oracle_sets(sequence: list) -> dict[str, set[str]]:
         elif kind == "unpolicy":
             policies.pop(arg, None)
         elif kind == "endpoint":
-            endpoints.add(arg.key)
+            endpoints[arg.key] = arg
         elif kind == "unendpoint":
-            endpoints.discard(arg)
+            endpoints.pop(arg, None)
         elif kind == "member":
             uid, key, ips = arg
             members[(uid, key)] = ips
@@ -457,7 +469,7 @@ def oracle_sets(sequence: list) -> dict[str, set[str]]:
     needed = {
         uid
         for p in policies.values() if p.egress
-        if any((p.applies_uid, ep) in members for ep in endpoints)
+        if any(p.applies.matches(ep.labels) for ep in endpoints.values())
         for rule in p.rules if rule.spec.never is None
         for uid in rule.uids()
     }
@@ -473,7 +485,7 @@ prune_ops = st.one_of(ops, st.tuples(st.just("restart"), st.none()))
 # a node where policies apply and their peers have members, before the random changes
 PRUNE_SEED: list[tuple[str, object]] = [
     *(("policy", p) for p in POLICIES[:3]), *(("endpoint", e) for e in ENDPOINTS[:3]),
-    *(("member", (uid, key, ["10.0.0.1"])) for uid in APPLY for key in sorted(LOCAL_KEYS)),
+    *(("member", (uid, key, ["10.0.0.1"])) for uid in APPLY_UIDS for key in sorted(LOCAL_KEYS)),
     *(("member", (uid, "pod/other/x", [ip])) for uid, ip in zip(PEERS, IPS[2:5], strict=True)),
     ("plan", None),
 ]
@@ -485,7 +497,7 @@ PRUNE_SEED: list[tuple[str, object]] = [
 @example(True, [("unendpoint", "pod/ns/a"), ("plan", None), ("unendpoint", "pod/ns/b")])
 @example(False, [  # the only policy needing a set goes, members change meanwhile, it returns
     ("policy", POLICIES[0]), ("endpoint", ENDPOINTS[0]),
-    ("member", (APPLY[0], "pod/ns/a", ["10.0.0.1"])),
+    ("member", (APPLY_UIDS[0], "pod/ns/a", ["10.0.0.1"])),
     ("member", (PEERS[0], "pod/other/x", ["10.0.0.9"])), ("plan", None),
     ("unpolicy", "p1"), ("plan", None),
     ("member", (PEERS[0], "pod/ns/b", ["10.9.0.0/16"])), ("unmember", (PEERS[0], "pod/other/x")),
@@ -493,10 +505,10 @@ PRUNE_SEED: list[tuple[str, object]] = [
 ])
 @example(False, [  # the last local endpoint using a set leaves, then another one needs it
     ("policy", POLICIES[0]), ("endpoint", ENDPOINTS[0]),
-    ("member", (APPLY[0], "pod/ns/a", ["10.0.0.1"])),
+    ("member", (APPLY_UIDS[0], "pod/ns/a", ["10.0.0.1"])),
     ("member", (PEERS[0], "pod/other/x", ["10.0.0.9"])), ("plan", None),
     ("unendpoint", "pod/ns/a"), ("plan", None), ("member", (PEERS[0], "pod/y/z", ["10.0.0.2"])),
-    ("endpoint", ENDPOINTS[1]), ("member", (APPLY[0], "pod/ns/b", ["10.0.0.2"])),
+    ("endpoint", ENDPOINTS[1]), ("member", (APPLY_UIDS[0], "pod/ns/b", ["10.0.0.2"])),
 ])
 def test_programmed_sets_are_what_local_rules_need_after_any_changes(
     seeded: bool, sequence: list
@@ -550,8 +562,9 @@ def test_a_plan_names_the_chains_it_changed_and_the_programmer_writes_only_those
     state.upsert_policy(POLICIES[0])
     for i in range(50):
         key = f"pod/ns/e{i}"
-        state.upsert_endpoint(LocalEndpoint(key, "workload", f"veth{i}", (f"10.0.1.{i}",)))
-        state.upsert_membership(APPLY[0], key, [f"10.0.1.{i}"])
+        state.upsert_endpoint(LocalEndpoint(key, "workload", f"veth{i}", (f"10.0.1.{i}",),
+                                            labels=WEB))
+        state.upsert_membership(APPLY_UIDS[0], key, [f"10.0.1.{i}"])
     iptables = DryRunIptables()
     programmer = Programmer(DryRunIpsets(), iptables)
     programmer.start(state)

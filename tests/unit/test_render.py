@@ -7,6 +7,7 @@ gives exactly what ``policy.verdict`` decides.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 
@@ -236,7 +237,8 @@ def programmed(tiers: list[Tier], pols: list[Policy],
             for key, ip, member_labels in universe:
                 if selector.matches(member_labels):
                     state.upsert_membership(selector.uid, key, [ip])
-    state.upsert_endpoint(local)
+    own = next(labels for key, _ip, labels in universe if key == local.key)
+    state.upsert_endpoint(dataclasses.replace(local, labels=own))
     return state.desired()
 
 
@@ -396,7 +398,8 @@ def test_a_deny_to_a_service_is_not_skipped_but_widened() -> None:
     state = EnforcerState("n1", namer)
     state.upsert_policy(compiled)
     state.upsert_membership(compiled.applies_uid, "pod/shop/me", [LOCAL_IP])
-    state.upsert_endpoint(LocalEndpoint("pod/shop/me", "workload", "veth-me", (LOCAL_IP,)))
+    state.upsert_endpoint(LocalEndpoint("pod/shop/me", "workload", "veth-me", (LOCAL_IP,),
+                                        labels={NAMESPACE_LABEL: SHOP}))
     desired = state.desired()
     to_db = render.Packet(LOCAL_IP, "10.1.0.2", "tcp", dport=5432, in_iface="veth-me")
     assert render.simulate(desired.chains, render.FORWARD_CHAIN, to_db, desired.sets) == "DROP"
