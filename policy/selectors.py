@@ -175,8 +175,13 @@ def _quote(value: str) -> str:
     return f"'{value}'" if '"' in value else f'"{value}"'
 
 
-def _canonical(node: Node) -> str:
-    """Calico's ``collectFragments``: the canonical text of ``node``."""
+def _canonical(node: Node, *, faithful: bool = False) -> str:
+    """Calico's ``collectFragments``: the canonical text of ``node``.
+
+    Calico prints ``Not(Not(X))`` as ``!!X``, which parses back to ``X``: with
+    ``faithful`` a doubly negated operand is parenthesised (``!(!X)``) so the
+    text parses back to the same tree, for passing selectors between processes.
+    """
     if isinstance(node, Eq | Ne | Contains | StartsWith | EndsWith):
         return node.key + _VALUE_OPS[type(node)] + _quote(node.value)
     if isinstance(node, In):
@@ -190,10 +195,14 @@ def _canonical(node: Node) -> str:
     if isinstance(node, GlobalNode):
         return "global()"
     if isinstance(node, Not):
-        return "!" + _canonical(node.operand)
-    if isinstance(node, And):
-        return "(" + " && ".join(_canonical(op) for op in node.operands) + ")"
-    return "(" + " || ".join(_canonical(op) for op in node.operands) + ")"
+        operand = _canonical(node.operand, faithful=faithful)
+        if faithful and isinstance(node.operand, Not):
+            return f"!({operand})"
+        return "!" + operand
+    if isinstance(node, And | Or):
+        joint = " && " if isinstance(node, And) else " || "
+        return "(" + joint.join(_canonical(op, faithful=faithful) for op in node.operands) + ")"
+    raise TypeError(f"not a selector node: {node!r}")
 
 
 def evaluate(node: Node, labels: Mapping[str, str]) -> bool:
@@ -385,12 +394,22 @@ class Selector:
         """Every key a match needs, with its finite value set when there is one."""
         return dict(self._restrictions)
 
+    @property
+    def source(self) -> str:
+        """A text that parses back to this very selector (same canonical text and uid).
+
+        The canonical text is that only when it holds no double negation: Calico
+        prints ``!(!X)`` as ``!!X``, and ``!!X`` parses to ``X``. Selectors that
+        cross a topic travel as this text.
+        """
+        return _canonical(self.root, faithful=True)
+
     def __str__(self) -> str:
         return self.canonical
 
     def __reduce__(self) -> tuple[Callable[[str], Selector], tuple[str]]:
-        """Pickle (and deepcopy) as the canonical text: generated code does not pickle."""
-        return parse, (self.canonical,)
+        """Pickle (and deepcopy) as its source text: generated code does not pickle."""
+        return parse, (self.source,)
 
 
 def _make(root: Node) -> Selector:
@@ -627,9 +646,9 @@ class _Parser:
                 "expected a label comparison, has(...), all(), global(), '!' or '(', "
                 f"found {token.describe()}",
             )
-        if negated:
-            node = node.operand if isinstance(node, Not) else Not(node)
-        return node
+        # Calico folds the leading '!'s into one negation and never looks inside the
+        # operand: "!(!X)" stays Not(Not(X)), canonical "!!X", with Felix's uid.
+        return Not(node) if negated else node
 
     def parse_comparison(self, label: _Token) -> Node:
         op = self.take()

@@ -105,7 +105,7 @@ def policy_selector_refs(record: PolicyRecord, partitions: int) -> tuple[Selecto
     refs = []
     for selector in all_selectors(obj):
         namespace, targets = selector_partitions(selector, partitions)
-        refs.append(SelectorRef(selector.uid, selector.canonical, namespace, targets))
+        refs.append(SelectorRef(selector.uid, selector.source, namespace, targets))
     return tuple(sorted(refs))
 
 

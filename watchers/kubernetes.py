@@ -120,9 +120,14 @@ def metadata_only(name: str, kind: str, path: str) -> Resource:
     return Resource(name, "v1", kind, bind)
 
 
-#: Only running pods can be endpoints: the server filters the rest out (a pod that stops
-#: running is then sent as DELETED), which spares us pending pods and finished jobs.
-PODS = core("pods", "Pod", "list_pod_for_all_namespaces", field_selector="status.phase=Running")
+#: Pods in every phase but the finished ones: a Pending pod with an IP is already an endpoint
+#: (`translate.pod_is_workload_endpoint`). The server filters out Succeeded and Failed pods,
+#: which spares us finished jobs (a pod that finishes is then sent as DELETED); it cannot
+#: express the rest of Calico's rule (a terminating pod whose CNI released its IP), and test
+#: servers (kmock) ignore field selectors, so `translate.pod_endpoint` tombstones finished
+#: pods whatever the server sends.
+POD_FIELD_SELECTOR = "status.phase!=Succeeded,status.phase!=Failed"
+PODS = core("pods", "Pod", "list_pod_for_all_namespaces", field_selector=POD_FIELD_SELECTOR)
 NAMESPACES = metadata_only("namespaces", "Namespace", "/api/v1/namespaces")
 SERVICE_ACCOUNTS = metadata_only("serviceaccounts", "ServiceAccount", "/api/v1/serviceaccounts")
 NODES = core("nodes", "Node", "list_node")

@@ -2,9 +2,18 @@
 
 Pure: every function takes what the API server sent and returns `Publication`s
 (an upsert, or a tombstone when the object no longer stands for a record, e.g.
-a pod that stopped running). The keys depend only on the object's identity,
-never on its state, so a DELETED event and a MODIFIED event that makes a pod
-unusable produce the same tombstone.
+a pod that finished). The keys depend only on the object's identity, never on
+its state, so a DELETED event and a MODIFIED event that makes a pod unusable
+produce the same tombstone.
+
+A pod is a workload endpoint as in Calico (libcalico-go's Kubernetes
+conversion): scheduled (``spec.nodeName``), not host-networked, with at least
+one IP (``status.podIPs``, else ``status.podIP``), and not finished. Finished
+is Calico's ``IsFinished``: phase Succeeded, Failed or Completed, or being
+deleted (``deletionTimestamp``) with the CNI plugin's IP annotation emptied.
+Any other phase (Pending, Running, Unknown, none) with an IP is an endpoint: a
+Pending pod whose init containers run already sends traffic and must be
+filtered like a Running one.
 """
 
 from __future__ import annotations
@@ -79,29 +88,64 @@ def pod_ips(pod: Mapping[str, Any]) -> list[str]:
     return ips
 
 
+#: Phases after which a pod no longer owns its IPs (the kubelet has released them). Calico's
+#: ``IsFinished`` also lists "Completed", which the API does not define but some tools report.
+FINISHED_PHASES = frozenset({"Succeeded", "Failed", "Completed"})
+#: Annotations a CNI plugin sets to "" when it has torn down a terminating pod's network:
+#: Calico CNI's ``cni.projectcalico.org/podIP`` and AWS VPC CNI's ``vpc.amazonaws.com/pod-ips``.
+RELEASED_IP_ANNOTATIONS = ("cni.projectcalico.org/podIP", "vpc.amazonaws.com/pod-ips")
+
+
+def pod_is_finished(pod: Mapping[str, Any]) -> bool:
+    """Calico's ``IsFinished``: the pod no longer owns its IPs, though it may still exist.
+
+    Either its phase is Succeeded, Failed or Completed, or it is being deleted
+    (``metadata.deletionTimestamp`` set) and its CNI plugin has said the network
+    is gone by setting its IP annotation to the empty string. A terminating pod
+    without that signal still owns its IPs (it is in its grace period) and
+    stays an endpoint until its phase says otherwise or it is deleted.
+    """
+    meta = pod.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        annotations = meta.get("annotations") or {}
+        if any(annotations.get(a) == "" for a in RELEASED_IP_ANNOTATIONS):
+            return True
+    return (pod.get("status") or {}).get("phase") in FINISHED_PHASES
+
+
+def pod_is_workload_endpoint(pod: Mapping[str, Any]) -> bool:
+    """Calico's rule: scheduled, not host-networked, has an IP, and not finished.
+
+    Any other phase (Pending, Running, Unknown, or none) qualifies: a pod whose
+    init containers run already has its IP and its traffic must be filtered.
+    Host-network pods share their node's addresses and have no interface of
+    their own, so they are never workload endpoints.
+    """
+    spec = pod.get("spec") or {}
+    return (
+        bool(spec.get("nodeName"))
+        and not spec.get("hostNetwork")
+        and bool(pod_ips(pod))
+        and not pod_is_finished(pod)
+    )
+
+
 def pod_endpoint(
     pod: Mapping[str, Any], observed_at: float, *, deleted: bool = False
 ) -> Publication:
-    """A running pod with IPs is an endpoint; anything else (or a deleted pod) is a tombstone.
+    """The pod's endpoint record if `pod_is_workload_endpoint`, else (or if deleted) a tombstone.
 
-    Host-network pods share their node's addresses and have no interface of
-    their own, so, as in Calico, they are not workload endpoints.
+    The tombstone does not trust the server to have filtered finished pods out:
+    whatever the watch sends, a finished pod is never an endpoint.
     """
     meta = _meta(pod)
     namespace = str(meta.get("namespace") or "default")
     name = str(meta["name"])
     key = endpoint_key("pod", namespace, name)
-    spec = pod.get("spec") or {}
-    status = pod.get("status") or {}
-    ips = pod_ips(pod)
-    if (
-        deleted
-        or status.get("phase") != "Running"
-        or not ips
-        or spec.get("hostNetwork")
-        or not spec.get("nodeName")
-    ):
+    if deleted or not pod_is_workload_endpoint(pod):
         return Publication.tombstone(ENDPOINTS, key, namespace)
+    spec = pod.get("spec") or {}
+    ips = pod_ips(pod)
     record = EndpointRecord(
         kind="pod",
         namespace=namespace,

@@ -120,6 +120,7 @@ async def test_initial_list_in_pages_then_adds_updates_deletes_and_bookmarks(
     for i in range(7):
         await api.create("pods", pod("ns1", f"p{i}", f"10.0.0.{i + 1}", {"app": "a"}))
     await api.create("pods", pod("ns1", "pending", "10.0.0.99", phase="Pending"))
+    await api.create("pods", pod("ns1", "done", "10.0.0.98", phase="Succeeded"))
     rec = Recorder()
     watcher = kw.ResourceWatcher(
         client, kw.PODS, Reflector({"pods": translate.pod_endpoint}, rec),
@@ -127,14 +128,16 @@ async def test_initial_list_in_pages_then_adds_updates_deletes_and_bookmarks(
     )
     task = await start(watcher)
     try:
-        assert [r.get("continue") for r in api.list_requests] == [None, "8:3", "8:6"]
-        assert set(rec.state()) == {f"pod/ns1/p{i}" for i in range(7)}
+        assert [r.get("continue") for r in api.list_requests] == [None, "9:3", "9:6"]
+        # A Pending pod with an IP is an endpoint; a finished one is not, though kmock
+        # ignores the field selector and serves it.
+        assert set(rec.state()) == {*(f"pod/ns1/p{i}" for i in range(7)), "pod/ns1/pending"}
         await eventually(lambda: bool(api.watch_requests))
-        assert api.watch_requests[0]["resourceVersion"] == "8"
+        assert api.watch_requests[0]["resourceVersion"] == "9"
         assert api.watch_requests[0]["allowWatchBookmarks"].lower() == "true"
         assert int(api.watch_requests[0]["timeoutSeconds"]) == 5
         for request in (*api.list_requests, *api.watch_requests):
-            assert request["fieldSelector"] == "status.phase=Running"
+            assert request["fieldSelector"] == "status.phase!=Succeeded,status.phase!=Failed"
 
         await api.create("pods", pod("ns1", "new", "10.0.1.1"))
         await api.patch("pods", "ns1", "p0", {"metadata": {"labels": {"app": "b"}}})
@@ -320,6 +323,53 @@ async def test_namespaces_become_profiles_on_the_broker(
     # only metadata was asked for (kmock answers with whole objects, as an old server would)
     assert len(api.accept_headers) >= 2
     assert all("as=PartialObjectMetadata" in h for h in api.accept_headers)
+
+
+async def test_pending_pods_with_ips_are_endpoints_until_they_finish(
+    api: ScriptedKubernetes, client: k8s.ApiClient, broker: Broker, topics_ready: str
+) -> None:
+    """Init containers send traffic before a pod runs: from its first IP it is filtered, and
+    when it finishes (its IP released) it is tombstoned, even by a server that still sends it
+    (kmock ignores the field selector, so "Succeeded" arrives as MODIFIED, not DELETED)."""
+    await api.create("pods", pod("jobs", "listed", "10.2.0.1", {"app": "job"}, phase="Pending"))
+    producer = producer_for({"bootstrap_servers": broker.bootstrap}, "test-watch")
+    await producer.start()
+    try:
+        watcher = kw.ResourceWatcher(
+            client, kw.PODS,
+            Reflector({"pods": translate.pod_endpoint}, KafkaPublisher(producer, topics_ready)),
+            FAST,
+        )
+        task = await start(watcher)
+
+        async def caught_up() -> dict[str, tuple[Any, ...]]:
+            await eventually(lambda: watcher.resource_version == str(api.rv))
+            return await _endpoints_on_topic(broker, topics_ready)
+
+        try:
+            assert set(await caught_up()) == {"pod/jobs/listed"}  # from the list
+            # Scheduled, no IP yet: nothing to filter.
+            watched = pod("jobs", "watched", "10.2.0.2", {"app": "job"}, phase="Pending")
+            watched["status"] = {"phase": "Pending"}
+            await api.create("pods", watched)
+            assert set(await caught_up()) == {"pod/jobs/listed"}
+            # The CNI gave it an IP; its init containers start: an endpoint, still Pending.
+            await api.patch("pods", "jobs", "watched", {"status": {
+                "podIP": "10.2.0.2", "podIPs": [{"ip": "10.2.0.2"}]}})
+            on_topic = await caught_up()
+            assert set(on_topic) == {"pod/jobs/listed", "pod/jobs/watched"}
+            assert on_topic["pod/jobs/watched"][2] == ("10.2.0.2",)
+            assert [o["status"]["phase"] for o in api.live("pods")] == ["Pending", "Pending"]
+            # Both finish; their status keeps the IPs, which no longer belong to them.
+            await api.patch("pods", "jobs", "listed", {"status": {"phase": "Succeeded"}})
+            await api.patch("pods", "jobs", "watched", {"status": {"phase": "Failed"}})
+            assert await caught_up() == {}
+            assert all(o["status"]["podIP"] for o in api.live("pods"))
+            assert watcher.stats.lists == 1  # all of it through the watch
+        finally:
+            await stop(task)
+    finally:
+        await producer.stop()
 
 
 async def test_thousand_pods_mirrored_exactly_across_410_and_dropped_connection(

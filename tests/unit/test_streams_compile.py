@@ -130,3 +130,22 @@ def test_keys_round_trip() -> None:
     assert split_profile_key("ksa.shop.build.bot") == ("shop", "build.bot")
     with pytest.raises(RecordError):
         split_profile_key("ksa.shop")
+
+
+def test_a_doubly_negated_selector_crosses_to_the_match_partition_with_felix_uid() -> None:
+    """Calico keeps "!(!has(role))" as Not(Not(...)) (canonical "!!has(role)", Felix's uid),
+    and "!!has(role)" would parse back to has(role): the registration carries text that
+    parses back to the very selector, which the match partition accepts and matches."""
+    state = CompileState(source=0, partitions=1)
+    (reg,) = state.apply_policy("GlobalNetworkPolicy//a", gnp("a", "!(!has(role))"), 1.0)
+    selector = parse("!(!has(role))")
+    assert selector.canonical == "!!has(role)" and reg.uid == selector.uid
+    assert reg.uid != parse("has(role)").uid
+    assert reg.record is not None and parse(reg.record.selector) == selector
+    members = PartitionState()
+    ep = EndpointRecord(kind="hostendpoint", namespace=None, name="h", node="n", interface="eth0",
+                        ips=("10.0.0.1",), labels={"role": "db"}, service_account=None,
+                        source="inventory", observed_at=1.0)
+    members.apply_endpoint(ep.key, ep)
+    (added,) = members.apply_selector(reg.uid, 0, reg.record)
+    assert added.key == f"{reg.uid}|hostendpoint//h" and added.record is not None

@@ -45,12 +45,97 @@ def test_running_pod_with_ips_is_an_endpoint() -> None:
     assert rec.interface == translate.veth_name("prod", "web-1")
 
 
-def test_pods_that_are_not_running_endpoints_are_tombstones() -> None:
-    for obj in (pod(phase="Pending"), pod(phase="Succeeded"), pod(ip=None),
-                pod(hostNetwork=True)):
+def test_a_pending_pod_with_an_ip_is_an_endpoint() -> None:
+    # Init containers run (and send traffic) before the pod is Running: filter them too.
+    for phase in ("Pending", "Unknown"):
+        rec = translate.pod_endpoint(pod(phase=phase), 0.0).value
+        assert isinstance(rec, EndpointRecord) and rec.ips == ("10.1.2.3", "fd00::3")
+    no_phase = pod()
+    del no_phase["status"]["phase"]
+    assert translate.pod_endpoint(no_phase, 0.0).value is not None
+
+
+def test_finished_unscheduled_host_network_and_ipless_pods_are_tombstones() -> None:
+    for obj in (pod(phase="Succeeded"), pod(phase="Failed"), pod(phase="Completed"),
+                pod(phase="Pending", ip=None), pod(ip=None), pod(hostNetwork=True),
+                pod(nodeName="")):
         pub = translate.pod_endpoint(obj, 0.0)
         assert pub.value is None and pub.key == "pod/prod/web-1"
     assert translate.pod_endpoint(pod(), 0.0, deleted=True).value is None
+
+
+def test_a_terminating_pod_is_finished_once_its_cni_released_the_ip() -> None:
+    terminating = pod()
+    terminating["metadata"]["deletionTimestamp"] = "2024-01-01T00:00:00Z"
+    assert translate.pod_endpoint(terminating, 0.0).value is not None  # grace period
+    for annotation in ("cni.projectcalico.org/podIP", "vpc.amazonaws.com/pod-ips"):
+        terminating["metadata"]["annotations"] = {annotation: ""}
+        assert translate.pod_endpoint(terminating, 0.0).value is None
+
+
+PHASES = (None, "Pending", "Running", "Unknown", "Succeeded", "Failed", "Completed")
+#: (deletionTimestamp set, annotations): no deletion, deletion in its grace period, deletion
+#: after Calico or AWS CNI emptied its IP annotation, and the misleading mixtures.
+DELETION_STATES: tuple[tuple[bool, dict[str, str]], ...] = (
+    (False, {}),
+    (True, {}),
+    (True, {"cni.projectcalico.org/podIP": ""}),
+    (True, {"vpc.amazonaws.com/pod-ips": ""}),
+    (True, {"cni.projectcalico.org/podIP": "10.1.2.3/32"}),
+    (False, {"cni.projectcalico.org/podIP": ""}),  # not being deleted: the annotation says nothing
+    (True, {"cni.projectcalico.org/podIPs": ""}),  # the plural is not Calico's release signal
+)
+IP_SHAPES = ("none", "podIP", "podIPs", "both", "empty entries")
+
+
+@given(
+    phase=st.sampled_from(PHASES),
+    host_network=st.sampled_from((None, False, True)),
+    node=st.sampled_from((None, "", "node-1")),
+    ip_shape=st.sampled_from(IP_SHAPES),
+    deletion=st.sampled_from(DELETION_STATES),
+    deleted=st.booleans(),
+)
+@settings(max_examples=400, deadline=None)
+def test_pod_endpoint_follows_calicos_workload_endpoint_rule(
+    phase: str | None, host_network: bool | None, node: str | None, ip_shape: str,
+    deletion: tuple[bool, dict[str, str]], deleted: bool,
+) -> None:
+    deleting, annotations = deletion
+    meta: dict[str, Any] = {"name": "w", "namespace": "ns", "annotations": dict(annotations)}
+    if deleting:
+        meta["deletionTimestamp"] = "2024-01-01T00:00:00Z"
+    spec: dict[str, Any] = {}
+    if host_network is not None:
+        spec["hostNetwork"] = host_network
+    if node is not None:
+        spec["nodeName"] = node
+    status: dict[str, Any] = {}
+    if phase is not None:
+        status["phase"] = phase
+    if ip_shape in ("podIP", "both"):
+        status["podIP"] = "10.0.0.1"
+    if ip_shape in ("podIPs", "both"):
+        status["podIPs"] = [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]
+    if ip_shape == "empty entries":
+        status["podIPs"] = [{"ip": ""}, {}]
+    obj = {"metadata": meta, "spec": spec, "status": status}
+
+    # The oracle, straight from Calico's IsScheduled, IsHostNetworked, HasIPAddress, IsFinished.
+    released = deleting and any(
+        annotations.get(a) == "" for a in ("cni.projectcalico.org/podIP",
+                                           "vpc.amazonaws.com/pod-ips"))
+    finished = phase in ("Succeeded", "Failed", "Completed") or released
+    expected = (not deleted and node == "node-1" and host_network is not True
+                and ip_shape in ("podIP", "podIPs", "both") and not finished)
+
+    pub = translate.pod_endpoint(obj, 0.0, deleted=deleted)
+    assert pub.key == "pod/ns/w" and pub.partition_key == "ns"
+    assert (pub.value is not None) == expected
+    if expected:
+        rec = pub.value
+        assert isinstance(rec, EndpointRecord) and rec.node == "node-1"
+        assert rec.ips == (("10.0.0.1",) if ip_shape == "podIP" else ("10.0.0.1", "fd00::1"))
 
 
 def test_nodes_get_automatic_host_endpoints() -> None:
