@@ -60,6 +60,8 @@ import orjson
 
 from enforcers import render
 from enforcers import state as state_mod
+from enforcers.dns import DnsSettings, DnsSnooper
+from enforcers.dnscache import DnsLearner, DomainSets, MemberChange
 from enforcers.interfaces import Addresses, interfaces_holding
 from enforcers.ipsets import IpsetBackend, replace_contents
 from enforcers.iptables import (
@@ -369,10 +371,15 @@ class RecordSink:
         on_reject: RejectHook | None = None,
         dead_letter_unowned: bool = False,
         read_addresses: Callable[[], Addresses] | None = None,
+        domains: DomainSets | None = None,
     ) -> None:
         """``read_addresses``: the node's interface addresses, to bind host endpoints given
-        by ``expectedIPs`` only (None: such endpoints are not enforced, and said so)."""
+        by ``expectedIPs`` only (None: such endpoints are not enforced, and said so).
+        ``domains``: the domain sets policies use and what DNS taught them."""
         self.state = state
+        self.domains = domains if domains is not None else DomainSets()
+        # policy-topic key -> the domain sets (uid -> patterns) of that policy's rules
+        self.domain_uses: dict[str, dict[str, tuple[str, ...]]] = {}
         self.read_addresses = read_addresses
         self.addresses: Addresses | None = None  # the last reading
         # this node's endpoint records (their labels follow profile changes)
@@ -552,6 +559,7 @@ class RecordSink:
             obj = load_document(rec.document, f"policies topic, key {key}")
         old = self.policy_kinds.pop(key, None)
         observed = rec.observed_at if rec else None
+        first: object = None
         for st in self.enforcing:
             if old is not None:
                 what, skey = old
@@ -569,7 +577,37 @@ class RecordSink:
                 st.upsert_policy(compiled, observed)
                 self.policy_kinds[key] = ("policy", compiled.key)
             if st is self.enforcing[0]:
+                first = compiled
                 _warn_unenforced(obj, compiled)
+        self._use_domains(key, first if isinstance(first, state_mod.CompiledPolicy) else None)
+
+    def _use_domains(self, key: str, policy: state_mod.CompiledPolicy | None) -> None:
+        """Follow which domain sets a policy's rules use (a set in use is filled with what
+        DNS taught already; one no policy uses is emptied)."""
+        new = {r.dst_uid: r.domains for r in policy.rules
+               if r.domains and r.dst_uid} if policy is not None else {}
+        old = self.domain_uses.pop(key, {})
+        changes: list[MemberChange] = []
+        for uid, patterns in new.items():
+            if uid not in old:
+                changes += self.domains.use(uid, patterns)
+        for uid in old:
+            if uid not in new:
+                changes += self.domains.release(uid)
+        if new:
+            self.domain_uses[key] = new
+        self.apply_domain_changes(changes)
+
+    def apply_domain_changes(
+        self, changes: Iterable[MemberChange], observed_at: float | None = None
+    ) -> None:
+        """Put what DNS taught (or forgot) into every enforcing state's domain sets."""
+        for uid, member, ips in changes:
+            for st in self.enforcing:
+                if ips is None:
+                    st.delete_membership(uid, member, observed_at)
+                else:
+                    st.upsert_membership(uid, member, ips, observed_at)
 
     def owns(self, suffix: str, key_raw: bytes | None, value: bytes | None) -> bool:
         """Whether a rejected record is this node's to dead-letter (see the module docstring)."""
@@ -746,9 +784,14 @@ class Enforcer:
         dead_letter_unowned: bool = False,
         fetch_max_wait_ms: int = 50,
         read_addresses: Callable[[], Addresses] | None = None,
+        dns: DnsSettings | None = None,
     ) -> None:
         """``read_addresses``: the node's interface addresses (see ``RecordSink``); read
         again every ``REBIND_INTERVAL`` while host endpoints given by IPs exist.
+
+        ``dns``: learn domain-rule IPs from the DNS answers of these trusted servers (the
+        states must capture them: ``EnforcerState(dns=settings.capture())``); None: domain
+        rules match nothing (fail closed).
 
         ``batch_window``: transactions start at most this often; a change arriving after
         a quiet spell is applied at once, one arriving within the window of the previous
@@ -773,11 +816,14 @@ class Enforcer:
         self.dead_letters = DeadLetterPublisher(
             kafka_kwargs, DEADLETTER.name(topic_prefix), f"enforcer/{state.node}", self.metrics
         )
+        learner = DnsLearner(dns.grace, dns.max_ips) if dns else DnsLearner()
         self.sink = RecordSink(
             state, self.metrics, [p[0] for p in self.planes[1:]], prune=prune_memberships,
             on_reject=self.dead_letters.reject, dead_letter_unowned=dead_letter_unowned,
-            read_addresses=read_addresses,
+            read_addresses=read_addresses, domains=DomainSets(learner),
         )
+        self.dns = None if dns is None else DnsSnooper(
+            dns, self.sink.domains, self._apply_dns, self.metrics)
         self.batch_window = batch_window
         self._last_transaction = float("-inf")  # when the last one finished (monotonic)
         self.resync_interval = resync_interval
@@ -936,6 +982,29 @@ class Enforcer:
             log.debug("programmed %d member ops, %d chains in %.1f ms",
                       ops, chains, (self._last_transaction - started) * 1000)
 
+    def _apply_dns(self, changes: list[MemberChange], _learned_at: float) -> None:
+        """What a DNS answer taught, programmed now (its answer waits for this)."""
+        self.sink.apply_domain_changes(changes)
+        self._program()
+        self._dns_gauges()
+
+    def _dns_gauges(self) -> None:
+        stats = self.sink.domains.learner.stats
+        self.metrics.dns_evictions.set(stats.evictions)
+        self.metrics.dns_expired.set(stats.expired)
+        self.metrics.dns_names.set(len(self.sink.domains.learner.names))
+
+    def _start_dns(self) -> None:
+        if self.dns is None:
+            return
+        try:
+            self.dns.start(asyncio.get_running_loop())
+        except OSError as exc:
+            self.metrics.dns_errors.inc()
+            log.error("cannot bind NFQUEUE %d for DNS learning (%s): domain rules match "
+                      "nothing (fail closed) until the enforcer is restarted with it",
+                      self.dns.settings.queue, exc)
+
     def _observe(self, observed: list[float], initial: bool = False) -> None:
         if initial:
             return  # history, not latency
@@ -967,6 +1036,7 @@ class Enforcer:
             n = await self._read_to_end(consumer)
             log.info("read %d records to the end of the topics; programming", n)
             self._program(initial=True)
+            self._start_dns()
             self.synced.set()
             next_resync = time.monotonic() + self.resync_interval
             retry_after, retry_at = RETRY_AFTER_FAILURE, None
@@ -984,6 +1054,12 @@ class Enforcer:
                             break
                         self._take(more)
                     dirty = True
+                if self.dns is not None:
+                    expired = self.dns.expire(time.time())
+                    if expired:
+                        self.sink.apply_domain_changes(expired)
+                        self._dns_gauges()
+                        dirty = True
                 if self.sink.by_ip and time.monotonic() >= next_rebind:
                     next_rebind = time.monotonic() + REBIND_INTERVAL
                     try:
@@ -1021,6 +1097,8 @@ class Enforcer:
                         self.metrics.errors.inc()
                         log.exception("resync failed; will retry")
         finally:
+            if self.dns is not None:
+                self.dns.stop(asyncio.get_running_loop())
             await self.dead_letters.stop(publishing)
             await _close(consumer)
 

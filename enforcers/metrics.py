@@ -138,11 +138,44 @@ class EnforcerMetrics:
             "portcullis_enforcer_in_sync", "1 once the topics were read to the end and programmed."
         )
 
+        self.dns_answers = Counter(
+            "portcullis_enforcer_dns_answers_total", "DNS answers of trusted servers learned.")
+        self.dns_ips_programmed = Counter(
+            "portcullis_enforcer_dns_ips_programmed_total",
+            "Domain-set members added or changed from DNS answers (name and set each).")
+        self.dns_hold = Histogram(
+            "portcullis_enforcer_dns_hold_seconds",
+            "How long a DNS answer was held for learning and programming.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5),
+            keep_samples=100_000,
+        )
+        self.dns_slow_holds = Counter(
+            "portcullis_enforcer_dns_slow_holds_total",
+            "DNS answers held longer than the maximum hold (released all the same).")
+        self.dns_evictions = Gauge(
+            "portcullis_enforcer_dns_evicted_ips",
+            "IPs evicted because a name had more than the maximum IPs per name.")
+        self.dns_expired = Gauge(
+            "portcullis_enforcer_dns_expired_ips", "Learned IPs whose TTL (and grace) ran out.")
+        self.dns_names = Gauge(
+            "portcullis_enforcer_dns_names", "Names with at least one valid learned IP.")
+        self.dns_untrusted = Counter(
+            "portcullis_enforcer_dns_untrusted_total",
+            "Queued packets not from a trusted server's port 53 (learned nothing).")
+        self.dns_malformed = Counter(
+            "portcullis_enforcer_dns_malformed_total",
+            "Queued packets or DNS messages that could not be decoded (released).")
+        self.dns_errors = Counter(
+            "portcullis_enforcer_dns_errors_total",
+            "DNS answers whose learning or programming failed (released, logged).")
+
     def all(self) -> list[Counter | Gauge | Histogram]:
         return [self.latency, self.batches, self.member_ops, self.chains_written,
                 self.resyncs, self.repairs, self.rereads, self.rejected, self.dead_letters,
                 self.dead_letter_failures, self.refused_rules, self.errors,
-                self.connected, self.in_sync]
+                self.connected, self.in_sync, self.dns_answers, self.dns_ips_programmed,
+                self.dns_hold, self.dns_slow_holds, self.dns_evictions, self.dns_expired,
+                self.dns_names, self.dns_untrusted, self.dns_malformed, self.dns_errors]
 
     def expose(self) -> str:
         lines: list[str] = []

@@ -47,6 +47,7 @@ CHAIN_PREFIX = "pc-"
 FORWARD_CHAIN = "pc-fwd"
 INPUT_CHAIN = "pc-in"
 OUTPUT_CHAIN = "pc-out"
+DNS_CHAIN = "pc-dns"
 DISPATCH_CHAINS = (FORWARD_CHAIN, INPUT_CHAIN, OUTPUT_CHAIN)
 HOOKS: tuple[tuple[str, str], ...] = (
     ("FORWARD", FORWARD_CHAIN), ("INPUT", INPUT_CHAIN), ("OUTPUT", OUTPUT_CHAIN),
@@ -226,7 +227,14 @@ class Iface:
     negate: bool = False
 
 
-Cond: TypeAlias = Proto | Addr | InSet | Ports | Icmp | Mark | CtState | Iface
+@dataclass(frozen=True, slots=True)
+class CtDir:
+    """The packet's direction in its conntrack flow: ORIGINAL or REPLY."""
+
+    direction: Literal["ORIGINAL", "REPLY"]
+
+
+Cond: TypeAlias = Proto | Addr | InSet | Ports | Icmp | Mark | CtState | Iface | CtDir
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +259,14 @@ class Log:
     prefix: str
 
 
-Target: TypeAlias = Verdict | Jump | SetMark | Log
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """Hand the packet to the program bound to NFQUEUE ``number`` (accept it if none is)."""
+
+    number: int
+
+
+Target: TypeAlias = Verdict | Jump | SetMark | Log | Queue
 
 ACCEPT = Verdict("ACCEPT")
 DROP = Verdict("DROP")
@@ -322,6 +337,8 @@ def _cond_text(cond: Cond) -> str:
         return f"-m mark --mark {cond.value:#x}/{cond.mask:#x}"
     if isinstance(cond, CtState):
         return f"-m conntrack --ctstate {','.join(cond.states)}"
+    if isinstance(cond, CtDir):
+        return f"-m conntrack --ctdir {cond.direction}"
     flag = "-i" if cond.direction == "in" else "-o"
     return f"{bang}{flag} {cond.name}"
 
@@ -333,6 +350,8 @@ def _target_text(target: Target) -> str:
         return f"{'-g' if target.goto else '-j'} {target.chain}"
     if isinstance(target, SetMark):
         return f"-j MARK --set-xmark {target.value:#x}/{target.mask:#x}"
+    if isinstance(target, Queue):
+        return f"-j NFQUEUE --queue-num {target.number} --queue-bypass"
     return f'-j LOG --log-prefix "{target.prefix}"'
 
 
@@ -601,16 +620,43 @@ def _sends_to(endpoint: EndpointSpec, direction: Literal["in", "out"]) -> list[I
             for name in interface_names(endpoint.interface)]
 
 
+@dataclass(frozen=True, slots=True)
+class DnsCapture:
+    """DNS answers to hold for learning: those from ``servers`` (this family's addresses)
+    to local endpoints go to NFQUEUE ``queue`` (see ``enforcers.dns``)."""
+
+    queue: int
+    servers: tuple[str, ...]
+
+
+def dns_chain(capture: DnsCapture, family: int,
+              workload_prefixes: Sequence[str] = WORKLOAD_PREFIXES) -> Chain:
+    """``pc-dns``: answers from a trusted server's port 53 that are replies of a tracked
+    query, and arrive from outside the node's workloads (a pod cannot teach anything,
+    whatever it sends), go to the queue. Everything else returns untouched."""
+    rules = [IptRule((Iface("in", prefix + "+"),), RETURN) for prefix in workload_prefixes]
+    for server in capture.servers:
+        if (":" in server) != (family == 6):
+            continue
+        for proto in ("udp", "tcp"):
+            rules.append(IptRule(
+                (Addr("src", server), Proto(proto), Ports("src", (PortRange(53, 53),)),
+                 CtDir("REPLY")),
+                Queue(capture.queue)))
+    return Chain.build(DNS_CHAIN, rules)
+
+
 def render_dispatch(
     endpoints: Iterable[EndpointSpec], family: int = 4, reuse: Mapping[str, Chain] | None = None,
-    workload_prefixes: Sequence[str] = WORKLOAD_PREFIXES,
-) -> tuple[Chain, Chain, Chain]:
+    workload_prefixes: Sequence[str] = WORKLOAD_PREFIXES, dns: DnsCapture | None = None,
+) -> tuple[Chain, ...]:
     """Dispatch chains: ``pc-fwd`` and ``pc-in`` (from workloads, forwarded or to the host
     itself: a workload's egress policy covers both, as in Calico) and ``pc-out`` (host
     egress). Traffic from an interface with one of ``workload_prefixes`` that is no known
     workload's is dropped. With IPv6, neighbour discovery to and from the host is accepted
     before any policy. ``reuse``: the previous dispatch chains by name, whose unchanged
-    heads keep their hashes (the same result, less hashing)."""
+    heads keep their hashes (the same result, less hashing). ``dns``: DNS answers to
+    capture first, in ``pc-dns`` (see ``dns_chain``)."""
     before = reuse or {}
     eps = sorted(endpoints, key=lambda e: (e.interface, e.key))
     link = _icmpv6_link_rules() if family == 6 else []
@@ -636,16 +682,22 @@ def render_dispatch(
                 if not name.startswith(tuple(workload_prefixes))]
         out.append(IptRule((), Jump(host_chain(wildcard[0].key), goto=True)))
     to_host = link + from_workloads + unknown
+    capture: list[Chain] = []
+    if dns is not None:
+        capture.append(dns_chain(dns, family, workload_prefixes))
+        fwd = [IptRule((), Jump(DNS_CHAIN)), *fwd]
+        to_host = [IptRule((), Jump(DNS_CHAIN)), *to_host]
     return (
         Chain.build(FORWARD_CHAIN, fwd, before.get(FORWARD_CHAIN)),
         Chain.build(INPUT_CHAIN, to_host, before.get(INPUT_CHAIN)),
         Chain.build(OUTPUT_CHAIN, out, before.get(OUTPUT_CHAIN)),
+        *capture,
     )
 
 
 def render(
     endpoints: Iterable[EndpointSpec], family: int = 4,
-    workload_prefixes: Sequence[str] = WORKLOAD_PREFIXES,
+    workload_prefixes: Sequence[str] = WORKLOAD_PREFIXES, dns: DnsCapture | None = None,
 ) -> Ruleset:
     """Every chain we own for these local endpoints, by name."""
     endpoints = list(endpoints)
@@ -658,7 +710,8 @@ def render(
                 name = policy_chain(pol.key)
                 if name not in chains:
                     chains[name] = render_policy(pol, family)
-    for chain in render_dispatch(endpoints, family, workload_prefixes=workload_prefixes):
+    for chain in render_dispatch(endpoints, family, workload_prefixes=workload_prefixes,
+                                 dns=dns):
         chains[chain.name] = chain
     return chains
 
@@ -683,6 +736,7 @@ class Packet:
     in_iface: str = ""
     out_iface: str = ""
     ct_state: str = "NEW"
+    ct_dir: str = "ORIGINAL"
     icmp_type: int | None = None
     icmp_code: int | None = None
 
@@ -719,6 +773,8 @@ def _cond_holds(cond: Cond, pkt: Packet, mark: int, sets: Mapping[str, Iterable[
         result = (mark & cond.mask) == cond.value
     elif isinstance(cond, CtState):
         result = pkt.ct_state in cond.states
+    elif isinstance(cond, CtDir):
+        result = pkt.ct_dir == cond.direction
     else:
         iface = pkt.in_iface if cond.direction == "in" else pkt.out_iface
         result = _iface_matches(cond.name, iface)
@@ -764,5 +820,7 @@ def simulate(
             chain, index = target.chain, 0
         elif isinstance(target, SetMark):
             mark = (mark & ~target.mask) ^ target.value
+        elif isinstance(target, Queue):
+            return "ACCEPT"  # the DNS learner accepts every answer it is handed
         elif log is not None:
             log(target.prefix)

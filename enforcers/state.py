@@ -59,9 +59,11 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 from enforcers import render
+from enforcers.dnscache import domain_uid
 from enforcers.render import ActionName, Chain, EndpointSpec, PolicySpec, RuleSpec, TierSpec
 from policy import compile as pcompile
 from policy import enforcement, model
+from policy.domains import validate as validate_domain
 from policy.selectors import Selector
 
 SetNamer = Callable[[str], str]
@@ -84,6 +86,9 @@ class CompiledRule:
     src_uid: str | None = None
     src_not_uid: str | None = None
     unenforced: str | None = None  # how a part that cannot be programmed was made fail-closed
+    # the destination's domain patterns (dst_uid is then their domain set's uid, whose
+    # members the enforcer learns from DNS answers: ``enforcers.dnscache``)
+    domains: tuple[str, ...] = ()
 
     def uids(self) -> set[str]:
         return {
@@ -245,7 +250,7 @@ class EnforcerState:
     def __init__(
         self, node: str, set_name: SetNamer, family: int = 4,
         workload_prefixes: tuple[str, ...] = render.WORKLOAD_PREFIXES,
-        blocked: bool = False,
+        blocked: bool = False, dns: render.DnsCapture | None = None,
     ) -> None:
         """``blocked``: this family is not enforced but dropped: every local endpoint's
         chain denies all it sends (after established flows, and a host endpoint's
@@ -256,6 +261,8 @@ class EnforcerState:
         # interfaces with these prefixes are workloads': unknown ones are dropped
         self.workload_prefixes = workload_prefixes
         self.blocked = blocked
+        # DNS answers to capture for domain rules (None: domain sets stay empty)
+        self.dns = None if blocked else dns
         self.policies: dict[str, CompiledPolicy] = {}
         self.tiers: dict[str, CompiledTier] = {}
         self.endpoints: dict[str, LocalEndpoint] = {}
@@ -640,7 +647,8 @@ class EnforcerState:
 
     def desired(self) -> Dataplane:
         """The whole dataplane from scratch (the oracle ``plan()`` must agree with)."""
-        chains = render.render(self.endpoint_specs(), self.family, self.workload_prefixes)
+        chains = render.render(self.endpoint_specs(), self.family, self.workload_prefixes,
+                               self.dns)
         sets = {self._name(uid): self.set_contents(uid) for uid in self.uids_in_use()}
         return Dataplane(sets, chains)
 
@@ -740,7 +748,7 @@ class EnforcerState:
             self._dispatch = render.render_dispatch(
                 (EndpointSpec(ep.key, ep.kind, ep.interface) for ep in self.endpoints.values()),
                 self.family, {chain.name: chain for chain in self._dispatch},
-                self.workload_prefixes,
+                self.workload_prefixes, self.dns,
             )
             touched.update(chain.name for chain in self._dispatch)
             self._dispatch_dirty = False
@@ -917,13 +925,18 @@ def compile_rule(rule: pcompile.CompiledRule, family: int = 4) -> CompiledRule:
     icmp_type = r.icmp.type if r.icmp is not None else None
     icmp_code = r.icmp.code if r.icmp is not None else None
     spec = RuleSpec(action, protocol, not_protocol, src, dst, icmp_type, icmp_code, never)
+    domains = tuple(sorted({validate_domain(d) for d in r.destination.domains}))
+    dst_uid = rule.destination.selector.uid if rule.destination.selector else None
+    if domains and not gaps:  # load rejects domains with a destination selector
+        dst_uid = domain_uid(domains)
     return CompiledRule(
         spec,
-        dst_uid=rule.destination.selector.uid if rule.destination.selector else None,
+        dst_uid=dst_uid,
         dst_not_uid=rule.destination.not_selector.uid if rule.destination.not_selector else None,
         src_uid=rule.source.selector.uid if rule.source.selector else None,
         src_not_uid=rule.source.not_selector.uid if rule.source.not_selector else None,
         unenforced=unenforced,
+        domains=domains if dst_uid is not None and dst_uid.startswith("d:") else (),
     )
 
 

@@ -16,8 +16,6 @@ from policy.model import EntityRule, HostEndpoint, NetworkSet, Policy, PolicyObj
 def side_gaps(entity: EntityRule) -> list[str]:
     """The parts of one side of a rule that the dataplane cannot program yet."""
     gaps = []
-    if entity.domains:
-        gaps.append("domain names")
     if entity.services is not None:
         gaps.append("services")
     if any(p.name is not None for p in (*entity.ports, *entity.not_ports)):

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from enforcers import render
+from enforcers.dnscache import domain_uid
 from enforcers.render import PeerSpec, PortRange, RuleSpec
 from enforcers.state import (
     CompiledPolicy,
@@ -237,7 +238,9 @@ def test_compiled_model_policies_order_across_tiers_and_use_compile_uids() -> No
     assert web.applies_uid == expected.applies_to.uid
     assert web.rules[0].dst_uid == expected.egress[0].destination.selector.uid  # type: ignore[union-attr]
     assert web.rules[0].spec.destination.ports == (PortRange(443, 443), PortRange(8000, 8100))
-    assert web.rules[1].spec.never  # domains: never matches by IP (fails closed for Allow)
+    # domains: the rule matches the domain set that DNS answers fill
+    assert web.rules[1].spec.never is None and web.rules[1].domains == ("api.example.com",)
+    assert web.rules[1].dst_uid == domain_uid(["API.example.com."])
     state = EnforcerState("n1", namer)
     state.upsert_tier(tier)
     state.upsert_policy(guard)
