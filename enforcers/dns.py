@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from enforcers.dnscache import DomainSets, MemberChange
+from enforcers.dnscache import DomainSets, Learned, MemberChange, chains_of
 from enforcers.dnswire import (
     PROTO_TCP,
-    Answer,
+    Segment,
     WireError,
     parse_message,
     parse_packet,
@@ -57,6 +57,10 @@ class DnsSettings:
     grace: float = 2.0
     max_ips: int = 64
     max_hold: float = 0.5
+    #: where what was learned is kept across restarts (None: not kept)
+    state_file: str | None = None
+    #: publish what is learned on the dns topic (for audit)
+    publish: bool = True
 
     def capture(self) -> DnsCapture:
         return DnsCapture(self.queue, self.servers)
@@ -77,7 +81,7 @@ class DnsSnooper:
         domains: DomainSets,
         apply: Callable[[list[MemberChange], float], None],
         metrics: EnforcerMetrics,
-        publish: Callable[[Answer, str, list[MemberChange], float], None] | None = None,
+        publish: Callable[[Learned, Segment, float], None] | None = None,
     ) -> None:
         """``apply(changes, learned_at)``: put the members in the states and program them
         (synchronously: the answer is released when it returns). ``publish``: what an
@@ -154,14 +158,16 @@ class DnsSnooper:
                 self.metrics.dns_malformed.inc()
                 log.debug("a DNS answer we cannot read from %s: %s", segment.source, exc)
                 continue
-            changes = self.domains.learn(answer, now)
+            learned = chains_of(answer)
+            changes = self.domains.learn_items(learned, now)
             self.metrics.dns_answers.inc()
             if changes:
                 self.apply(changes, now)
                 self.metrics.dns_ips_programmed.inc(
                     sum(1 for _uid, _key, ips in changes if ips is not None))
-            if self.publish is not None and answer.records:
-                self.publish(answer, segment.destination, changes, now)
+            if self.publish is not None:
+                for item in learned:
+                    self.publish(item, segment, now)
 
     def _tcp_messages(self, src: str, sport: int, dst: str, dport: int, seq: int,
                       data: bytes) -> list[bytes]:

@@ -140,6 +140,30 @@ class DnsLearner:
     def ips(self, name: str) -> tuple[str, ...]:
         return tuple(sorted(self.names.get(name, ())))
 
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """Everything learned (name -> IP -> expiry, wall-clock seconds), to persist."""
+        return {name: dict(ips) for name, ips in self.names.items()}
+
+    def restore(self, snapshot: object, now: float) -> set[str]:
+        """Take back a `snapshot` (what has expired since is left out); the names it
+        taught. Raises ValueError, changing nothing, if it is not a snapshot."""
+        if not isinstance(snapshot, dict):
+            raise ValueError("a DNS snapshot is a JSON object of name -> {ip: expiry}")
+        taken: dict[str, dict[str, float]] = {}
+        for name, ips in snapshot.items():
+            if not isinstance(name, str) or not isinstance(ips, dict) or not all(
+                isinstance(ip, str) and isinstance(t, int | float) for ip, t in ips.items()
+            ):
+                raise ValueError(f"a DNS snapshot entry is name -> {{ip: expiry}}: {name!r}")
+            live = {ip: float(t) for ip, t in ips.items() if t > now}
+            if live:
+                taken[name] = live
+        for name, ips in taken.items():
+            known = self.names.setdefault(name, {})
+            for ip, expires in ips.items():
+                known[ip] = max(known.get(ip, 0.0), expires)
+        return set(taken)
+
     def next_expiry(self) -> float | None:
         return min((e for ips in self.names.values() for e in ips.values()), default=None)
 
@@ -202,8 +226,14 @@ class DomainSets:
         return out
 
     def learn(self, answer: Answer, now: float) -> list[MemberChange]:
+        return self.learn_items(chains_of(answer), now)
+
+    def learn_items(self, learned: Iterable[Learned], now: float) -> list[MemberChange]:
         self.learner.stats.answers += 1
-        return self.changes(self.learner.learn(chains_of(answer), now))
+        return self.changes(self.learner.learn(learned, now))
+
+    def restore(self, snapshot: object, now: float) -> list[MemberChange]:
+        return self.changes(self.learner.restore(snapshot, now))
 
     def expire(self, now: float) -> list[MemberChange]:
         return self.changes(self.learner.expire(now))

@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,7 +62,8 @@ import orjson
 from enforcers import render
 from enforcers import state as state_mod
 from enforcers.dns import DnsSettings, DnsSnooper
-from enforcers.dnscache import DnsLearner, DomainSets, MemberChange
+from enforcers.dnscache import DnsLearner, DomainSets, Learned, MemberChange
+from enforcers.dnswire import Segment
 from enforcers.interfaces import Addresses, interfaces_holding
 from enforcers.ipsets import IpsetBackend, replace_contents
 from enforcers.iptables import (
@@ -73,7 +75,7 @@ from enforcers.iptables import (
     chains_to_write,
     copy_chains,
 )
-from enforcers.metrics import EnforcerMetrics
+from enforcers.metrics import Counter, EnforcerMetrics
 from enforcers.render import Chain, restore_text
 from policy import enforcement
 from policy.labels import effective_labels
@@ -81,6 +83,7 @@ from policy.model import PolicyObject
 from topics import codec
 from topics.records import (
     DEFAULT_ALLOW_PROFILE,
+    DnsRecord,
     EndpointRecord,
     MembershipRecord,
     PolicyRecord,
@@ -90,7 +93,7 @@ from topics.records import (
     split_membership_key,
     split_profile_key,
 )
-from topics.specs import DEADLETTER, ENDPOINTS, MEMBERSHIPS, POLICIES, PROFILES
+from topics.specs import DEADLETTER, DNS, ENDPOINTS, MEMBERSHIPS, POLICIES, PROFILES
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,8 @@ REBIND_INTERVAL = 1.0
 #: A failed transaction is tried again from scratch this soon (not at the next resync),
 #: then twice as late each time it fails again, up to the resync interval.
 RETRY_AFTER_FAILURE = 1.0
+#: How often what DNS taught is written to the state file (and at every stop).
+DNS_SAVE_INTERVAL = 5.0
 SET_PREFIX = "pc-"
 TEMP_PREFIX = "pt-"
 SET_PREFIX_V6 = "pc6-"  # IPv6 sets (and their temporary twins, "pc6-…~t")
@@ -692,15 +697,29 @@ class DeadLetterPublisher:
         max_pending: int = 10_000,
         attempts: int = 3,
         send_timeout: float = 10.0,
+        partition: int | None = 0,
+        counters: tuple[Counter, Counter] | None = None,
     ) -> None:
+        """``partition``: where every record goes (None: by key); ``counters``: (sent,
+        failed) for records other than dead letters (``put``)."""
         self.kafka_kwargs = dict(kafka_kwargs)
         self.topic = topic
         self.rejected_by = rejected_by
         self.metrics = metrics
         self.attempts = attempts
         self.send_timeout = send_timeout
-        self.queue: asyncio.Queue[tuple[Where, bytes | None, bytes]] = asyncio.Queue(max_pending)
+        self.partition = partition
+        self.sent, self.failed = counters or (metrics.dead_letters, metrics.dead_letter_failures)
+        self.queue: asyncio.Queue[tuple[str, bytes | None, bytes]] = asyncio.Queue(max_pending)
         self.seen: set[Where] = set()
+
+    def put(self, key: bytes, payload: bytes, what: str) -> None:
+        """Queue any record for this topic (``what`` names it in logs); never raises."""
+        try:
+            self.queue.put_nowait((what, key, payload))
+        except asyncio.QueueFull:
+            self.failed.inc()
+            log.error("cannot queue %s: %d records wait already", what, self.queue.qsize())
 
     def reject(
         self, where: Where, key: bytes | None, value: bytes | None, error: BaseException
@@ -711,7 +730,8 @@ class DeadLetterPublisher:
         self.seen.add(where)
         try:
             letter = codec.dead_letter(*where, key, value, error, rejected_by=self.rejected_by)
-            self.queue.put_nowait((where, key, codec.encode(letter)))
+            what = "the dead letter for {}[{}]@{}".format(*where)
+            self.queue.put_nowait((what, key, codec.encode(letter)))
         except (RecordError, asyncio.QueueFull) as exc:
             self.metrics.dead_letter_failures.inc()
             log.error("cannot queue the dead letter for %s[%d]@%d: %s", *where,
@@ -724,7 +744,7 @@ class DeadLetterPublisher:
         producer: Any = None
         try:
             while True:
-                where, key, payload = await self.queue.get()
+                what, key, payload = await self.queue.get()
                 try:
                     for attempt in range(1, self.attempts + 1):
                         try:
@@ -732,22 +752,22 @@ class DeadLetterPublisher:
                                 producer = AIOKafkaProducer(**self.kafka_kwargs, acks="all")
                                 await producer.start()
                             await asyncio.wait_for(
-                                producer.send_and_wait(self.topic, payload, key=key, partition=0),
+                                producer.send_and_wait(self.topic, payload, key=key,
+                                                       partition=self.partition),
                                 self.send_timeout,
                             )
-                            self.metrics.dead_letters.inc()
+                            self.sent.inc()
                             break
                         except Exception as exc:
                             if producer is not None:
                                 await _close(producer)
                             producer = None
                             if attempt == self.attempts:
-                                self.metrics.dead_letter_failures.inc()
-                                log.error("giving up on the dead letter for %s[%d]@%d after %d "
-                                          "attempts (enforcement goes on): %r",
-                                          *where, attempt, exc)
+                                self.failed.inc()
+                                log.error("giving up on %s after %d attempts (enforcement "
+                                          "goes on): %r", what, attempt, exc)
                             else:
-                                log.warning("publishing a dead letter failed (%r); retrying", exc)
+                                log.warning("publishing %s failed (%r); retrying", what, exc)
                                 await asyncio.sleep(0.2 * 2**attempt)
                 finally:
                     self.queue.task_done()
@@ -822,8 +842,18 @@ class Enforcer:
             on_reject=self.dead_letters.reject, dead_letter_unowned=dead_letter_unowned,
             read_addresses=read_addresses, domains=DomainSets(learner),
         )
+        self.dns_settings = dns
+        self.dns_events = None if dns is None or not dns.publish else DeadLetterPublisher(
+            kafka_kwargs, DNS.name(topic_prefix), f"enforcer/{state.node}", self.metrics,
+            partition=None, counters=(self.metrics.dns_published,
+                                      self.metrics.dns_publish_failures))
         self.dns = None if dns is None else DnsSnooper(
-            dns, self.sink.domains, self._apply_dns, self.metrics)
+            dns, self.sink.domains, self._apply_dns, self.metrics,
+            self._publish_dns if self.dns_events is not None else None)
+        # name -> (IPs, when) of its last publication: an unchanged answer is published
+        # again only once half its TTL has passed (a busy name costs no record per lookup)
+        self._dns_published: dict[str, tuple[tuple[str, ...], float]] = {}
+        self._dns_saved_at = time.monotonic()
         self.batch_window = batch_window
         self._last_transaction = float("-inf")  # when the last one finished (monotonic)
         self.resync_interval = resync_interval
@@ -988,6 +1018,57 @@ class Enforcer:
         self._program()
         self._dns_gauges()
 
+    def _publish_dns(self, learned: Learned, segment: Segment, now: float) -> None:
+        if self.dns_events is None:
+            return
+        last = self._dns_published.get(learned.name)
+        if last is not None and last[0] == learned.ips and now - last[1] < learned.ttl / 2:
+            return
+        if len(self._dns_published) > 2 * max(1024, len(self.sink.domains.learner.names)):
+            self._dns_published = {n: v for n, v in self._dns_published.items()
+                                   if n in self.sink.domains.learner.names}
+        self._dns_published[learned.name] = (learned.ips, now)
+        endpoint = next((ep.key for st in self.sink.enforcing for ep in st.endpoints.values()
+                         if segment.destination in ep.ips), None)
+        try:
+            record = DnsRecord(self.state.node, endpoint, segment.destination, segment.source,
+                               learned.name, learned.ips, learned.ttl, now)
+        except RecordError as exc:
+            log.warning("not publishing what DNS taught about %r: %s", learned.name, exc)
+            return
+        self.dns_events.put(codec.encode_key(record), codec.encode(record),
+                            f"the DNS answer for {learned.name}")
+
+    def _restore_dns(self) -> None:
+        """Take back what DNS taught before a restart (the state file), minus what expired."""
+        path = self.dns_settings.state_file if self.dns_settings else None
+        if not path or not os.path.exists(path):
+            return
+        try:
+            with open(path, "rb") as f:
+                changes = self.sink.domains.restore(orjson.loads(f.read()), time.time())
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the DNS state file %s: %s", path, exc)
+            return
+        self.sink.apply_domain_changes(changes)
+        log.info("restored %d learned names from %s", len(self.sink.domains.learner.names), path)
+
+    def _save_dns(self) -> None:
+        """Write what DNS taught to the state file (atomically: a crash leaves the old one)."""
+        path = self.dns_settings.state_file if self.dns_settings else None
+        self._dns_saved_at = time.monotonic()
+        if not path:
+            return
+        try:
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            temporary = f"{path}.{os.getpid()}.tmp"
+            with open(temporary, "wb") as f:
+                f.write(orjson.dumps(self.sink.domains.learner.snapshot()))
+            os.replace(temporary, path)
+        except OSError as exc:
+            log.warning("cannot save the DNS state to %s: %s", path, exc)
+
     def _dns_gauges(self) -> None:
         stats = self.sink.domains.learner.stats
         self.metrics.dns_evictions.set(stats.evictions)
@@ -1032,9 +1113,13 @@ class Enforcer:
         if consumer is None:
             return
         publishing = asyncio.create_task(self.dead_letters.run())
+        dns_publishing = (asyncio.create_task(self.dns_events.run())
+                          if self.dns_events is not None else None)
         try:
             n = await self._read_to_end(consumer)
             log.info("read %d records to the end of the topics; programming", n)
+            if self.dns is not None:
+                self._restore_dns()
             self._program(initial=True)
             self._start_dns()
             self.synced.set()
@@ -1060,6 +1145,8 @@ class Enforcer:
                         self.sink.apply_domain_changes(expired)
                         self._dns_gauges()
                         dirty = True
+                    if time.monotonic() - self._dns_saved_at >= DNS_SAVE_INTERVAL:
+                        self._save_dns()
                 if self.sink.by_ip and time.monotonic() >= next_rebind:
                     next_rebind = time.monotonic() + REBIND_INTERVAL
                     try:
@@ -1099,6 +1186,9 @@ class Enforcer:
         finally:
             if self.dns is not None:
                 self.dns.stop(asyncio.get_running_loop())
+                self._save_dns()
+            if self.dns_events is not None and dns_publishing is not None:
+                await self.dns_events.stop(dns_publishing)
             await self.dead_letters.stop(publishing)
             await _close(consumer)
 

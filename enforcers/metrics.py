@@ -165,6 +165,11 @@ class EnforcerMetrics:
         self.dns_malformed = Counter(
             "portcullis_enforcer_dns_malformed_total",
             "Queued packets or DNS messages that could not be decoded (released).")
+        self.dns_published = Counter(
+            "portcullis_enforcer_dns_published_total", "Learned answers published (dns topic).")
+        self.dns_publish_failures = Counter(
+            "portcullis_enforcer_dns_publish_failures_total",
+            "Learned answers that could not be published (logged; enforcement went on).")
         self.dns_errors = Counter(
             "portcullis_enforcer_dns_errors_total",
             "DNS answers whose learning or programming failed (released, logged).")
@@ -175,7 +180,8 @@ class EnforcerMetrics:
                 self.dead_letter_failures, self.refused_rules, self.errors,
                 self.connected, self.in_sync, self.dns_answers, self.dns_ips_programmed,
                 self.dns_hold, self.dns_slow_holds, self.dns_evictions, self.dns_expired,
-                self.dns_names, self.dns_untrusted, self.dns_malformed, self.dns_errors]
+                self.dns_names, self.dns_untrusted, self.dns_malformed, self.dns_errors,
+                self.dns_published, self.dns_publish_failures]
 
     def expose(self) -> str:
         lines: list[str] = []

@@ -784,6 +784,63 @@ class DeadLetterRecord:
         return cls(**{k: v for k, v in data.items() if k != "v"})
 
 
+@_field_order
+@dataclass(frozen=True, slots=True)
+class DnsRecord:
+    """What one trusted DNS answer taught a node: ``name`` resolves to ``ips`` for ``ttl``
+    seconds from ``observed_at`` (when the enforcer held the answer). ``endpoint`` is the
+    local endpoint it was for (None: not a known endpoint's address), ``address`` the
+    address it went to, ``server`` who sent it. Enforcers re-read their node's records at
+    start-up (learned IPs survive a restart); auditors read them all."""
+
+    VERSION: ClassVar[int] = 1
+    node: str
+    endpoint: str | None
+    address: str
+    server: str
+    name: str
+    ips: tuple[str, ...]
+    ttl: int
+    observed_at: float
+
+    def __post_init__(self) -> None:
+        c = "DnsRecord"
+        _check_key_part(c, "node", self.node)
+        _check_opt_str(c, "endpoint", self.endpoint)
+        _check_ips(c, "address", [self.address])
+        _check_ips(c, "server", [self.server])
+        _check_str(c, "name", self.name)
+        object.__setattr__(self, "ips", _check_ips(c, "ips", self.ips))
+        _check_int(c, "ttl", self.ttl)
+        object.__setattr__(self, "observed_at", _check_time(c, "observed_at", self.observed_at))
+
+    @property
+    def key(self) -> str:
+        return f"{self.node}|{self.name}"
+
+    @property
+    def partition_key(self) -> str:
+        return self.node
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": self.VERSION,
+            "node": self.node,
+            "endpoint": self.endpoint,
+            "address": self.address,
+            "server": self.server,
+            "name": self.name,
+            "ips": list(self.ips),
+            "ttl": self.ttl,
+            "observed_at": self.observed_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DnsRecord:
+        _check_fields(cls, data)
+        return cls(**{k: v for k, v in data.items() if k != "v"})
+
+
 Record: TypeAlias = (
     EndpointRecord
     | ProfileRecord
@@ -791,6 +848,7 @@ Record: TypeAlias = (
     | SelectorRecord
     | MembershipRecord
     | DeadLetterRecord
+    | DnsRecord
 )
 RECORD_TYPES: tuple[type[Record], ...] = (
     EndpointRecord,
@@ -798,5 +856,6 @@ RECORD_TYPES: tuple[type[Record], ...] = (
     PolicyRecord,
     SelectorRecord,
     MembershipRecord,
+    DnsRecord,
     DeadLetterRecord,
 )

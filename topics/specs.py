@@ -15,6 +15,7 @@ from typing import Literal, TypeAlias
 
 from topics.records import (
     DeadLetterRecord,
+    DnsRecord,
     EndpointRecord,
     MembershipRecord,
     PolicyRecord,
@@ -25,6 +26,7 @@ from topics.records import (
 
 __all__ = [
     "DEADLETTER",
+    "DNS",
     "ENDPOINTS",
     "ENDPOINTS_HISTORY",
     "MEMBERSHIPS",
@@ -114,6 +116,12 @@ DEADLETTER = TopicSpec(
     partitioned_by="nothing (one partition, in order of rejection)",
     configs={"retention.ms": str(WEEK_MS)},
 )
+DNS = TopicSpec(
+    "dns", "settings", "delete", DnsRecord,
+    key="node|name",
+    partitioned_by="node",
+    configs={"retention.ms": str(WEEK_MS)},
+)
 
 #: Every topic, in the order `portcullis topics` reports them.
 SPECS: tuple[TopicSpec, ...] = (
@@ -124,6 +132,7 @@ SPECS: tuple[TopicSpec, ...] = (
     POLICIES_HISTORY,
     SELECTORS,
     MEMBERSHIPS,
+    DNS,
     DEADLETTER,
 )
 

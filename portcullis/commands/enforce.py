@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import re
 import signal
+from typing import TYPE_CHECKING
 
 from portcullis.cli import CommandError, command, run_async
 from portcullis.settings import Settings
+
+if TYPE_CHECKING:
+    from enforcers.dns import DnsSettings
 
 log = logging.getLogger("portcullis.enforce")
 WORKLOAD_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,14}$")
@@ -52,6 +57,35 @@ class Command:
             help="host-side interfaces of workloads start with this (default: cali, as "
                  "Calico's CNI names them); traffic from such an interface that is no known "
                  "workload's is dropped. Repeat for several prefixes.",
+        )
+        dns = parser.add_argument_group("domain rules (DNS learning)")
+        dns.add_argument(
+            "--dns-server", action="append", metavar="IP",
+            help="a trusted DNS server: its answers to local endpoints teach which IPs a "
+                 "domain rule allows. Repeat for several. Default: $KUBE_DNS_SERVICE_HOST "
+                 "(the kube-dns service, in a pod), else the nameservers of resolv.conf "
+                 "(/etc/netns/NAME/resolv.conf with --netns, if there is one)",
+        )
+        dns.add_argument(
+            "--no-dns-learning", action="store_true",
+            help="learn nothing from DNS: domain rules then match nothing (fail closed)",
+        )
+        dns.add_argument("--dns-queue", type=int, default=100, metavar="N",
+                         help="the NFQUEUE queue DNS answers are held on (default 100)")
+        dns.add_argument("--dns-grace", type=float, default=2.0, metavar="SECONDS",
+                         help="added to every answer's TTL before its IPs leave the domain "
+                              "sets (default 2)")
+        dns.add_argument("--dns-max-ips-per-name", type=int, default=64, metavar="N",
+                         help="IPs kept per name; beyond, the soonest to expire are evicted "
+                              "(default 64)")
+        dns.add_argument("--dns-max-hold", type=float, default=0.5, metavar="SECONDS",
+                         help="holds longer than this are counted as slow (default 0.5)")
+        dns.add_argument(
+            "--dns-state-file", metavar="PATH",
+            help="keep learned answers in this file across restarts (written every 5 s "
+                 "and at stop; e.g. /var/lib/portcullis/dns.json). Without it a restart "
+                 "forgets them: pods that cached an answer are denied until they look the "
+                 "name up again",
         )
         parser.add_argument(
             "--dead-letter-unowned", action="store_true",
@@ -99,8 +133,58 @@ class Command:
                 raise CommandError(
                     f"--workload-interface-prefix {prefix!r}: expected the start of an "
                     "interface name (1-14 letters, digits, '_', '.', '@', ':' or '-')")
+        if not 0 <= args.dns_queue <= 65535:
+            raise CommandError(f"--dns-queue must be 0-65535, got {args.dns_queue}")
+        if args.dns_grace < 0 or args.dns_max_hold <= 0 or args.dns_max_ips_per_name < 1:
+            raise CommandError("--dns-grace must not be negative, --dns-max-hold and "
+                               "--dns-max-ips-per-name must be positive")
+        args.dns = None if args.no_dns_learning else dns_settings(args)
         run_async(_main(args, settings))
         return 0
+
+
+def _resolv_conf_servers(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    return [parts[1] for parts in (line.split() for line in lines)
+            if len(parts) >= 2 and parts[0] == "nameserver"]
+
+
+def trusted_dns_servers(args: argparse.Namespace) -> tuple[str, ...]:
+    """The servers given, else kube-dns's service address, else resolv.conf's nameservers."""
+    given = list(args.dns_server or ())
+    if not given and os.environ.get("KUBE_DNS_SERVICE_HOST"):
+        given = [os.environ["KUBE_DNS_SERVICE_HOST"]]
+    if not given:
+        paths = ([f"/etc/netns/{args.netns}/resolv.conf"] if args.netns else []) + [
+            "/etc/resolv.conf"]
+        for path in paths:
+            given = _resolv_conf_servers(path)
+            if given:
+                break
+    servers = []
+    for text in given:
+        try:
+            servers.append(str(ipaddress.ip_address(text.split("%")[0])))
+        except ValueError:
+            raise CommandError(f"--dns-server {text!r}: not an IP address") from None
+    return tuple(dict.fromkeys(servers))
+
+
+def dns_settings(args: argparse.Namespace) -> DnsSettings | None:
+    from enforcers.dns import DnsSettings
+
+    servers = trusted_dns_servers(args)
+    if not servers:
+        log.warning("no trusted DNS server (none given, none in resolv.conf): domain rules "
+                    "match nothing (fail closed)")
+        return None
+    return DnsSettings(servers, args.dns_queue, args.netns, args.dns_grace,
+                       args.dns_max_ips_per_name, args.dns_max_hold,
+                       args.dns_state_file or None)
 
 
 async def _main(args: argparse.Namespace, settings: Settings) -> None:
@@ -127,10 +211,12 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
         programmer = Programmer(ipsets, Iptables(args.netns))
         programmer6 = Programmer(ipsets, Iptables(args.netns, family=6), family=6)
     prefixes = tuple(args.workload_interface_prefix or WORKLOAD_PREFIXES)
+    capture = args.dns.capture() if args.dns is not None and not args.dry_run else None
     ipv6 = None
     if ipv6_available():
         state6 = EnforcerState(args.node, lambda uid: set_name(uid, "pc6"), family=6,
-                               workload_prefixes=prefixes, blocked=args.no_ipv6)
+                               workload_prefixes=prefixes, blocked=args.no_ipv6,
+                               dns=capture)
         ipv6 = (state6, programmer6)
         if args.no_ipv6:
             log.info("--no-ipv6: IPv6 from local endpoints is dropped, not enforced")
@@ -138,13 +224,15 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
         log.info("this kernel has no IPv6 (no /proc/net/if_inet6): enforcing IPv4 only")
     metrics = EnforcerMetrics()
     enforcer = Enforcer(
-        EnforcerState(args.node, set_name, workload_prefixes=prefixes), programmer,
+        EnforcerState(args.node, set_name, workload_prefixes=prefixes, dns=capture),
+        programmer,
         settings.kafka.aiokafka_kwargs(),
         settings.topic_prefix, metrics, batch_window=args.batch_window,
         resync_interval=args.resync_interval, ipv6=ipv6,
         dead_letter_unowned=args.dead_letter_unowned,
         fetch_max_wait_ms=round(args.fetch_max_wait * 1000),
         read_addresses=lambda: read_addresses(args.netns),
+        dns=args.dns if capture is not None else None,
     )
     server = await serve(metrics, args.metrics_port) if args.metrics_port else None
     stop = asyncio.Event()

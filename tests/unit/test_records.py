@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from topics import codec, specs
 from topics.records import (
     DeadLetterRecord,
+    DnsRecord,
     EndpointRecord,
     Labels,
     MembershipRecord,
@@ -165,8 +166,19 @@ def dead_letters(draw: st.DrawFn) -> DeadLetterRecord:
     )
 
 
+@st.composite
+def dns_records(draw: st.DrawFn) -> DnsRecord:
+    host = st.ip_addresses().map(str)
+    return DnsRecord(
+        node=draw(names), endpoint=draw(st.none() | names), address=draw(host),
+        server=draw(host), name=draw(names), ips=tuple(draw(st.lists(host, max_size=4))),
+        ttl=draw(st.integers(0, 2**31)), observed_at=draw(times),
+    )
+
+
 any_record = st.one_of(
-    endpoints(), profiles(), policies(), selectors(), memberships(), dead_letters()
+    endpoints(), profiles(), policies(), selectors(), memberships(), dead_letters(),
+    dns_records(),
 )
 
 TOPIC_OF: dict[type[Any], str] = {
@@ -176,6 +188,7 @@ TOPIC_OF: dict[type[Any], str] = {
     SelectorRecord: "selectors",
     MembershipRecord: "memberships",
     DeadLetterRecord: "deadletter",
+    DnsRecord: "dns",
 }
 
 # ---------------------------------------------------------------------------
@@ -449,6 +462,7 @@ def test_specs_name_every_topic_in_order() -> None:
         "policies.history",
         "selectors",
         "memberships",
+        "dns",
         "deadletter",
     ]
     assert names["memberships"] == "pc.memberships"
