@@ -62,7 +62,7 @@ import orjson
 from enforcers import render
 from enforcers import state as state_mod
 from enforcers.dns import DnsSettings, DnsSnooper
-from enforcers.dnscache import DnsLearner, DomainSets, Learned, MemberChange
+from enforcers.dnscache import DnsLearner, DomainSets, Learned, MemberChange, domain_uid
 from enforcers.dnswire import Segment
 from enforcers.interfaces import Addresses, interfaces_holding
 from enforcers.ipsets import IpsetBackend, replace_contents
@@ -78,8 +78,8 @@ from enforcers.iptables import (
 from enforcers.metrics import Counter, EnforcerMetrics
 from enforcers.render import Chain, restore_text
 from policy import enforcement
-from policy.labels import effective_labels
-from policy.model import PolicyObject
+from policy.labels import effective_labels, network_set_labels
+from policy.model import NetworkSet, PolicyObject
 from topics import codec
 from topics.records import (
     DEFAULT_ALLOW_PROFILE,
@@ -385,6 +385,12 @@ class RecordSink:
         self.domains = domains if domains is not None else DomainSets()
         # policy-topic key -> the domain sets (uid -> patterns) of that policy's rules
         self.domain_uses: dict[str, dict[str, tuple[str, ...]]] = {}
+        # network sets with allowedEgressDomains: policy-topic key -> (namespace, own
+        # labels, patterns); and, from them, the selectors that select some: selector uid
+        # -> (domain set uid, patterns)
+        self.domain_network_sets: dict[str, tuple[str | None, dict[str, str],
+                                                  tuple[str, ...]]] = {}
+        self.selector_domain_use: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.read_addresses = read_addresses
         self.addresses: Addresses | None = None  # the last reading
         # this node's endpoint records (their labels follow profile changes)
@@ -458,6 +464,9 @@ class RecordSink:
         if inheriting and rec is not None:
             for st in self.states:
                 st.note(rec.observed_at)
+        if account is None and any(ns == namespace for ns, _l, _p
+                                   in self.domain_network_sets.values()):
+            self._refresh_selector_domains()  # its network sets inherit its labels
 
     def _bind(self, rec: EndpointRecord) -> str | None:
         """The interfaces holding a by-IP host endpoint's addresses, from the last reading."""
@@ -585,6 +594,46 @@ class RecordSink:
                 first = compiled
                 _warn_unenforced(obj, compiled)
         self._use_domains(key, first if isinstance(first, state_mod.CompiledPolicy) else None)
+        had_set = self.domain_network_sets.pop(key, None) is not None
+        if isinstance(obj, NetworkSet) and obj.allowed_egress_domains:
+            self.domain_network_sets[key] = (obj.namespace, dict(obj.labels),
+                                             obj.allowed_egress_domains)
+        if had_set or key in self.domain_network_sets or isinstance(
+                first, state_mod.CompiledPolicy) or old is not None:
+            self._refresh_selector_domains()
+
+    def _refresh_selector_domains(self) -> None:
+        """Which selectors of egress Allow rules select network sets with
+        allowedEgressDomains: those rules match the IPs of those domains too (Calico)."""
+        if not self.domain_network_sets and not self.selector_domain_use:
+            return
+        sets = []
+        for namespace, own, patterns in self.domain_network_sets.values():
+            profile = self.profiles.get(profile_key(namespace, None)) if namespace else None
+            inherited = profile.labels if profile is not None else None
+            sets.append((network_set_labels(own, namespace, inherited), patterns))
+        mapping: dict[str, tuple[str, tuple[str, ...]]] = {}
+        for pol in self.enforcing[0].policies.values() if self.enforcing else ():
+            for rule in pol.rules:
+                if rule.dst_selector is None or rule.dst_uid in mapping:
+                    continue
+                selector = rule.dst_selector
+                found = sorted({p for labels, patterns in sets if selector.matches(labels)
+                                for p in patterns})
+                if found:
+                    mapping[rule.dst_selector.uid] = (domain_uid(found), tuple(found))
+        old = self.selector_domain_use
+        changes: list[MemberChange] = []
+        for uid, (domain, patterns) in mapping.items():
+            if old.get(uid, ("",))[0] != domain:
+                changes += self.domains.use(domain, patterns)
+        for uid, (domain, _patterns) in old.items():
+            if mapping.get(uid, ("",))[0] != domain:
+                changes += self.domains.release(domain)
+        self.selector_domain_use = mapping
+        self.apply_domain_changes(changes)
+        for st in self.enforcing:
+            st.set_selector_domains({uid: domain for uid, (domain, _) in mapping.items()})
 
     def _use_domains(self, key: str, policy: state_mod.CompiledPolicy | None) -> None:
         """Follow which domain sets a policy's rules use (a set in use is filled with what

@@ -59,7 +59,7 @@ MAX_CHAIN_NAME = 28
 MARK_ACCEPT = 0x10000
 MARK_PASS = 0x20000
 MARK_NEG = 0x40000
-MARK_OR_BITS = (0x80000, 0x100000, 0x200000, 0x400000)
+MARK_OR_BITS = (0x80000, 0x100000, 0x200000, 0x400000, 0x800000)
 MARK_ALL = MARK_ACCEPT | MARK_PASS | MARK_NEG | sum(MARK_OR_BITS)
 
 # Calico's default failsafeOutboundHostPorts: a host endpoint never loses these.
@@ -122,6 +122,9 @@ class PeerSpec:
     not_set_name: str | None = None
     ports: tuple[PortRange, ...] = ()
     not_ports: tuple[PortRange, ...] = ()
+    #: a second set the address may be in instead of ``set_name`` (the IPs of the domains
+    #: of network sets the selector selects: they count for egress Allow rules only)
+    or_set_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,7 +487,12 @@ def render_rule(rule: RuleSpec, policy_key: str, family: int = 4) -> list[IptRul
             inline.append(Addr(sd, not_nets[0], negate=True))
         else:
             neg_rules += [IptRule((Addr(sd, n),), SetMark(MARK_NEG, MARK_NEG)) for n in not_nets]
-        if peer.set_name is not None:
+        if peer.set_name is not None and peer.or_set_name is not None:
+            bit = next(bits)
+            required |= bit
+            or_rules += [IptRule((InSet(sd, name),), SetMark(bit, bit))
+                         for name in (peer.set_name, peer.or_set_name)]
+        elif peer.set_name is not None:
             inline.append(InSet(sd, peer.set_name))
         if peer.not_set_name is not None:
             inline.append(InSet(sd, peer.not_set_name, negate=True))

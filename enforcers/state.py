@@ -50,6 +50,7 @@ proportional to the peer selectors' memberships instead (measured in
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import sys
@@ -89,6 +90,9 @@ class CompiledRule:
     # the destination's domain patterns (dst_uid is then their domain set's uid, whose
     # members the enforcer learns from DNS answers: ``enforcers.dnscache``)
     domains: tuple[str, ...] = ()
+    # an egress Allow rule's destination selector: the network sets it selects may add
+    # the IPs of their allowedEgressDomains (``EnforcerState.selector_domains``)
+    dst_selector: Selector | None = None
 
     def uids(self) -> set[str]:
         return {
@@ -302,9 +306,32 @@ class EnforcerState:
         self.pruned: set[str] = set()
         self.needs_reread = False
         self._names: dict[str, str] = {}
+        # selector uid -> the domain set of the allowedEgressDomains of the network sets
+        # it selects: an egress Allow rule to the selector matches those IPs too
+        self.selector_domains: dict[str, str] = {}
         # rules the kernel refused: policy key -> rule index -> what it said; enforced
         # fail-closed until the policy changes (see ``reject_rule``)
         self.refused: dict[str, dict[int, str]] = {}
+
+    def set_selector_domains(self, mapping: Mapping[str, str]) -> None:
+        """Which selectors select network sets with allowedEgressDomains (selector uid ->
+        their domain set's uid); the policies with Allow rules to a changed one re-render."""
+        changed = {u for u in set(mapping) | set(self.selector_domains)
+                   if mapping.get(u) != self.selector_domains.get(u)}
+        if not changed:
+            return
+        self.selector_domains = dict(mapping)
+        for key, pol in self.policies.items():
+            if any(r.dst_selector is not None and r.dst_uid in changed for r in pol.rules):
+                self._dirty_pols.add(key)
+
+    def _rule_uids(self, rule: CompiledRule) -> set[str]:
+        """The sets a rule refers to: its selectors' (and domains'), and the domain set of
+        the network sets its Allow destination selects."""
+        uids = rule.uids()
+        if rule.dst_selector is not None and rule.dst_uid in self.selector_domains:
+            uids.add(self.selector_domains[rule.dst_uid])
+        return uids
 
     def _name(self, uid: str) -> str:
         """The ipset name of a selector uid (remembered: asked for on every render)."""
@@ -605,6 +632,9 @@ class EnforcerState:
             src = spec.source
             if rule.dst_uid or rule.dst_not_uid:
                 dst = _with_sets(dst, rule.dst_uid, rule.dst_not_uid, self._name)
+                extra = self.selector_domains.get(rule.dst_uid or "")
+                if rule.dst_selector is not None and extra is not None:
+                    dst = dataclasses.replace(dst, or_set_name=self._name(extra))
             if rule.src_uid or rule.src_not_uid:
                 src = _with_sets(src, rule.src_uid, rule.src_not_uid, self._name)
             rules.append(
@@ -642,7 +672,7 @@ class EnforcerState:
                 seen.add(pol.key)
                 for rule in pol.rules:
                     if rule.spec.never is None:
-                        used |= rule.uids()
+                        used |= self._rule_uids(rule)
         return used
 
     def desired(self) -> Dataplane:
@@ -671,7 +701,8 @@ class EnforcerState:
         chain = self._pol_chain[key] = render.render_policy(self._policy_spec(pol), self.family)
         self._pol_of_chain[chain.name] = key
         self._touched.add(chain.name)
-        uids = frozenset(u for r in pol.rules if r.spec.never is None for u in r.uids())
+        uids = frozenset(u for r in pol.rules if r.spec.never is None
+                         for u in self._rule_uids(r))
         self._pol_uids[key] = uids
         for uid in uids:
             self._uid_refs[uid] += 1
@@ -929,8 +960,11 @@ def compile_rule(rule: pcompile.CompiledRule, family: int = 4) -> CompiledRule:
     dst_uid = rule.destination.selector.uid if rule.destination.selector else None
     if domains and not gaps:  # load rejects domains with a destination selector
         dst_uid = domain_uid(domains)
+    allow_selector = (rule.destination.selector if r.action == "Allow" and not domains
+                      and never is None else None)
     return CompiledRule(
         spec,
+        dst_selector=allow_selector,
         dst_uid=dst_uid,
         dst_not_uid=rule.destination.not_selector.uid if rule.destination.not_selector else None,
         src_uid=rule.source.selector.uid if rule.source.selector else None,

@@ -10,7 +10,7 @@ an egress product, says plainly.
 
 from __future__ import annotations
 
-from policy.model import EntityRule, HostEndpoint, NetworkSet, Policy, PolicyObject, Rule
+from policy.model import EntityRule, HostEndpoint, Policy, PolicyObject, Rule
 
 
 def side_gaps(entity: EntityRule) -> list[str]:
@@ -35,9 +35,6 @@ def notes(obj: PolicyObject) -> list[str]:
     """One line per part of `obj` that is not enforced as written (empty: all of it is)."""
     if isinstance(obj, Policy):
         return _policy_notes(obj)
-    if isinstance(obj, NetworkSet) and obj.allowed_egress_domains:
-        return ["allowedEgressDomains are not enforced yet: egress Allow rules that select "
-                "this set match only its nets (fail closed)"]
     if isinstance(obj, HostEndpoint) and not obj.interface_name:
         return ["no interfaceName: the enforcer finds the interface that has one of the "
                 "expectedIPs on its node, and enforces nothing while none has"]

@@ -340,3 +340,60 @@ def test_answers_from_untrusted_sources_teach_nothing(
     finally:
         learning.close()
         node.ipsets.close()
+
+
+NETWORK_SET_POLICY = """
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkSet
+metadata: {name: saas, labels: {kind: saas}}
+spec: {nets: [10.66.5.1/32], allowedEgressDomains: ["*.saas.test"]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: to-saas}
+spec:
+  selector: app == 'web'
+  types: [Egress]
+  egress:
+  - {action: Allow, protocol: UDP, destination: {nets: [10.66.0.53/32], ports: [53]}}
+  - {action: Deny, protocol: TCP, destination: {selector: kind == 'saas', ports: [443]}}
+  - {action: Allow, protocol: TCP, destination: {selector: kind == 'saas'}}
+  - {action: Allow, protocol: TCP, destination: {nets: [10.66.4.0/24], ports: [443]}}
+"""
+
+
+def test_network_sets_allowed_egress_domains_count_for_egress_allow_rules_only(
+    world_and_dns: tuple[Topology, DnsServer, DnsServer],
+) -> None:
+    """An Allow to a selector matches the network sets' nets and the IPs of their
+    allowedEgressDomains; a Deny to the same selector matches the nets only (Calico)."""
+    topo, server, _ = world_and_dns
+    server.zone["eu.saas.test"] = [("A", 60, "10.66.4.20")]
+    server.zone["other.test"] = [("A", 60, "10.66.4.21")]
+    world = World()
+    world.put_endpoint("pod", "shop", "a", (POD_A,), {"app": "web"}, "veth-a")
+    world.put_objects(NETWORK_SET_POLICY)
+    # as `apply` publishes a network set: the document, and its nets as an endpoint record
+    world.put_endpoint("globalnetworkset", None, "saas", ("10.66.5.1/32",), {"kind": "saas"},
+                       node=None)
+    node = Node(topo, world, prefixes=("veth",))
+    learning = Learning(node, topo)
+    learning.sync()
+    try:
+        assert topo.connect("pod-a", "10.66.5.1", 80)  # the set's net
+        assert not topo.connect("pod-a", "10.66.5.1", 443)  # ... denied on 443
+        assert not topo.connect("pod-a", "10.66.4.20", 80)  # not resolved yet
+        assert resolve(topo, "pod-a", "eu.saas.test") == ["10.66.4.20"]
+        assert topo.connect("pod-a", "10.66.4.20", 80)  # by the set's domains
+        assert topo.connect("pod-a", "10.66.4.20", 443)  # the Deny does not count domains
+        assert resolve(topo, "pod-a", "other.test") == ["10.66.4.21"]
+        assert not topo.connect("pod-a", "10.66.4.21", 80)  # a name no set allows
+        # the set loses its domains: the learned IP no longer counts
+        world.put_objects(NETWORK_SET_POLICY.replace(', allowedEgressDomains: ["*.saas.test"]',
+                                                     ""))
+        learning.sync()
+        assert not topo.connect("pod-a", "10.66.4.20", 80)
+        assert topo.connect("pod-a", "10.66.5.1", 80)
+    finally:
+        learning.close()
+        node.ipsets.close()

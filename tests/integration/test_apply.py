@@ -177,7 +177,7 @@ def test_apply_warns_per_object_about_what_is_not_enforced_as_written(
     broker: Broker, prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Calico YAML with ingress rules is accepted, and the operator is told it has no
-    effect; a network set's domains likewise (fail closed)."""
+    effect."""
     docs = [
         {"apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
          "metadata": {"name": "web", "namespace": "shop"},
@@ -194,8 +194,6 @@ def test_apply_warns_per_object_about_what_is_not_enforced_as_written(
     assert captured.err.splitlines() == [
         "warning: NetworkPolicy/shop/web: ingress is not enforced (Portcullis enforces egress "
         "only): its 1 ingress rule(s) have no effect",
-        "warning: GlobalNetworkSet//saas: allowedEgressDomains are not enforced yet: egress "
-        "Allow rules that select this set match only its nets (fail closed)",
-    ]
+    ]  # the network set's allowedEgressDomains are enforced: no warning
     assert captured.out.splitlines() == ["networkpolicy/shop/web created",
                                          "globalnetworkset/saas created"]

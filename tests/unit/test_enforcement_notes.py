@@ -65,9 +65,7 @@ def test_each_object_says_what_is_not_enforced_as_written() -> None:
     assert said["GlobalNetworkPolicy//deny-ingress"] == [
         "ingress is not enforced (Portcullis enforces egress only): its default deny of "
         "ingress has no effect"]
-    assert said["GlobalNetworkSet//saas"] == [
-        "allowedEgressDomains are not enforced yet: egress Allow rules that select this set "
-        "match only its nets (fail closed)"]
+    assert said["GlobalNetworkSet//saas"] == []  # its domains are enforced (DNS learning)
     assert "expectedIPs" in said["HostEndpoint//by-ip"][0]
     for quiet in ("GlobalNetworkPolicy//egress-only", "GlobalNetworkSet//corp",
                   "HostEndpoint//eth0"):
