@@ -1064,7 +1064,8 @@ class Enforcer:
     def _apply_dns(self, changes: list[MemberChange], _learned_at: float) -> None:
         """What a DNS answer taught, programmed now (its answer waits for this)."""
         self.sink.apply_domain_changes(changes)
-        self._program()
+        if self.synced.is_set():  # before, the initial programming takes them
+            self._program()
         self._dns_gauges()
 
     def _publish_dns(self, learned: Learned, segment: Segment, now: float) -> None:
@@ -1134,6 +1135,8 @@ class Enforcer:
             log.error("cannot bind NFQUEUE %d for DNS learning (%s): domain rules match "
                       "nothing (fail closed) until the enforcer is restarted with it",
                       self.dns.settings.queue, exc)
+            for st in self.sink.states:
+                st.drop_dns_capture()  # nobody would read the queue: answers pass unheld
 
     def _observe(self, observed: list[float], initial: bool = False) -> None:
         if initial:
@@ -1169,8 +1172,8 @@ class Enforcer:
             log.info("read %d records to the end of the topics; programming", n)
             if self.dns is not None:
                 self._restore_dns()
+            self._start_dns()  # before the rules that queue answers exist
             self._program(initial=True)
-            self._start_dns()
             self.synced.set()
             next_resync = time.monotonic() + self.resync_interval
             retry_after, retry_at = RETRY_AFTER_FAILURE, None

@@ -313,6 +313,11 @@ class EnforcerState:
         # fail-closed until the policy changes (see ``reject_rule``)
         self.refused: dict[str, dict[int, str]] = {}
 
+    def drop_dns_capture(self) -> None:
+        """Capture no DNS answers any more (the queue or its rule is not usable here)."""
+        self.dns = None
+        self._dispatch_dirty = True
+
     def set_selector_domains(self, mapping: Mapping[str, str]) -> None:
         """Which selectors select network sets with allowedEgressDomains (selector uid ->
         their domain set's uid); the policies with Allow rules to a changed one re-render."""
@@ -602,6 +607,10 @@ class EnforcerState:
         rule is enforced fail-closed from the next plan on (an Allow or Log never matches,
         a Deny or Pass denies everything), and the return value says so for the log. None
         when the chain is not a policy chain in use."""
+        if chain == render.DNS_CHAIN and self.dns is not None:
+            self.drop_dns_capture()
+            return (f"the kernel refused the DNS capture rule ({error}): nothing is learned "
+                    "from DNS on this node, domain rules match nothing (fail closed)")
         key = self._pol_of_chain.get(chain)
         if key is None or key not in self.policies:
             return None
@@ -776,6 +785,7 @@ class EnforcerState:
         self._dirty_eps.clear()
         self._dirty_pols.clear()
         if self._dispatch_dirty:
+            touched.update(chain.name for chain in self._dispatch)  # pc-dns may go
             self._dispatch = render.render_dispatch(
                 (EndpointSpec(ep.key, ep.kind, ep.interface) for ep in self.endpoints.values()),
                 self.family, {chain.name: chain for chain in self._dispatch},

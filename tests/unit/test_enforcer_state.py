@@ -643,3 +643,24 @@ def test_a_policy_with_rules_enforced_fail_closed_is_logged_with_how(
         "policy NetworkPolicy/shop/p, egress rule 1: named ports not enforced yet: this Allow"
         " rule never matches (fail closed)",
     ]
+
+
+def test_a_refused_dns_capture_rule_drops_the_capture_not_the_node() -> None:
+    """A kernel without the NFQUEUE target refuses pc-dns: the node is programmed all the
+    same, without capture (domain rules then match nothing: fail closed)."""
+    capture = render.DnsCapture(100, ("10.96.0.10", "fd00::10"))
+    state = EnforcerState("n1", namer, dns=capture)
+    state.upsert_endpoint(LocalEndpoint("pod/shop/a", "workload", "cali1", ("10.0.0.1",)))
+    chains = state.plan().chains
+    assert render.DNS_CHAIN in chains
+    queued = [r for r in chains[render.DNS_CHAIN].rules if isinstance(r.target, render.Queue)]
+    assert len(queued) == 2  # UDP and TCP from the IPv4 server only
+    assert chains[render.FORWARD_CHAIN].rules[0].target == render.Jump(render.DNS_CHAIN)
+    how = state.reject_rule(render.DNS_CHAIN, 1, "No chain/target/match by that name")
+    assert how is not None and "fail closed" in how
+    plan = state.plan()
+    assert render.DNS_CHAIN not in plan.chains and plan.changed_chains is not None
+    assert render.DNS_CHAIN in plan.changed_chains
+    assert all(r.target != render.Jump(render.DNS_CHAIN)
+               for r in plan.chains[render.FORWARD_CHAIN].rules)
+    assert state.desired().chains == dict(plan.chains)
