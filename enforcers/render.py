@@ -631,26 +631,30 @@ def _sends_to(endpoint: EndpointSpec, direction: Literal["in", "out"]) -> list[I
 @dataclass(frozen=True, slots=True)
 class DnsCapture:
     """DNS answers to hold for learning: those from ``servers`` (this family's addresses)
-    to local endpoints go to NFQUEUE ``queue`` (see ``enforcers.dns``)."""
+    to local endpoints go to NFQUEUE ``queue`` (see ``enforcers.dns``). ``interfaces``:
+    workload interfaces of DNS server pods on this node (CoreDNS), trusted too."""
 
     queue: int
     servers: tuple[str, ...]
+    interfaces: tuple[str, ...] = ()
 
 
 def dns_chain(capture: DnsCapture, family: int,
               workload_prefixes: Sequence[str] = WORKLOAD_PREFIXES) -> Chain:
     """``pc-dns``: answers from a trusted server's port 53 that are replies of a tracked
     query, and arrive from outside the node's workloads (a pod cannot teach anything,
-    whatever it sends), go to the queue. Everything else returns untouched."""
-    rules = [IptRule((Iface("in", prefix + "+"),), RETURN) for prefix in workload_prefixes]
-    for server in capture.servers:
-        if (":" in server) != (family == 6):
-            continue
-        for proto in ("udp", "tcp"):
-            rules.append(IptRule(
-                (Addr("src", server), Proto(proto), Ports("src", (PortRange(53, 53),)),
-                 CtDir("REPLY")),
-                Queue(capture.queue)))
+    whatever it sends), go to the queue; so do those arriving from the interface of a
+    local DNS server pod (``capture.interfaces``). Everything else returns untouched."""
+    servers = [s for s in capture.servers if (":" in s) == (family == 6)]
+
+    def queued(extra: tuple[Cond, ...]) -> list[IptRule]:
+        return [IptRule((*extra, Addr("src", server), Proto(proto),
+                         Ports("src", (PortRange(53, 53),)), CtDir("REPLY")), Queue(capture.queue))
+                for server in servers for proto in ("udp", "tcp")]
+
+    rules = [r for name in capture.interfaces for r in queued((Iface("in", name),))]
+    rules += [IptRule((Iface("in", prefix + "+"),), RETURN) for prefix in workload_prefixes]
+    rules += queued(())
     return Chain.build(DNS_CHAIN, rules)
 
 

@@ -255,6 +255,7 @@ class EnforcerState:
         self, node: str, set_name: SetNamer, family: int = 4,
         workload_prefixes: tuple[str, ...] = render.WORKLOAD_PREFIXES,
         blocked: bool = False, dns: render.DnsCapture | None = None,
+        dns_server_pods: Selector | None = None,
     ) -> None:
         """``blocked``: this family is not enforced but dropped: every local endpoint's
         chain denies all it sends (after established flows, and a host endpoint's
@@ -267,6 +268,9 @@ class EnforcerState:
         self.blocked = blocked
         # DNS answers to capture for domain rules (None: domain sets stay empty)
         self.dns = None if blocked else dns
+        # local workloads whose DNS answers are trusted though they come from a workload
+        # interface (the cluster's DNS server pods on this node)
+        self.dns_server_pods = dns_server_pods
         self.policies: dict[str, CompiledPolicy] = {}
         self.tiers: dict[str, CompiledTier] = {}
         self.endpoints: dict[str, LocalEndpoint] = {}
@@ -312,6 +316,16 @@ class EnforcerState:
         # rules the kernel refused: policy key -> rule index -> what it said; enforced
         # fail-closed until the policy changes (see ``reject_rule``)
         self.refused: dict[str, dict[int, str]] = {}
+
+    def _capture(self) -> render.DnsCapture | None:
+        """What DNS answers to capture, with the interfaces of local DNS server pods."""
+        if self.dns is None or self.dns_server_pods is None:
+            return self.dns
+        interfaces = sorted(
+            name for ep in self.endpoints.values()
+            if ep.kind == "workload" and self.dns_server_pods.matches(ep.labels)
+            for name in render.interface_names(ep.interface))
+        return dataclasses.replace(self.dns, interfaces=tuple(interfaces))
 
     def drop_dns_capture(self) -> None:
         """Capture no DNS answers any more (the queue or its rule is not usable here)."""
@@ -460,6 +474,9 @@ class EnforcerState:
         if old is None or (old.kind, old.interface, old.allow) != (ep.kind, ep.interface, ep.allow):
             self._dirty_eps.add(ep.key)  # its IPs alone change no chain
             self._dispatch_dirty = True
+        elif (pods := self.dns_server_pods) is not None and old.labels != ep.labels and (
+                pods.matches(old.labels) != pods.matches(ep.labels)):
+            self._dispatch_dirty = True  # it became, or stopped being, a DNS server pod
         self.note(observed_at)
 
     def delete_endpoint(self, key: str, observed_at: float | None = None) -> None:
@@ -687,7 +704,7 @@ class EnforcerState:
     def desired(self) -> Dataplane:
         """The whole dataplane from scratch (the oracle ``plan()`` must agree with)."""
         chains = render.render(self.endpoint_specs(), self.family, self.workload_prefixes,
-                               self.dns)
+                               self._capture())
         sets = {self._name(uid): self.set_contents(uid) for uid in self.uids_in_use()}
         return Dataplane(sets, chains)
 
@@ -789,7 +806,7 @@ class EnforcerState:
             self._dispatch = render.render_dispatch(
                 (EndpointSpec(ep.key, ep.kind, ep.interface) for ep in self.endpoints.values()),
                 self.family, {chain.name: chain for chain in self._dispatch},
-                self.workload_prefixes, self.dns,
+                self.workload_prefixes, self._capture(),
             )
             touched.update(chain.name for chain in self._dispatch)
             self._dispatch_dirty = False

@@ -16,8 +16,11 @@ from portcullis.settings import Settings
 
 if TYPE_CHECKING:
     from enforcers.dns import DnsSettings
+    from policy.selectors import Selector
 
 log = logging.getLogger("portcullis.enforce")
+#: CoreDNS (and kube-dns) pods: ``k8s-app: kube-dns`` in kube-system.
+DEFAULT_DNS_SERVER_PODS = "k8s-app == 'kube-dns' && projectcalico.org/namespace == 'kube-system'"
 WORKLOAD_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,14}$")
 
 
@@ -65,6 +68,12 @@ class Command:
                  "domain rule allows. Repeat for several. Default: $KUBE_DNS_SERVICE_HOST "
                  "(the kube-dns service, in a pod), else the nameservers of resolv.conf "
                  "(/etc/netns/NAME/resolv.conf with --netns, if there is one)",
+        )
+        dns.add_argument(
+            "--dns-server-pods", metavar="SELECTOR", default=DEFAULT_DNS_SERVER_PODS,
+            help="local pods whose answers are trusted though they come from a pod "
+                 "interface: the DNS server pods (default: CoreDNS's, "
+                 f"\"{DEFAULT_DNS_SERVER_PODS}\"; '' for none)",
         )
         dns.add_argument(
             "--no-dns-learning", action="store_true",
@@ -139,6 +148,7 @@ class Command:
             raise CommandError("--dns-grace must not be negative, --dns-max-hold and "
                                "--dns-max-ips-per-name must be positive")
         args.dns = None if args.no_dns_learning else dns_settings(args)
+        args.dns_pods = dns_server_pods(args.dns_server_pods)
         run_async(_main(args, settings))
         return 0
 
@@ -172,6 +182,17 @@ def trusted_dns_servers(args: argparse.Namespace) -> tuple[str, ...]:
         except ValueError:
             raise CommandError(f"--dns-server {text!r}: not an IP address") from None
     return tuple(dict.fromkeys(servers))
+
+
+def dns_server_pods(text: str) -> Selector | None:
+    from policy.selectors import SelectorError, parse
+
+    if not text.strip():
+        return None
+    try:
+        return parse(text)
+    except SelectorError as exc:
+        raise CommandError(f"--dns-server-pods {text!r}: {exc}") from None
 
 
 def dns_settings(args: argparse.Namespace) -> DnsSettings | None:
@@ -216,7 +237,7 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
     if ipv6_available():
         state6 = EnforcerState(args.node, lambda uid: set_name(uid, "pc6"), family=6,
                                workload_prefixes=prefixes, blocked=args.no_ipv6,
-                               dns=capture)
+                               dns=capture, dns_server_pods=args.dns_pods)
         ipv6 = (state6, programmer6)
         if args.no_ipv6:
             log.info("--no-ipv6: IPv6 from local endpoints is dropped, not enforced")
@@ -224,7 +245,8 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
         log.info("this kernel has no IPv6 (no /proc/net/if_inet6): enforcing IPv4 only")
     metrics = EnforcerMetrics()
     enforcer = Enforcer(
-        EnforcerState(args.node, set_name, workload_prefixes=prefixes, dns=capture),
+        EnforcerState(args.node, set_name, workload_prefixes=prefixes, dns=capture,
+                      dns_server_pods=args.dns_pods),
         programmer,
         settings.kafka.aiokafka_kwargs(),
         settings.topic_prefix, metrics, batch_window=args.batch_window,

@@ -11,6 +11,7 @@ programmed, as ``portcullis enforce`` does in its event loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import select
 import socket
 import struct
@@ -397,3 +398,53 @@ def test_network_sets_allowed_egress_domains_count_for_egress_allow_rules_only(
     finally:
         learning.close()
         node.ipsets.close()
+
+
+IN_CLUSTER_DNS_POLICY = """
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: web-egress}
+spec:
+  selector: app == 'web'
+  types: [Egress]
+  egress:
+  - {action: Allow, protocol: UDP, destination: {nets: [10.65.2.2/32], ports: [53]}}
+  - {action: Allow, protocol: TCP, destination: {domains: [api.example.test], ports: [80]}}
+"""
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_a_dns_server_pod_on_the_same_node_is_trusted_only_when_selected(
+    make_netns: Callable[[], Netns], labelled: bool,
+) -> None:
+    """CoreDNS often runs on the client's node: its answers come from a workload interface.
+    They are learned when its pod matches the DNS-server-pod selector, never otherwise."""
+    from policy.selectors import parse
+
+    topo = build_topology(make_netns)
+    ip("-n", topo.outside.name, "addr", "add", "10.66.4.30/32", "dev", "eth0")
+    server = DnsServer(topo.pods["pod-b"], "10.65.2.2")
+    server.zone["api.example.test"] = [("A", 60, "10.66.4.30")]
+    server.start()
+    world = World()
+    world.put_endpoint("pod", "shop", "a", (POD_A,), {"app": "web"}, "veth-a")
+    dns_labels = {"k8s-app": "kube-dns"} if labelled else {"k8s-app": "other"}
+    world.put_endpoint("pod", "kube-system", "coredns", ("10.65.2.2",), dns_labels, "veth-b")
+    world.put_objects(IN_CLUSTER_DNS_POLICY)
+    node = Node(topo, world, prefixes=("veth",))
+    node.state.dns_server_pods = parse(
+        "k8s-app == 'kube-dns' && projectcalico.org/namespace == 'kube-system'")
+    learning = Learning(node, topo)
+    learning.snooper.servers = frozenset({"10.65.2.2"})
+    node.state.dns = dataclasses.replace(node.state.dns, servers=("10.65.2.2",))
+    learning.sync()
+    try:
+        assert resolve(topo, "pod-a", "api.example.test", server="10.65.2.2") == ["10.66.4.30"]
+        assert topo.connect("pod-a", "10.66.4.30", 80) == labelled
+    finally:
+        learning.close()
+        node.ipsets.close()
+        server.close()
+        topo.stop.set()
+        for sock in topo.servers:
+            sock.close()
