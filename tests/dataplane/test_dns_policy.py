@@ -91,11 +91,14 @@ class DnsServer:
         query = dns.message.from_wire(wire)
         response = dns.message.make_response(query)
         name = str(query.question[0].name).rstrip(".").lower()
+        asked = dns.rdatatype.to_text(query.question[0].rdtype)
         seen: set[str] = set()
         while name in self.zone and name not in seen:
             seen.add(name)
             follow = None
             for rtype, ttl, value in self.zone[name]:
+                if rtype not in (asked, "CNAME"):
+                    continue
                 rrset = response.find_rrset(response.answer, dns.name.from_text(name),
                                             dns.rdataclass.IN, dns.rdatatype.from_text(rtype),
                                             create=True)
@@ -448,3 +451,38 @@ def test_a_dns_server_pod_on_the_same_node_is_trusted_only_when_selected(
         topo.stop.set()
         for sock in topo.servers:
             sock.close()
+
+
+def test_aaaa_answers_open_ipv6_and_a_answers_ipv4(
+    world_and_dns: tuple[Topology, DnsServer, DnsServer],
+) -> None:
+    """One name with A and AAAA records: each family's domain set gets its own addresses."""
+    from tests.dataplane.test_traffic import add_ipv6
+
+    topo, server, _ = world_and_dns
+    add_ipv6(topo)
+    server.zone["api.example.test"] = [("A", 60, "10.66.4.40"), ("AAAA", 60, "fd66:2::1")]
+    world = World()
+    world.put_endpoint("pod", "shop", "a", (POD_A, "fd65:1::2"), {"app": "web"}, "veth-a")
+    world.put_objects(POLICY)
+    node = Node(topo, world, ipv6=True, prefixes=("veth",))
+    learning = Learning(node, topo)
+    node.planes[1][0].dns = node.state.dns
+    learning.sync()
+    try:
+        assert not topo.connect6("pod-a", "fd66:2::1", 80)
+        query = dns.message.make_query("api.example.test", "AAAA")
+        sock = netns_mod.open_socket(topo.pods["pod-a"].name, socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(3)
+        try:
+            answer = dns.query.udp(query, DNS_IP, timeout=3, sock=sock)
+        finally:
+            sock.close()
+        assert [r.address for rrset in answer.answer for r in rrset] == ["fd66:2::1"]
+        assert topo.connect6("pod-a", "fd66:2::1", 80)
+        assert not topo.connect("pod-a", "10.66.4.40", 80)  # the A record: not asked yet
+        assert resolve(topo, "pod-a", "api.example.test") == ["10.66.4.40"]
+        assert topo.connect("pod-a", "10.66.4.40", 80)
+    finally:
+        learning.close()
+        node.ipsets.close()
