@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -84,6 +85,44 @@ def _serve(sock: socket.socket, stop: threading.Event) -> None:
             conn.close()
 
 
+def dns_query(ident: int, name: str) -> bytes:
+    """A DNS query for ``name``'s A record (RD set), as a stub resolver sends it."""
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + labels + struct.pack("!HH", 1, 1)
+
+
+def dns_answer(query: bytes, zone: dict[str, str], ttl: int = 300) -> bytes | None:
+    """The answer to a query for a name in ``zone`` (name -> IPv4), NXDOMAIN for others;
+    None for what is no query."""
+    if len(query) < 17 or query[2] & 0x80:
+        return None
+    pos, labels = 12, []
+    while pos < len(query) and query[pos]:
+        labels.append(query[pos + 1 : pos + 1 + query[pos]].decode("ascii", "replace").lower())
+        pos += 1 + query[pos]
+    question = query[12 : pos + 5]
+    address = zone.get(".".join(labels))
+    head = struct.pack("!HHHHHH", struct.unpack_from("!H", query)[0],
+                       0x8180 if address else 0x8183, 1, 1 if address else 0, 0, 0)
+    if address is None:
+        return head + question
+    record = struct.pack("!HHHIH", 0xC00C, 1, 1, ttl, 4) + socket.inet_aton(address)
+    return head + question + record
+
+
+def _serve_dns(sock: socket.socket, zone: dict[str, str], stop: threading.Event) -> None:
+    sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            query, peer = sock.recvfrom(512)
+        except (TimeoutError, OSError):
+            continue
+        answer = dns_answer(query, zone)
+        if answer is not None:
+            with contextlib.suppress(OSError):
+                sock.sendto(answer, peer)
+
+
 @dataclass
 class Network:
     """The namespaces of one demo run, by role: "node", "outside" and each pod's key."""
@@ -92,6 +131,7 @@ class Network:
     namespaces: dict[str, str] = field(default_factory=dict)
     servers: list[socket.socket] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    dns_ip: str | None = None  # where pods look names up (the kube-dns pod)
 
     def name(self, role: str) -> str:
         slug = role.replace("pod/", "").replace("/", "-")
@@ -147,6 +187,45 @@ class Network:
             _ip("-n", ns, "route", "add", "default", "via", pod.gateway)
         for server in cluster.servers:
             self._listen(self.namespaces[server.pod or "outside"], server)
+        self._serve_names(cluster)
+
+    def _serve_names(self, cluster: Cluster) -> None:
+        """kube-dns answers on UDP too: the servers reached by name resolve to their IPs."""
+        from enforcers import netns as netns_mod
+
+        dns = next((s for s in cluster.servers if s.port == 53 and s.pod), None)
+        zone = {s.domain: s.ip for s in cluster.servers if s.domain}
+        if dns is None or dns.pod is None or not zone:
+            return
+        sock = netns_mod.open_socket(self.namespaces[dns.pod], socket.AF_INET, socket.SOCK_DGRAM)
+        self.servers.append(sock)
+        sock.bind((dns.ip, 53))
+        self.dns_ip = dns.ip
+        threading.Thread(target=_serve_dns, args=(sock, zone, self.stop), daemon=True,
+                         name="kube-dns-udp").start()
+
+    def resolve(self, role: str, name: str, timeout: float = 1.0) -> str | None:
+        """Look `name` up from the namespace of `role` (None: no answer, or NXDOMAIN)."""
+        from enforcers import netns as netns_mod
+
+        if self.dns_ip is None:
+            return None
+        sock = netns_mod.open_socket(self.namespaces[role], socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(timeout)
+        ident = secrets.randbelow(65536)
+        try:
+            sock.sendto(dns_query(ident, name), (self.dns_ip, 53))
+            while True:
+                answer = sock.recv(512)
+                if struct.unpack_from("!H", answer)[0] == ident:
+                    break
+        except OSError:
+            return None
+        finally:
+            sock.close()
+        if struct.unpack_from("!H", answer, 6)[0] < 1 or len(answer) < 4:
+            return None
+        return socket.inet_ntoa(answer[-4:])
 
     def _listen(self, netns: str, server: Server) -> None:
         from enforcers import netns as netns_mod
@@ -166,10 +245,16 @@ class Network:
         """One real TCP connection from the namespace of `role`; True when it opened."""
         from enforcers import netns as netns_mod
 
+        address = server.ip
+        if server.domain:  # by name: look it up first, then connect at once
+            found = self.resolve(role, server.domain)
+            if found is None:
+                return False
+            address = found
         sock = netns_mod.open_socket(self.namespaces[role], socket.AF_INET, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect((server.ip, server.port))
+            sock.connect((address, server.port))
             return True
         except OSError:
             return False

@@ -326,8 +326,9 @@ class Demo:
         require_present("enforcers.engine", "the enforcement stage")
         self.step(f"Starting the enforcer for {scenario.NODE} in its namespace "
                   "(`portcullis enforce`)")
+        dns = [arg for s in world_dns_servers(self.network) for arg in ("--dns-server", s)]
         self.start_service("enforcer", ["enforce", "--node", scenario.NODE,
-                                        "--netns", self.network.namespaces["node"],
+                                        "--netns", self.network.namespaces["node"], *dns,
                                         "--resync-interval", "5",
                                         # the embedded broker holds a fetch for its wait
                                         "--fetch-max-wait", "0.01"])
@@ -459,6 +460,11 @@ class Demo:
                         "(→ marks what changed)", set(flips))
 
 
+def world_dns_servers(network: Any) -> list[str]:
+    """The demo's trusted DNS server: its kube-dns pod (answers learned for domain rules)."""
+    return [network.dns_ip] if network.dns_ip else []
+
+
 def policy_selector_texts(world: World) -> dict[str, str]:
     from policy.model import Policy
 
@@ -498,6 +504,7 @@ class Simulated:
     def state(self) -> Any:
         engine = require("enforcers.engine", "the dry-run enforcer")
         state_mod = require("enforcers.state", "the dry-run enforcer")
+        from enforcers.dnscache import Learned
         from enforcers.ipsets import set_name
         from enforcers.metrics import EnforcerMetrics
 
@@ -506,6 +513,10 @@ class Simulated:
         for suffix in ("policies", "endpoints", "memberships"):
             for key, value in self.reader.latest.get(suffix, {}).items():
                 sink.message(suffix, key.encode(), value)
+        # what the enforcer would learn from kube-dns's answers for the names looked up
+        learned = [Learned(s.domain, (s.ip,), 300)
+                   for s in scenario.default_cluster().servers if s.domain]
+        sink.apply_domain_changes(sink.domains.learn_items(learned, time.time()))
         return state
 
     def rules_text(self, selector_text: Mapping[str, str]) -> list[str]:

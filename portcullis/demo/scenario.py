@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 from policy import compile as pcompile
 from policy import verdict as pverdict
+from policy.domains import matches as domain_matches
+from policy.labels import network_set_labels
 from policy.load import load
-from policy.model import HostEndpoint, Policy, PolicyObject, Tier
+from policy.model import HostEndpoint, NetworkSet, Policy, PolicyObject, Tier
 from portcullis.demo import DemoError
 from topics.records import EndpointRecord, PolicyRecord, ProfileRecord
 
@@ -65,16 +67,18 @@ class Pod:
 
 @dataclass(frozen=True)
 class Server:
-    """A TCP server: in the outside network (`pod` None) or in a pod."""
+    """A TCP server: in the outside network (`pod` None) or in a pod. One with a `domain`
+    is reached by name: the client looks it up (kube-dns answers `ip`), then connects."""
 
     name: str
     ip: str
     port: int
     pod: str | None = None  # pod key when the server runs in a pod
+    domain: str | None = None
 
     @property
     def display(self) -> str:
-        return f"{self.name} {self.ip}:{self.port}"
+        return f"{self.name} {self.domain or self.ip}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,8 @@ def default_cluster() -> Cluster:
     servers = (
         Server("payments-api", "203.0.113.10", 443),
         Server("payments-api", "203.0.113.10", 80),
+        # a SaaS address outside the network set's nets: allowed only through its domain
+        Server("payments-api", "192.0.2.80", 443, domain="api.payments.example.com"),
         Server("orders-db", "10.0.20.5", 5432),
         Server("pkg-mirror", "10.0.30.5", 80),
         Server("kube-apiserver", "10.0.40.5", 6443),
@@ -259,7 +265,16 @@ class World:
             self.labels_of(rec) for rec in self.endpoints.values()
             if rec.ips and _contains(server.ip, rec.ips)
         )
-        packet = pverdict.Packet("TCP", pverdict.Peer(server.ip, label_sets), port=server.port)
+        # reached by name: network sets whose allowedEgressDomains cover it count too
+        by_domain = tuple(
+            network_set_labels(dict(o.labels), o.namespace)
+            for o in self.objects.values()
+            if server.domain and isinstance(o, NetworkSet)
+            and any(domain_matches(p, server.domain) for p in o.allowed_egress_domains)
+        )
+        peer = pverdict.Peer(server.ip, label_sets, by_domain,
+                             (server.domain,) if server.domain else ())
+        packet = pverdict.Packet("TCP", peer, port=server.port)
         return pverdict.verdict(endpoint, self.arranged(), packet)
 
 
@@ -278,7 +293,8 @@ def cases(cluster: Cluster, hep: HostEndpoint) -> list[Case]:
     and a host endpoint's policy governs only traffic through its interface)."""
     out: list[Case] = []
     for source in sources(cluster, hep):
-        targets = cluster.servers if source.kind == "pod" else cluster.outside_servers
+        targets = (cluster.servers if source.kind == "pod" else
+                   tuple(s for s in cluster.outside_servers if not s.domain))
         out.extend(Case(source, server) for server in targets)
     return out
 

@@ -81,6 +81,7 @@ def run_demo(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[st
 
 
 SAAS_443 = "payments-api 203.0.113.10:443"
+BY_NAME = "payments-api api.payments.example.com:443"
 
 
 def check_demo_output(out: str, observed_title: str) -> tuple[list[Row], list[Row]]:
@@ -90,7 +91,7 @@ def check_demo_output(out: str, observed_title: str) -> tuple[list[Row], list[Ro
     tables = parse_tables(out)
     assert len(tables) == 2, out
     before, after = tables
-    assert len(before) == len(after) == 23, out
+    assert len(before) == len(after) == 26, out
     for table in tables:
         assert all(r.observed is not None for r in table), out
         wrong = [r for r in table if r.observed != r.expected or r.disagrees]
@@ -104,6 +105,10 @@ def check_demo_output(out: str, observed_title: str) -> tuple[list[Row], list[Ro
     assert cases[("prod/billing", "kube-dns 10.65.4.2:53")].expected
     assert "default-deny" in cases[("prod/billing", "kube-dns 10.65.4.2:53")].why
     assert not cases[("prod/reports", SAAS_443)].expected
+    # by name: the network set's allowedEgressDomains, learned from kube-dns's answer
+    assert cases[("prod/billing", BY_NAME)].expected
+    assert "billing-to-saas" in cases[("prod/billing", BY_NAME)].why
+    assert not cases[("prod/reports", BY_NAME)].expected
     # staging has no policy: everything allowed
     assert all(r.expected for r in before if r.source == "staging/web")
     # the node's host endpoint: mirror allowed, database denied, failsafe API server port open
@@ -111,13 +116,15 @@ def check_demo_output(out: str, observed_title: str) -> tuple[list[Row], list[Ro
     assert not cases[("node1 (host)", "orders-db 10.0.20.5:5432")].expected
     assert cases[("node1 (host)", "kube-apiserver 10.0.40.5:6443")].expected
     assert "failsafe" in cases[("node1 (host)", "kube-apiserver 10.0.40.5:6443")].why
-    # the label change flips prod/reports to the SaaS API, and nothing else
+    # the label change flips prod/reports to the SaaS API (by address and by name), and
+    # nothing else
     changed = [r for r in after if r.changed]
-    assert [(r.source, r.destination) for r in changed] == [("prod/reports", SAAS_443)], out
-    assert changed[0].expected and changed[0].observed
+    flipped = [("prod/reports", SAAS_443), ("prod/reports", BY_NAME)]
+    assert [(r.source, r.destination) for r in changed] == flipped, out
+    assert all(r.expected and r.observed for r in changed)
     assert {(r.source, r.destination, r.expected) for r in after if not r.changed} == {
         (r.source, r.destination, r.expected) for r in before
-        if (r.source, r.destination) != ("prod/reports", SAAS_443)
+        if (r.source, r.destination) not in flipped
     }
     match = re.search(r"connection flipped after (\d+) ms", out)
     assert match, out

@@ -41,6 +41,10 @@ def test_every_kind_of_source_has_allowed_and_denied_or_no_policy() -> None:
     assert all(v.allowed and v.policy is None for v in staging)
     # the node never connects to the pod-hosted DNS server: its host endpoint is the uplink
     assert not any(s == "node1 (host)" and "kube-dns" in d for s, d in verdicts)
+    # by name: billing through the network set's allowedEgressDomains, reports denied
+    by_name = {s: v.allowed for (s, d), v in verdicts.items()
+               if d.endswith("api.payments.example.com:443")}
+    assert by_name == {"prod/billing": True, "prod/reports": False, "staging/web": True}
 
 
 def test_the_label_change_flips_exactly_the_saas_connection_of_that_pod() -> None:
@@ -51,7 +55,8 @@ def test_the_label_change_flips_exactly_the_saas_connection_of_that_pod() -> Non
     w.take([translate.pod_endpoint(scenario.pod_object(pod, labels, 2), time.time())])
     flipped = [c for c in cases if w.verdict(c.source.key, c.server).allowed != before[c]]
     assert [(c.source.key, c.server.ip, c.server.port) for c in flipped] == [
-        ("pod/prod/reports", "203.0.113.10", 443)
+        ("pod/prod/reports", "203.0.113.10", 443),
+        ("pod/prod/reports", "192.0.2.80", 443),  # by name, through the set's domains
     ]
 
 
