@@ -56,8 +56,9 @@ class Learned:
 
 def chains_of(answer: Answer) -> list[Learned]:
     """For the question name and each name on its CNAME chain: the IPs the chain ends in,
-    with the smallest TTL along the way. Records about other names teach nothing (a
-    server may add them; only the chain from the question is the answer)."""
+    valid for the smallest TTL from that name down to the addresses. Records about other
+    names teach nothing (a server may add them; only the chain from the question is the
+    answer)."""
     if answer.question is None or answer.rcode != 0:
         return []
     cnames: dict[str, tuple[str, int]] = {}
@@ -68,23 +69,29 @@ def chains_of(answer: Answer) -> list[Learned]:
             cnames.setdefault(rec.name, (rec.data, ttl))
         else:
             addresses.setdefault(rec.name, []).append((rec.data, ttl))
-    chain: list[tuple[str, int]] = []  # (name, smallest TTL of the links up to it)
-    name, ttl = answer.question, MAX_TTL
+    chain: list[tuple[str, int]] = []  # (name, TTL of its CNAME to the next name)
+    name: str = answer.question
     seen: set[str] = set()
     while name not in seen:
         seen.add(name)
-        chain.append((name, ttl))
         if name not in cnames:
             break
         target, link_ttl = cnames[name]
-        name, ttl = target, min(ttl, link_ttl)
-    end_name, end_ttl = chain[-1]
-    found = addresses.get(end_name, [])
+        chain.append((name, link_ttl))
+        name = target
+    if name in seen and name in cnames:
+        return []  # a CNAME loop: no address at its end
+    found = addresses.get(name, [])
     if not found:
         return []
     ips = tuple(sorted({ip for ip, _ in found}))
-    ttl = min(end_ttl, min(t for _, t in found))
-    return [Learned(n, ips, min(ttl, t)) for n, t in chain]
+    # each name is valid as long as every record from it down to the addresses is
+    ttl = min(t for _, t in found)
+    learned = [Learned(name, ips, ttl)]
+    for alias, link_ttl in reversed(chain):
+        ttl = min(ttl, link_ttl)
+        learned.append(Learned(alias, ips, ttl))
+    return learned[::-1]
 
 
 @dataclass

@@ -217,6 +217,7 @@ def parse_message(message: bytes) -> Answer:
                 break
             raise WireError("answer data cut short")
         data = message[pos : pos + size]
+        ttl = ttl if ttl < 2**31 else 0  # RFC 2181: a TTL with the top bit set means zero
         start = pos
         pos += size
         if rclass != CLASS_IN:
