@@ -10,6 +10,7 @@ values: the NFQUEUE adapter (`enforcers.nfqueue`) and the DNS learner
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
@@ -78,6 +79,12 @@ class Answer:
 # --------------------------------------------------------------------------- IP and transport
 
 
+def _v6(raw: bytes) -> str:
+    """IPv6 text as `ipaddress` spells it (everywhere else addresses are compared in that
+    spelling; ``inet_ntop`` writes IPv4-mapped ones differently)."""
+    return str(ipaddress.IPv6Address(raw))
+
+
 def parse_packet(packet: bytes) -> Segment:
     """The UDP or TCP payload of an IPv4 or IPv6 packet (no IPv6 extension headers)."""
     if not packet:
@@ -101,8 +108,8 @@ def parse_packet(packet: bytes) -> Segment:
             raise WireError("IPv6 header cut short")
         length = struct.unpack_from("!H", packet, 4)[0]
         protocol = packet[6]
-        source = socket.inet_ntop(socket.AF_INET6, packet[8:24])
-        destination = socket.inet_ntop(socket.AF_INET6, packet[24:40])
+        source = _v6(packet[8:24])
+        destination = _v6(packet[24:40])
         if len(packet) < 40 + length:
             raise WireError("IPv6 payload cut short")
         body = packet[40 : 40 + length]
@@ -225,7 +232,7 @@ def parse_message(message: bytes) -> Answer:
         if rtype == TYPE_A and size == 4:
             records.append(Record(name, rtype, ttl, socket.inet_ntop(socket.AF_INET, data)))
         elif rtype == TYPE_AAAA and size == 16:
-            records.append(Record(name, rtype, ttl, socket.inet_ntop(socket.AF_INET6, data)))
+            records.append(Record(name, rtype, ttl, _v6(data)))
         elif rtype == TYPE_CNAME:
             target, _ = _name(message, start)
             records.append(Record(name, rtype, ttl, target))
