@@ -119,14 +119,18 @@ class DnsLearner:
             expires = now + item.ttl + self.grace
             for ip in item.ips:
                 ips[ip] = max(ips.get(ip, 0.0), expires)
-            if len(ips) > self.max_ips:
-                drop = sorted(ips, key=lambda ip: (ips[ip], ip))[: len(ips) - self.max_ips]
-                for ip in drop:
-                    del ips[ip]
-                self.stats.evictions += len(drop)
+            self._bound(ips)
             if set(ips) != before:
                 changed.add(item.name)
         return changed
+
+    def _bound(self, ips: dict[str, float]) -> None:
+        """At most ``max_ips``: the soonest to expire go (and are counted)."""
+        if len(ips) > self.max_ips:
+            drop = sorted(ips, key=lambda ip: (ips[ip], ip))[: len(ips) - self.max_ips]
+            for ip in drop:
+                del ips[ip]
+            self.stats.evictions += len(drop)
 
     def expire(self, now: float) -> set[str]:
         """Forget the IPs whose time is up; the names that lost some."""
@@ -169,6 +173,7 @@ class DnsLearner:
             known = self.names.setdefault(name, {})
             for ip, expires in ips.items():
                 known[ip] = max(known.get(ip, 0.0), expires)
+            self._bound(known)  # a snapshot taken with a higher max_ips, or on top of others
         return set(taken)
 
     def next_expiry(self) -> float | None:

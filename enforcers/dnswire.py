@@ -160,7 +160,7 @@ def _name(message: bytes, pos: int) -> tuple[str, int]:
     labels: list[str] = []
     end = -1
     jumps = 0
-    length = 0
+    length = 1  # the root's zero byte: 255 bytes on the wire in all (RFC 1035 3.1)
     while True:
         if pos >= len(message):
             raise WireError("name runs past the end of the message")
@@ -212,7 +212,12 @@ def parse_message(message: bytes) -> Answer:
             question = name
     records: list[Record] = []
     for _ in range(ancount):
-        name, pos = _name(message, pos)
+        try:
+            name, pos = _name(message, pos)
+        except WireError:
+            if flags & 0x0200:
+                break  # truncated inside (or right before) a record's owner name
+            raise
         if pos + 10 > len(message):
             if flags & 0x0200:
                 break  # truncated: what arrived is all there is
