@@ -17,6 +17,7 @@ from policy.model import (
     Rule,
     ServiceAccountMatch,
     ServiceMatch,
+    StagedPolicy,
     Tier,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "Rule",
     "ServiceAccountMatch",
     "ServiceMatch",
+    "StagedPolicy",
     "Tier",
     "dump",
     "load",

@@ -44,9 +44,11 @@ import yaml
 from policy.domains import DomainError
 from policy.domains import validate as validate_domain
 from policy.model import (
+    API_VERSION,
     DEFAULT_ALLOW_PROFILE,
     DEFAULT_TIER_NAME,
     DEFAULT_TIER_ORDER,
+    STAGED_TARGET_KIND,
     EndpointPort,
     EntityRule,
     HostEndpoint,
@@ -60,6 +62,7 @@ from policy.model import (
     Rule,
     ServiceAccountMatch,
     ServiceMatch,
+    StagedPolicy,
     Tier,
 )
 from policy.selectors import SelectorError, parse
@@ -67,8 +70,12 @@ from policy.selectors import SelectorError, parse
 CALICO_API_VERSIONS = frozenset({"projectcalico.org/v3", "policy.portcullis.io/v1"})
 KUBERNETES_NETWORKING = "networking.k8s.io/v1"
 
-NAMESPACED_KINDS = frozenset({"NetworkPolicy", "NetworkSet"})
-GLOBAL_KINDS = frozenset({"GlobalNetworkPolicy", "GlobalNetworkSet", "HostEndpoint", "Tier"})
+NAMESPACED_KINDS = frozenset({
+    "NetworkPolicy", "NetworkSet", "StagedNetworkPolicy", "StagedKubernetesNetworkPolicy",
+})
+GLOBAL_KINDS = frozenset({
+    "GlobalNetworkPolicy", "GlobalNetworkSet", "HostEndpoint", "Tier", "StagedGlobalNetworkPolicy",
+})
 
 # Kubernetes ObjectMeta fields that may appear (for instance in objects read from the API
 # server) and carry nothing Portcullis needs.
@@ -995,8 +1002,61 @@ def _read_tier(doc: Mapping[str, Any], check: Checker, default_namespace: str | 
     )
 
 
+def _read_staged(
+    doc: Mapping[str, Any], check: Checker, default_namespace: str | None
+) -> StagedPolicy:
+    """A staged policy: its spec read as the policy it stages (same field paths), minus
+    ``stagedAction``. A Delete names its target only; the rest of its spec is not read."""
+    _calico_top(doc, check)
+    kind = str(doc["kind"])
+    spec = doc.get("spec")
+    if spec is not None and not isinstance(spec, Mapping):
+        check.report("spec", f"expected a mapping, got {_type_name(spec)}")
+        spec = {}
+    spec = dict(spec or {})
+    action = spec.pop("stagedAction", "Set")
+    if action not in ("Set", "Delete"):
+        check.report("spec.stagedAction", f"expected Set or Delete, got {action!r}")
+        action = "Set"
+    target_kind = STAGED_TARGET_KIND[kind]
+    if kind == "StagedKubernetesNetworkPolicy":
+        base: dict[str, Any] = {"apiVersion": KUBERNETES_NETWORKING, "kind": "NetworkPolicy"}
+    else:
+        base = {"apiVersion": API_VERSION, "kind": target_kind}
+    base["metadata"] = doc.get("metadata")
+    policy: Policy | None = None
+    written: dict[str, Any] = {"stagedAction": action}
+    if action == "Delete":
+        name, namespace, labels = read_metadata(
+            base, check, namespaced=target_kind == "NetworkPolicy",
+            name_pattern=NAME_RE if kind == "StagedKubernetesNetworkPolicy" else (
+                GLOBAL_POLICY_NAME_RE if target_kind == "GlobalNetworkPolicy"
+                else NETWORK_POLICY_NAME_RE),
+            what="policy name", default_namespace=default_namespace,
+        )
+    elif kind == "StagedKubernetesNetworkPolicy":
+        from policy.kubernetes import NAME_PREFIX, policy_from_document
+
+        base["spec"] = spec
+        policy = policy_from_document(base, check, default_namespace)
+        name, namespace, labels = policy.name[len(NAME_PREFIX):], policy.namespace, policy.labels
+        written.update(spec)
+    else:
+        base["spec"] = spec
+        policy = _read_policy(base, check, default_namespace)
+        name, namespace, labels = policy.name, policy.namespace, policy.labels
+        written.update(policy.to_document()["spec"])
+    return StagedPolicy(
+        kind=cast(Any, kind), name=name, namespace=namespace, action=cast(Any, action),
+        policy=policy, spec=json.dumps(written, sort_keys=True), labels=labels,
+    )
+
+
 _Reader = Callable[[Mapping[str, Any], Checker, "str | None"], PolicyObject]
 _CALICO_READERS: dict[str, _Reader] = {
+    "StagedNetworkPolicy": _read_staged,
+    "StagedGlobalNetworkPolicy": _read_staged,
+    "StagedKubernetesNetworkPolicy": _read_staged,
     "GlobalNetworkPolicy": _read_policy,
     "NetworkPolicy": _read_policy,
     "GlobalNetworkSet": _read_network_set,

@@ -398,5 +398,59 @@ class Tier:
 DEFAULT_TIER = Tier(name=DEFAULT_TIER_NAME, order=DEFAULT_TIER_ORDER, default_action="Deny")
 """The tier every policy without ``tier`` belongs to; exists even when never loaded."""
 
-PolicyObject: TypeAlias = Policy | NetworkSet | HostEndpoint | Tier
+StagedKind: TypeAlias = Literal[
+    "StagedNetworkPolicy", "StagedGlobalNetworkPolicy", "StagedKubernetesNetworkPolicy"
+]
+StagedAction: TypeAlias = Literal["Set", "Delete"]
+STAGED_TARGET_KIND: Mapping[str, PolicyKind] = {
+    "StagedNetworkPolicy": "NetworkPolicy",
+    "StagedGlobalNetworkPolicy": "GlobalNetworkPolicy",
+    "StagedKubernetesNetworkPolicy": "NetworkPolicy",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StagedPolicy:
+    """A Calico staged policy: accepted and shown, never enforced.
+
+    ``action`` Set would put ``policy`` in place of the enforced policy of the same name
+    (``target_key``), or add it; Delete would remove that policy. A
+    StagedKubernetesNetworkPolicy's ``policy`` is the translation of its Kubernetes spec
+    (named ``knp.default.<name>``, as the enforced one would be). ``spec`` is the staged
+    document's spec as JSON text (kept as written for Kubernetes specs), so the object
+    stays hashable and ``to_document`` gives the document back.
+    """
+
+    kind: StagedKind
+    name: str
+    namespace: str | None
+    action: StagedAction
+    policy: Policy | None
+    spec: str
+    labels: Labels = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.namespace or ''}/{self.name}"
+
+    @property
+    def target_key(self) -> str:
+        """The key of the enforced policy this one would set or delete."""
+        name = self.name
+        if self.kind == "StagedKubernetesNetworkPolicy":
+            name = "knp.default." + name
+        return f"{STAGED_TARGET_KIND[self.kind]}/{self.namespace or ''}/{name}"
+
+    def to_document(self) -> dict[str, Any]:
+        import json
+
+        return {
+            "apiVersion": API_VERSION,
+            "kind": self.kind,
+            "metadata": _metadata(self.name, self.namespace, self.labels),
+            "spec": json.loads(self.spec),
+        }
+
+
+PolicyObject: TypeAlias = Policy | NetworkSet | HostEndpoint | Tier | StagedPolicy
 """Everything ``policy.load`` can return."""

@@ -72,9 +72,11 @@ _TOP_FIELDS = {f.name for f in fields(Settings)} - {"kafka"}
 _INT_FIELDS = {"partitions", "replication_factor"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The connection flags every subcommand accepts."""
+def add_arguments(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    """The connection flags every subcommand accepts. ``nested``: for a sub-subcommand's
+    parser, whose flags must not overwrite those given before the sub-subcommand."""
     group = parser.add_argument_group("connection (also PORTCULLIS_<NAME> or --config)")
+
     group.add_argument("--config", metavar="FILE", help="YAML settings file")
     group.add_argument("--bootstrap", help="Kafka bootstrap servers, host:port[,host:port]")
     group.add_argument("--topic-prefix", help="prefix of every topic name (default portcullis.)")
@@ -88,8 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sasl-mechanism", choices=["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
     group.add_argument("--sasl-username")
     group.add_argument("--sasl-password")
-    group.add_argument("--actor", help="who is acting, recorded on published policies")
+    if not nested:  # a nested command may use --actor for something of its own
+        group.add_argument("--actor", help="who is acting, recorded on published policies")
     group.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    if nested:
+        for action in group._group_actions:
+            action.default = argparse.SUPPRESS
 
 
 def _coerce(name: str, value: Any, origin: str) -> Any:

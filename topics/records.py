@@ -35,9 +35,11 @@ from typing import Any, ClassVar, Literal, TypeAlias, cast, get_args
 import orjson
 
 __all__ = [
+    "HISTORY_OF",
     "DeadLetterRecord",
     "EndpointKind",
     "EndpointRecord",
+    "HistoryRecord",
     "Labels",
     "MembershipRecord",
     "PolicyRecord",
@@ -841,6 +843,84 @@ class DnsRecord:
         return cls(**{k: v for k, v in data.items() if k != "v"})
 
 
+#: State topics whose every change is also appended, as a `HistoryRecord`, to a history topic.
+HISTORY_OF: Mapping[str, str] = {
+    "endpoints": "endpoints.history",
+    "profiles": "profiles.history",
+    "policies": "policies.history",
+}
+HistoryChange: TypeAlias = Literal["upsert", "delete"]
+
+
+@_field_order
+@dataclass(frozen=True, slots=True, eq=True)
+class HistoryRecord:
+    """One change to a state topic, for audit: who (``actor``) changed ``key`` of ``topic``
+    through what (``source``: ``apply``, ``kubernetes``, ``inventory``...) at ``at`` (when
+    the change was published). ``record`` is the state record as it is encoded on
+    ``topic`` (None for a delete), so replaying a history topic up to a time rebuilds the
+    state topic as it stood then; a delete carries its actor, which a tombstone cannot."""
+
+    VERSION: ClassVar[int] = 1
+    topic: str
+    key: str
+    change: HistoryChange
+    actor: str
+    source: str
+    at: float
+    record: Mapping[str, Any] | None
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        c = "HistoryRecord"
+        if self.topic not in HISTORY_OF:
+            raise _fail(c, "topic", f"expected one of {', '.join(HISTORY_OF)}, got "
+                        f"{_describe(self.topic)}")
+        _check_str(c, "key", self.key)
+        if self.change not in get_args(HistoryChange):
+            raise _fail(c, "change", f"expected 'upsert' or 'delete', got {_describe(self.change)}")
+        _check_str(c, "actor", self.actor)
+        _check_str(c, "source", self.source)
+        object.__setattr__(self, "at", _check_time(c, "at", self.at))
+        if (self.record is None) != (self.change == "delete"):
+            raise _fail(c, "record", "an upsert carries the record and a delete does not")
+        if self.record is not None and not isinstance(self.record, Mapping):
+            raise _fail(c, "record", f"expected a JSON object, got {_describe(self.record)}")
+        self._partition()
+
+    def _partition(self) -> str:
+        try:
+            if self.topic == "profiles":
+                return split_profile_key(self.key)[0]
+            _kind, namespace, name = split_endpoint_key(self.key)
+        except RecordError as exc:
+            raise _fail("HistoryRecord", "key", str(exc)) from None
+        return namespace if namespace is not None else name
+
+    @property
+    def partition_key(self) -> str:
+        """The state record's partition key, so a key's history stays in order."""
+        return self._partition()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": self.VERSION,
+            "topic": self.topic,
+            "key": self.key,
+            "change": self.change,
+            "actor": self.actor,
+            "source": self.source,
+            "at": self.at,
+            "record": None if self.record is None else dict(self.record),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HistoryRecord:
+        _check_fields(cls, data)
+        return cls(**{k: v for k, v in data.items() if k != "v"})
+
+
 Record: TypeAlias = (
     EndpointRecord
     | ProfileRecord
@@ -849,6 +929,7 @@ Record: TypeAlias = (
     | MembershipRecord
     | DeadLetterRecord
     | DnsRecord
+    | HistoryRecord
 )
 RECORD_TYPES: tuple[type[Record], ...] = (
     EndpointRecord,
@@ -857,5 +938,6 @@ RECORD_TYPES: tuple[type[Record], ...] = (
     SelectorRecord,
     MembershipRecord,
     DnsRecord,
+    HistoryRecord,
     DeadLetterRecord,
 )

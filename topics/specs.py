@@ -17,6 +17,7 @@ from topics.records import (
     DeadLetterRecord,
     DnsRecord,
     EndpointRecord,
+    HistoryRecord,
     MembershipRecord,
     PolicyRecord,
     ProfileRecord,
@@ -33,6 +34,7 @@ __all__ = [
     "POLICIES",
     "POLICIES_HISTORY",
     "PROFILES",
+    "PROFILES_HISTORY",
     "SELECTORS",
     "SPECS",
     "TopicSpec",
@@ -79,7 +81,7 @@ ENDPOINTS = TopicSpec(
     partitioned_by="namespace, else name",
 )
 ENDPOINTS_HISTORY = TopicSpec(
-    "endpoints.history", "settings", "delete", EndpointRecord,
+    "endpoints.history", "settings", "delete", HistoryRecord,
     key="kind/namespace/name (cluster-scoped: kind//name)",
     partitioned_by="namespace, else name",
     configs={"retention.ms": str(WEEK_MS)},
@@ -89,13 +91,19 @@ PROFILES = TopicSpec(
     key="kns.<ns> / ksa.<ns>.<sa>",
     partitioned_by="namespace",
 )
+PROFILES_HISTORY = TopicSpec(
+    "profiles.history", "settings", "delete", HistoryRecord,
+    key="kns.<ns> / ksa.<ns>.<sa>",
+    partitioned_by="namespace",
+    configs={"retention.ms": str(WEEK_MS)},
+)
 POLICIES = TopicSpec(
     "policies", "settings", "compact", PolicyRecord,
     key="kind/namespace/name (cluster-scoped: kind//name)",
     partitioned_by="namespace, else name",
 )
 POLICIES_HISTORY = TopicSpec(
-    "policies.history", "settings", "delete", PolicyRecord,
+    "policies.history", "settings", "delete", HistoryRecord,
     key="kind/namespace/name (cluster-scoped: kind//name)",
     partitioned_by="namespace, else name",
     configs={"retention.ms": str(WEEK_MS)},
@@ -128,6 +136,7 @@ SPECS: tuple[TopicSpec, ...] = (
     ENDPOINTS,
     ENDPOINTS_HISTORY,
     PROFILES,
+    PROFILES_HISTORY,
     POLICIES,
     POLICIES_HISTORY,
     SELECTORS,

@@ -164,10 +164,16 @@ for _kind, _aliases in {
     "NetworkSet": ("networkset", "networksets", "netset", "netsets"),
     "HostEndpoint": ("hostendpoint", "hostendpoints", "hep", "heps"),
     "Tier": ("tier", "tiers"),
+    "StagedNetworkPolicy": ("stagednetworkpolicy", "stagednetworkpolicies", "snp"),
+    "StagedGlobalNetworkPolicy": ("stagedglobalnetworkpolicy", "stagedglobalnetworkpolicies",
+                                  "sgnp"),
+    "StagedKubernetesNetworkPolicy": ("stagedkubernetesnetworkpolicy",
+                                      "stagedkubernetesnetworkpolicies", "sknp"),
 }.items():
     for _alias in _aliases:
         KIND_ALIASES[_alias] = _kind
-NAMESPACED = {"NetworkPolicy", "NetworkSet"}
+NAMESPACED = {"NetworkPolicy", "NetworkSet", "StagedNetworkPolicy",
+              "StagedKubernetesNetworkPolicy"}
 
 
 def resolve_kind(text: str) -> str:
@@ -207,6 +213,9 @@ def _columns(record: PolicyRecord) -> dict[str, str]:
                 "DOMAINS": str(len(spec.get("allowedEgressDomains") or []))}
     if record.kind == "HostEndpoint":
         return {"NODE": str(spec.get("node", "")), "INTERFACE": str(spec.get("interfaceName", ""))}
+    if record.kind.startswith("Staged"):
+        return {"STAGED-ACTION": str(spec.get("stagedAction", "Set")),
+                "SELECTOR": str(spec.get("selector", spec.get("podSelector", "")))}
     if record.kind == "Tier":
         return {"ORDER": str(spec.get("order", "")),
                 "DEFAULT-ACTION": str(spec.get("defaultAction", "Deny"))}
@@ -281,7 +290,7 @@ async def publish_objects(
         producer = producer_for(kafka_kwargs, "portcullis-apply")
         await producer.start()
         try:
-            await KafkaPublisher(producer, prefix).publish(pubs)
+            await KafkaPublisher(producer, prefix, actor=actor, source="apply").publish(pubs)
         finally:
             await producer.stop()
     return outcomes

@@ -12,7 +12,7 @@ the topic.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -31,19 +31,23 @@ class Publication:
     key: str
     partition_key: str
     value: Record | None
+    #: Who made the change, for the history topic (None: the publisher's own actor).
+    actor: str | None = field(default=None, compare=False)
 
     @classmethod
-    def upsert(cls, topic: str, record: Record) -> Publication:
+    def upsert(cls, topic: str, record: Record, *, actor: str | None = None) -> Publication:
         partition_key = record.partition_key
         if partition_key is None:
             raise ValueError(f"{type(record).__name__} {record.key!r} has no partition key")
         if record.key is None:
             raise ValueError(f"{type(record).__name__} has no key")
-        return cls(topic, record.key, partition_key, record)
+        return cls(topic, record.key, partition_key, record, actor)
 
     @classmethod
-    def tombstone(cls, topic: str, key: str, partition_key: str) -> Publication:
-        return cls(topic, key, partition_key, None)
+    def tombstone(
+        cls, topic: str, key: str, partition_key: str, *, actor: str | None = None
+    ) -> Publication:
+        return cls(topic, key, partition_key, None, actor)
 
     @property
     def slot(self) -> tuple[str, str]:

@@ -1,16 +1,19 @@
-"""The one place watchers write to Kafka: explicit partitions, tombstones, history copies.
+"""The one place watchers write to Kafka: explicit partitions, tombstones, history records.
 
 Every record goes to its compacted state topic on the partition of its
 namespace (else name), computed by `topics.partitioner` so every producer
-agrees; endpoints and policies are also appended to their history topics for
-audit. `publish` returns only when the broker has acknowledged everything, so
-the caller can commit its mirror.
+agrees. Every change to endpoints, profiles and policies is also appended to
+that topic's history topic as a `HistoryRecord` (who, through what, when, and
+the record or the delete), which is what `portcullis audit` replays.
+`publish` returns only when the broker has acknowledged everything, so the
+caller can commit its mirror.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -19,13 +22,14 @@ from aiokafka.errors import KafkaError
 
 from topics.codec import encode
 from topics.partitioner import partition_for_key
+from topics.records import HISTORY_OF, EndpointRecord, HistoryRecord, PolicyRecord
 from topics.specs import topic_name
 from watchers.mirror import Publication
 
 log = logging.getLogger(__name__)
 
 #: State topics whose every change is also appended to a history topic.
-HISTORY = {"endpoints": "endpoints.history", "policies": "policies.history"}
+HISTORY = HISTORY_OF
 
 
 class PublishError(RuntimeError):
@@ -37,12 +41,21 @@ class Publisher(Protocol):
 
 
 class KafkaPublisher:
-    """Publishes `Publication`s with an aiokafka producer (which the caller starts and stops)."""
+    """Publishes `Publication`s with an aiokafka producer (which the caller starts and stops).
 
-    def __init__(self, producer: AIOKafkaProducer, prefix: str, *, history: bool = True) -> None:
+    ``actor`` and ``source`` go on the history records of changes that do not name their
+    own actor (a policy record's ``actor`` wins; then the publication's).
+    """
+
+    def __init__(
+        self, producer: AIOKafkaProducer, prefix: str, *, history: bool = True,
+        actor: str = "kubernetes", source: str = "kubernetes",
+    ) -> None:
         self._producer = producer
         self._prefix = prefix
         self._history = history
+        self._actor = actor
+        self._source = source
         self._partitions: dict[str, int] = {}
         self.published = 0
 
@@ -54,23 +67,29 @@ class KafkaPublisher:
             self._partitions[topic] = len(parts)
         return self._partitions[topic]
 
-    async def _send(self, suffix: str, pub: Publication) -> Any:
+    async def _send(self, suffix: str, pub: Publication, value: bytes | None) -> Any:
         topic = topic_name(self._prefix, suffix)
         partition = partition_for_key(pub.partition_key, await self.partition_count(topic))
-        value = None if pub.value is None else encode(pub.value)
         return await self._producer.send(
             topic, value=value, key=pub.key.encode("utf-8"), partition=partition
         )
+
+    def history_record(self, pub: Publication, at: float) -> HistoryRecord:
+        """The audit record of one change: the record (or the delete), who and through what."""
+        return history_record(pub, at, actor=self._actor, source=self._source)
 
     async def publish(self, publications: Sequence[Publication]) -> None:
         if not publications:
             return
         try:
             futures = []
+            at = time.time()
             for pub in publications:
-                futures.append(await self._send(pub.topic, pub))
+                value = None if pub.value is None else encode(pub.value)
+                futures.append(await self._send(pub.topic, pub, value))
                 if self._history and pub.topic in HISTORY:
-                    futures.append(await self._send(HISTORY[pub.topic], pub))
+                    history = encode(self.history_record(pub, at))
+                    futures.append(await self._send(HISTORY[pub.topic], pub, history))
             await asyncio.gather(*futures)
         except KafkaError as exc:
             raise PublishError(
@@ -78,6 +97,21 @@ class KafkaPublisher:
             ) from exc
         self.published += len(publications)
         log.debug("published %d record(s)", len(publications))
+
+
+def history_record(pub: Publication, at: float, *, actor: str, source: str) -> HistoryRecord:
+    """`pub` as a history record; ``actor``/``source`` are used when it names none itself."""
+    record = pub.value
+    who = pub.actor or actor
+    via = source
+    if isinstance(record, PolicyRecord):
+        who = record.actor if pub.actor is None else pub.actor
+    elif isinstance(record, EndpointRecord):
+        via = record.source
+    return HistoryRecord(
+        topic=pub.topic, key=pub.key, change="delete" if record is None else "upsert",
+        actor=who, source=via, at=at, record=None if record is None else record.to_dict(),
+    )
 
 
 def producer_for(kafka_kwargs: dict[str, Any], client_id: str) -> AIOKafkaProducer:

@@ -2,6 +2,7 @@
 
 from portcullis.commands import (  # noqa: F401
     apply,
+    audit,
     bench,
     broker,
     demo,

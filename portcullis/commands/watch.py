@@ -46,7 +46,8 @@ async def _kubernetes(args: argparse.Namespace, settings: Settings) -> None:
     from watchers.mirror import Mirror
     from watchers.publisher import KafkaPublisher, producer_for
 
-    suffixes = ("endpoints", "endpoints.history", "profiles", "policies", "policies.history")
+    suffixes = ("endpoints", "endpoints.history", "profiles", "profiles.history", "policies",
+                "policies.history")
     await _check_topics(settings, suffixes)
     selection = cluster.Selection(
         auto_host_endpoints=args.auto_host_endpoints,
@@ -85,8 +86,9 @@ async def _hosts(args: argparse.Namespace, settings: Settings) -> None:
     producer = producer_for(settings.kafka.aiokafka_kwargs(), "portcullis-watch-hosts")
     await producer.start()
     try:
-        watcher = InventoryWatcher(directory, KafkaPublisher(producer, settings.topic_prefix),
-                                   mirror)
+        publisher = KafkaPublisher(producer, settings.topic_prefix, actor=f"inventory:{directory}",
+                                   source="inventory")
+        watcher = InventoryWatcher(directory, publisher, mirror)
         task = asyncio.create_task(watcher.run())
         await watcher.ready.wait()
         log.info("watching %s (%d host file(s), %d invalid)", directory,

@@ -14,6 +14,7 @@ from topics import codec, specs
 from topics.records import (
     DeadLetterRecord,
     DnsRecord,
+    HistoryRecord,
     EndpointRecord,
     Labels,
     MembershipRecord,
@@ -176,9 +177,21 @@ def dns_records(draw: st.DrawFn) -> DnsRecord:
     )
 
 
+@st.composite
+def history_records(draw: st.DrawFn) -> HistoryRecord:
+    record: Any = draw(st.one_of(endpoints(), profiles(), policies()))
+    topic = TOPIC_OF[type(record)]
+    deleted = draw(st.booleans())
+    return HistoryRecord(
+        topic=topic, key=record.key, change="delete" if deleted else "upsert",
+        actor=draw(names), source=draw(names), at=draw(times),
+        record=None if deleted else record.to_dict(),
+    )
+
+
 any_record = st.one_of(
     endpoints(), profiles(), policies(), selectors(), memberships(), dead_letters(),
-    dns_records(),
+    dns_records(), history_records(),
 )
 
 TOPIC_OF: dict[type[Any], str] = {
@@ -189,6 +202,7 @@ TOPIC_OF: dict[type[Any], str] = {
     MembershipRecord: "memberships",
     DeadLetterRecord: "deadletter",
     DnsRecord: "dns",
+    HistoryRecord: "policies.history",
 }
 
 # ---------------------------------------------------------------------------
@@ -211,10 +225,26 @@ def test_every_record_survives_encode_and_decode(record: Record) -> None:
 
 @settings(max_examples=50)
 @given(endpoints())
-def test_history_topic_decodes_the_same_records_by_full_name(record: EndpointRecord) -> None:
+def test_history_topics_hold_history_records_by_full_name(record: EndpointRecord) -> None:
     raw = codec.encode(record)
-    assert codec.decode("portcullis.endpoints.history", raw) == record
     assert codec.decode("t-123.endpoints", raw) == record
+    with pytest.raises(RecordError, match="HistoryRecord"):
+        codec.decode("portcullis.endpoints.history", raw)  # a state record is not history
+    history = HistoryRecord("endpoints", record.key, "upsert", "alice", "apply", 1.0,
+                            record.to_dict())
+    assert codec.decode("portcullis.endpoints.history", codec.encode(history)) == history
+    assert history.partition_key == record.partition_key
+
+
+def test_a_history_record_says_upsert_with_a_record_and_delete_without() -> None:
+    with pytest.raises(RecordError, match="record: an upsert carries the record"):
+        HistoryRecord("policies", "Tier//t", "delete", "a", "apply", 1.0, {"v": 1})
+    with pytest.raises(RecordError, match="record: an upsert carries the record"):
+        HistoryRecord("policies", "Tier//t", "upsert", "a", "apply", 1.0, None)
+    with pytest.raises(RecordError, match="topic: expected one of"):
+        HistoryRecord("memberships", "x", "delete", "a", "apply", 1.0, None)
+    with pytest.raises(RecordError, match="key: not a profile key"):
+        HistoryRecord("profiles", "pod/ns/x", "delete", "a", "apply", 1.0, None)
 
 
 @pytest.mark.parametrize("topic", list(TOPIC_OF.values()))
@@ -458,6 +488,7 @@ def test_specs_name_every_topic_in_order() -> None:
         "endpoints",
         "endpoints.history",
         "profiles",
+        "profiles.history",
         "policies",
         "policies.history",
         "selectors",
