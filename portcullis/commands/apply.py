@@ -97,9 +97,45 @@ def _publish(args: argparse.Namespace, settings: Settings, *, delete: bool) -> i
     for outcome in outcomes:
         print(outcome.line() + suffix, flush=True)
         missing += outcome.verb == "not found"
+    if not delete and any(getattr(o, "kind", "").startswith("Staged") for o in objects):
+        for line in run_async(_staged_preview(settings, objects)):
+            print(line, flush=True)
     if missing:
         raise CommandError(f"{missing} object(s) not found")
     return 0
+
+
+async def _staged_preview(settings: Settings, objects: list[object]) -> list[str]:
+    """What the staged objects would change: the state topics now, with `objects` applied."""
+    import time
+
+    from portcullis.audit import preview
+    from portcullis.audit.explain import World
+    from portcullis.audit.history import AuditState
+    from topics.records import EndpointRecord, PolicyRecord, ProfileRecord
+    from topics.specs import topic_name
+    from watchers.topicstate import read_state
+
+    kw, prefix = settings.kafka.aiokafka_kwargs(), settings.topic_prefix
+    state = AuditState(
+        endpoints=await read_state(kw, topic_name(prefix, "endpoints"), EndpointRecord),
+        profiles=await read_state(kw, topic_name(prefix, "profiles"), ProfileRecord),
+        policies=await read_state(kw, topic_name(prefix, "policies"), PolicyRecord),
+    )
+    now = time.time()
+    for obj in objects:
+        doc = obj.to_document()  # type: ignore[attr-defined]
+        state.policies[obj.key] = PolicyRecord(  # type: ignore[attr-defined]
+            obj.kind, obj.namespace, obj.name, doc, settings.actor, now, now,  # type: ignore[attr-defined]
+        )
+    world = World.of(state)
+    flows = await preview_flows(settings)
+    return preview.lines(preview.preview(world, flows))
+
+
+async def preview_flows(settings: Settings) -> list[object]:
+    """Recent flows to judge staged policies against (none until flow logs are recorded)."""
+    return []
 
 
 @command("apply", "Validate policy documents and publish them to the policies topic.")
