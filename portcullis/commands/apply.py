@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from portcullis.cli import CommandError, command, run_async
 from portcullis.settings import Settings
@@ -133,7 +134,7 @@ async def _staged_preview(settings: Settings, objects: list[object]) -> list[str
     return preview.lines(preview.preview(world, flows))
 
 
-async def preview_flows(settings: Settings) -> list[object]:
+async def preview_flows(settings: Settings) -> list[Any]:
     """Recent flows to judge staged policies against (none until flow logs are recorded)."""
     return []
 

@@ -125,7 +125,8 @@ class Audit:
             return 0
         where = history.LogFilter(
             since=_time(args.since, now, "--since"), until=_time(args.until, now, "--until"),
-            kinds=_kinds(args.kind), name=args.name, namespace=args.namespace, actor=args.changed_by,
+            kinds=_kinds(args.kind), name=args.name, namespace=args.namespace,
+            actor=args.changed_by,
         )
         changes = run_async(_changes(settings, None, ("endpoints", "profiles", "policies")))
         entries = list(history.log_entries(changes, where))

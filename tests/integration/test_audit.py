@@ -49,7 +49,9 @@ spec:
   selector: app == 'billing'
   types: [Egress]
   egress:
-  - {action: Allow, protocol: TCP, destination: {selector: role == 'payments', namespaceSelector: global(), ports: [443]}}
+  - action: Allow
+    protocol: TCP
+    destination: {selector: role == 'payments', namespaceSelector: global(), ports: [443]}
 """
 CHANGED = BASE.replace("ports: [443]", "ports: [443, 80]")
 DELETED = """

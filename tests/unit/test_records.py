@@ -14,8 +14,8 @@ from topics import codec, specs
 from topics.records import (
     DeadLetterRecord,
     DnsRecord,
-    HistoryRecord,
     EndpointRecord,
+    HistoryRecord,
     Labels,
     MembershipRecord,
     PolicyRecord,
