@@ -36,55 +36,52 @@ ENDPOINT_KINDS = {
     "globalnetworkset": "GlobalNetworkSet",
     "vm": "VM",
 }
+_UNDECODED = object()
+
+
 #: Endpoint records that apply publishes next to a policy object of the same name.
 MIRRORED_KINDS = {"NetworkSet", "GlobalNetworkSet", "HostEndpoint"}
 
 
 class Change:
     """One history record and where it sits in the log; its state record is decoded when
-    first asked for (replaying to a time decodes only the records that survive)."""
+    first asked for."""
 
-    __slots__ = ("_decoded", "_record", "history", "offset", "partition")
+    __slots__ = ("_record", "at", "history", "key", "offset", "partition", "topic")
 
     def __init__(self, history: HistoryRecord, partition: int = 0, offset: int = 0) -> None:
         self.history = history
         self.partition = partition
         self.offset = offset
-        self._record: EndpointRecord | ProfileRecord | PolicyRecord | None = None
-        self._decoded = history.record is None
+        self.topic, self.key, self.at = history.topic, history.key, history.at
+        self._record: Any = _UNDECODED
 
     def __repr__(self) -> str:
-        h = self.history
-        return f"Change({h.topic}:{h.key} {h.change} by {h.actor} at {h.at} @{self.offset})"
+        return f"Change({self.topic}:{self.key} at {self.at} @{self.partition}:{self.offset})"
 
     @property
     def record(self) -> EndpointRecord | ProfileRecord | PolicyRecord | None:
         """The state record (None for a delete); RecordError when it is not valid."""
-        if not self._decoded:
+        if self._record is _UNDECODED:
             self._record = decode_record(self.history)
-            self._decoded = True
-        return self._record
-
-    @property
-    def at(self) -> float:
-        return self.history.at
+        return self._record  # type: ignore[no-any-return]
 
     @property
     def slot(self) -> tuple[str, str]:
-        return (self.history.topic, self.history.key)
+        return (self.topic, self.key)
 
     @property
     def kind(self) -> str:
         """The object's kind as users name it (``GlobalNetworkPolicy``, ``Pod``, ``Namespace``)."""
-        return kind_of(self.history.topic, self.history.key)
+        return kind_of(self.topic, self.key)
 
     @property
     def namespace(self) -> str | None:
-        return identity(self.history.topic, self.history.key)[0]
+        return identity(self.topic, self.key)[0]
 
     @property
     def name(self) -> str:
-        return identity(self.history.topic, self.history.key)[1]
+        return identity(self.topic, self.key)[1]
 
 
 def kind_of(topic: str, key: str) -> str:
@@ -129,7 +126,7 @@ def decode_record(
 def in_order(changes: Iterable[Change]) -> list[Change]:
     """Changes by publication time (then topic and key); a key's own changes stay in log
     order (they share a partition)."""
-    return sorted(changes, key=lambda c: (c.at, c.history.topic, c.history.key, c.offset))
+    return sorted(changes, key=lambda c: (c.at, c.topic, c.key, c.offset))
 
 
 # -- state at a time ---------------------------------------------------------------------------
@@ -152,18 +149,18 @@ class AuditState:
         return tables[topic]
 
     def take(self, change: Change) -> None:
-        table = self.table(change.history.topic)
+        table = self.table(change.topic)
         try:
             record = change.record
-        except RecordError as exc:
-            table.pop(change.history.key, None)
-            self.problems.append(f"{change.history.topic} {change.history.key} (partition "
+        except (RecordError, TypeError) as exc:
+            table.pop(change.key, None)
+            self.problems.append(f"{change.topic} {change.key} (partition "
                                  f"{change.partition}, offset {change.offset}): {exc}")
             return
         if record is None:
-            table.pop(change.history.key, None)
+            table.pop(change.key, None)
         else:
-            table[change.history.key] = record
+            table[change.key] = record
 
 
 def state_at(changes: Iterable[Change], at: float | None = None) -> AuditState:
@@ -225,13 +222,13 @@ def log_entries(changes: Iterable[Change], where: LogFilter = LogFilter()) -> It
     ordered = in_order(changes)
     mirrored = {
         (c.at, c.kind, c.namespace, c.name)
-        for c in ordered if c.history.topic == "policies" and c.kind in MIRRORED_KINDS
+        for c in ordered if c.topic == "policies" and c.kind in MIRRORED_KINDS
     }
     previous: dict[tuple[str, str], Change] = {}
     for change in ordered:
         before = previous.get(change.slot)
         previous[change.slot] = change
-        if change.history.topic == "endpoints" and (
+        if change.topic == "endpoints" and (
             (change.at, change.kind, change.namespace, change.name) in mirrored
         ):
             continue

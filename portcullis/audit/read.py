@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,10 @@ from topics.records import HISTORY_OF, HistoryRecord, RecordError
 from topics.specs import topic_name
 
 log = logging.getLogger(__name__)
+
+#: How much later than a change's ``at`` its broker timestamp may be (batching, a slow
+#: broker, clock skew between producer and broker) and still be read.
+STAMP_SLACK_MS = 60_000
 
 
 @dataclass
@@ -80,9 +84,7 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
     return [TopicPartition(topic, p) for p in sorted(parts)]
 
 
-def history_change(
-    topic: str, partition: int, offset: int, value: bytes | None
-) -> Change:
+def history_change(topic: str, partition: int, offset: int, value: bytes | None) -> Change:
     """A history message as a Change; RecordError when it is not a valid HistoryRecord."""
     if value is None:
         raise RecordError("HistoryRecord: a tombstone on a history topic")
@@ -90,10 +92,94 @@ def history_change(
         data = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise RecordError(f"HistoryRecord: not valid JSON: {exc}") from None
-    history = HistoryRecord.from_dict(data)
-    if HISTORY_OF[history.topic] != topic:
-        raise RecordError(f"HistoryRecord: a {history.topic} change on the {topic} topic")
-    return Change(history, partition, offset)
+    change = Change(HistoryRecord.from_dict(data), partition, offset)
+    if HISTORY_OF.get(change.topic) != topic:
+        raise RecordError(f"HistoryRecord: a {change.topic} change on the {topic} topic")
+    return change
+
+
+_HEAD = b'{"v":1,"topic":"'
+_AT = b',"at":'
+
+
+def fast_at(value: bytes) -> float | None:
+    """The ``at`` of a HistoryRecord as this build encodes it (fields in a fixed order), read
+    without parsing the JSON; None when the value is not laid out that way.
+
+    The first ``,"at":`` is the top-level field: it comes before ``record``, and inside a
+    JSON string a quote is always escaped, so the bytes cannot occur in the earlier ones.
+    """
+    if not value.startswith(_HEAD):
+        return None
+    start = value.find(_AT)
+    if start < 0:
+        return None
+    start += len(_AT)
+    end = value.find(b",", start)
+    try:
+        return float(value[start:end])
+    except ValueError:
+        return None
+
+
+def latest_until(
+    messages: Iterable[tuple[str, int, int, bytes | None, bytes | None]], at: float,
+    skipped: Skipped,
+) -> list[Change]:
+    """Per key, the last change published at or before `at`, from (history topic suffix,
+    partition, offset, key, value) in log order per partition. Only those are decoded (and
+    checked against the message key): replaying a week to a time costs little more than
+    reading it."""
+    latest: dict[tuple[str, bytes], tuple[int, int, bytes]] = {}
+    for suffix, partition, offset, key, value in messages:
+        if value is None or key is None:
+            skipped.add(suffix, partition, offset, "a history message without key or value")
+            continue
+        when = fast_at(value)
+        if when is None:  # not our layout: decode it to know when it was
+            try:
+                when = history_change(suffix, partition, offset, value).at
+            except (RecordError, TypeError) as exc:
+                skipped.add(suffix, partition, offset, exc)
+                continue
+        if when <= at:
+            latest[(suffix, key)] = (partition, offset, value)
+    out = []
+    for (suffix, key), (partition, offset, value) in latest.items():
+        try:
+            change = history_change(suffix, partition, offset, value)
+        except (RecordError, TypeError) as exc:
+            skipped.add(suffix, partition, offset, exc)
+            continue
+        if change.key.encode("utf-8") != key or change.at > at:
+            skipped.add(suffix, partition, offset, "the record's key or time disagrees with "
+                        "the message key or its layout")
+            continue
+        out.append(change)
+    return out
+
+
+async def read_history_until(
+    kafka_kwargs: dict[str, Any],
+    prefix: str,
+    at: float,
+    topics: Sequence[str] = tuple(HISTORY_OF),
+    *,
+    skipped: Skipped | None = None,
+    timeout: float = 300.0,
+) -> list[Change]:
+    """The changes that make up the state at `at`: per key, the last one at or before it."""
+    skipped = skipped if skipped is not None else Skipped()
+    until_ms = int(at * 1000) + STAMP_SLACK_MS
+    messages: list[tuple[str, int, int, bytes | None, bytes | None]] = []
+    for state_topic in topics:
+        suffix = HISTORY_OF[state_topic]
+        async for partition, offset, key, value, stamp in read_log(
+            kafka_kwargs, topic_name(prefix, suffix), timeout=timeout
+        ):
+            if stamp <= until_ms:
+                messages.append((suffix, partition, offset, key, value))
+    return latest_until(messages, at, skipped)
 
 
 async def read_history(
@@ -102,26 +188,20 @@ async def read_history(
     topics: Sequence[str] = tuple(HISTORY_OF),
     *,
     skipped: Skipped | None = None,
-    until_ms: int | None = None,
     timeout: float = 300.0,
     progress: Callable[[int], None] | None = None,
 ) -> list[Change]:
     """Every change on the history topics of `topics` (state topic suffixes).
 
-    ``until_ms``: messages whose broker timestamp is later than this are not decoded (a
-    change published after the audited time cannot be in its state; the record's own
-    ``at`` still decides for those that are).
-    """
+"""
     skipped = skipped if skipped is not None else Skipped()
     out: list[Change] = []
     for state_topic in topics:
         suffix = HISTORY_OF[state_topic]
         name = topic_name(prefix, suffix)
-        async for partition, offset, _key, value, stamp in read_log(
+        async for partition, offset, _key, value, _stamp in read_log(
             kafka_kwargs, name, timeout=timeout
         ):
-            if until_ms is not None and stamp > until_ms:
-                continue
             try:
                 out.append(history_change(suffix, partition, offset, value))
             except (RecordError, TypeError) as exc:

@@ -11,10 +11,6 @@ from typing import Any
 from portcullis.cli import CommandError, command, run_async
 from portcullis.settings import Settings, add_arguments
 
-#: How much later than the audited time a change's broker timestamp may be (clock skew,
-#: batching) and still be read: its own ``at`` decides.
-TIMESTAMP_SLACK_MS = 60_000
-
 KIND_NAMES = {
     "pod": "Pod", "pods": "Pod", "hostendpoint": "HostEndpoint", "hep": "HostEndpoint",
     "vm": "VM", "vms": "VM", "namespace": "Namespace", "ns": "Namespace",
@@ -53,14 +49,13 @@ def _quiet(settings: Settings) -> None:
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
-async def _changes(settings: Settings, at: float | None, topics: tuple[str, ...]) -> list[Any]:
+async def _changes(settings: Settings, topics: tuple[str, ...]) -> list[Any]:
     from portcullis.audit.read import Skipped, read_history
 
     skipped = Skipped()
-    until = None if at is None else int(at * 1000) + TIMESTAMP_SLACK_MS
     try:
         changes = await read_history(settings.kafka.aiokafka_kwargs(), settings.topic_prefix,
-                                     topics, skipped=skipped, until_ms=until)
+                                     topics, skipped=skipped)
     except LookupError as exc:
         raise CommandError(str(exc)) from None
     for line in skipped.lines:
@@ -71,9 +66,21 @@ async def _changes(settings: Settings, at: float | None, topics: tuple[str, ...]
 def state_at(settings: Settings, at: float | None) -> Any:
     """The state topics as they stood at `at` (None: now), from the history topics."""
     from portcullis.audit.history import state_at as replay
+    from portcullis.audit.read import Skipped, read_history_until
 
-    changes = run_async(_changes(settings, at, ("endpoints", "profiles", "policies")))
-    state = replay(changes, at)
+    async def survivors() -> list[Any]:
+        skipped = Skipped()
+        try:
+            changes = await read_history_until(
+                settings.kafka.aiokafka_kwargs(), settings.topic_prefix,
+                time.time() if at is None else at, skipped=skipped)
+        except LookupError as exc:
+            raise CommandError(str(exc)) from None
+        for line in skipped.lines:
+            print(f"warning: skipped {line}", file=sys.stderr)
+        return changes
+
+    state = replay(run_async(survivors()))
     for line in state.problems:
         print(f"warning: unreadable record left out: {line}", file=sys.stderr)
     return state
@@ -128,7 +135,7 @@ class Audit:
             kinds=_kinds(args.kind), name=args.name, namespace=args.namespace,
             actor=args.changed_by,
         )
-        changes = run_async(_changes(settings, None, ("endpoints", "profiles", "policies")))
+        changes = run_async(_changes(settings, ("endpoints", "profiles", "policies")))
         entries = list(history.log_entries(changes, where))
         sys.stdout.write(render.render_log(entries, args.output, diffs=not args.no_diff))
         if not entries and args.output == "text":
