@@ -169,9 +169,12 @@ class World:
         return [o for o in self.enforced().values() if isinstance(o, NetworkSet)]
 
     def peer(self, dest: Destination) -> pverdict.Peer:
+        # every endpoint record holding the IP, network sets included (selectors match them
+        # by their nets there, as the processor does); the sets' policy documents add the
+        # matches by allowedEgressDomains
         holders = [
             self.labels_of(r) for r in self.state.endpoints.values()
-            if dest.ip is not None and r.kind in ENFORCED_KINDS and _holds(r.ips, dest.ip)
+            if dest.ip is not None and _holds(r.ips, dest.ip)
         ]
         namespace_labels = {
             p.namespace: dict(p.labels) for p in self.state.profiles.values()
