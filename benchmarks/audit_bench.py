@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import platform
 import random
 import statistics
@@ -36,13 +37,15 @@ from topics.specs import topic_name
 
 RESULTS = Path(__file__).parent / "results" / "audit_bench.json"
 WEEK = 7 * 86400.0
+#: The week ends an hour ago, so a broker's 7-day retention keeps all of it.
+START = time.time() - WEEK - 3600
 PARTITIONS = 6
 
 
 def week(records: int, pods: int, namespaces: int, seed: int = 7) -> list[tuple[str, bytes, bytes]]:
     """(history topic suffix, key, encoded HistoryRecord) in publication order."""
     rnd = random.Random(seed)
-    start = 1_796_000_000.0
+    start = START
     out: list[tuple[str, bytes, bytes]] = []
     alive: dict[str, dict[str, Any]] = {}
     for i in range(records):
@@ -130,9 +133,10 @@ async def _produce(bootstrap: str, prefix: str,
     t0 = time.perf_counter()
     try:
         for suffix, key, value in history:
-            pk = HistoryRecord.from_dict(orjson.loads(value)).partition_key
+            record = HistoryRecord.from_dict(orjson.loads(value))
             await producer.send(topic_name(prefix, suffix), value, key=key,
-                                partition=partition_for_key(pk, PARTITIONS))
+                                partition=partition_for_key(record.partition_key, PARTITIONS),
+                                timestamp_ms=math.ceil(record.at * 1000))
         await producer.flush()
     finally:
         await producer.stop()
@@ -179,7 +183,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     history = week(args.records, args.pods, args.namespaces)
-    at = 1_796_000_000.0 + WEEK / 2
+    at = START + WEEK / 2
     print(f"built {len(history):,} history records in {time.perf_counter() - t0:.1f} s "
           f"({sum(len(v) for _t, _k, v in history) / len(history):.0f} bytes each)", flush=True)
     results: dict[str, Any] = {

@@ -146,6 +146,9 @@ POLICY_RESOURCES = tuple(
         ("globalnetworksets", "GlobalNetworkSet"),
         ("networksets", "NetworkSet"),
         ("hostendpoints", "HostEndpoint"),
+        ("stagedglobalnetworkpolicies", "StagedGlobalNetworkPolicy"),
+        ("stagednetworkpolicies", "StagedNetworkPolicy"),
+        ("stagedkubernetesnetworkpolicies", "StagedKubernetesNetworkPolicy"),
     )
 )
 

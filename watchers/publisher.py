@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -67,11 +68,14 @@ class KafkaPublisher:
             self._partitions[topic] = len(parts)
         return self._partitions[topic]
 
-    async def _send(self, suffix: str, pub: Publication, value: bytes | None) -> Any:
+    async def _send(
+        self, suffix: str, pub: Publication, value: bytes | None, stamp_ms: int | None = None
+    ) -> Any:
         topic = topic_name(self._prefix, suffix)
         partition = partition_for_key(pub.partition_key, await self.partition_count(topic))
         return await self._producer.send(
-            topic, value=value, key=pub.key.encode("utf-8"), partition=partition
+            topic, value=value, key=pub.key.encode("utf-8"), partition=partition,
+            timestamp_ms=stamp_ms,
         )
 
     def history_record(self, pub: Publication, at: float) -> HistoryRecord:
@@ -88,8 +92,11 @@ class KafkaPublisher:
                 value = None if pub.value is None else encode(pub.value)
                 futures.append(await self._send(pub.topic, pub, value))
                 if self._history and pub.topic in HISTORY:
+                    # the message time is never before the change's own (audit reads
+                    # only messages up to a little after the time it replays to)
                     history = encode(self.history_record(pub, at))
-                    futures.append(await self._send(HISTORY[pub.topic], pub, history))
+                    futures.append(await self._send(HISTORY[pub.topic], pub, history,
+                                                    math.ceil(at * 1000)))
             await asyncio.gather(*futures)
         except KafkaError as exc:
             raise PublishError(

@@ -96,6 +96,14 @@ POLICY_COMMON: dict[str, Any] = {
 NETWORK_SET = {"nets": strings("CIDRs in the set"),
                "allowedEgressDomains": strings("domain names in the set")}
 
+STAGED_ACTION = {"stagedAction": {
+    "type": "string", "enum": ["Set", "Delete"],
+    "description": "what enforcing this would do to the policy of the same name (default Set); "
+                   "staged policies are never enforced"}}
+KUBERNETES_RULES = {"type": "array", "items": {"type": "object",
+                                               "x-kubernetes-preserve-unknown-fields": True}}
+STAGED_COLUMNS = [("Action", ".spec.stagedAction"), ("Selector", ".spec.selector")]
+
 KINDS: dict[str, dict[str, Any]] = {
     "GlobalNetworkPolicy": {
         "plural": "globalnetworkpolicies", "scope": "Cluster", "short": ["gnp"],
@@ -135,6 +143,28 @@ KINDS: dict[str, dict[str, Any]] = {
                     "protocol": INT_OR_STRING}}},
         },
         "columns": [("Node", ".spec.node"), ("Interface", ".spec.interfaceName")],
+    },
+    "StagedGlobalNetworkPolicy": {
+        "plural": "stagedglobalnetworkpolicies", "scope": "Cluster", "short": ["sgnp"],
+        "spec": {**POLICY_COMMON, **STAGED_ACTION,
+                 "namespaceSelector": string("namespaces whose endpoints this applies to"),
+                 "applyOnForward": {"type": "boolean"}},
+        "columns": STAGED_COLUMNS,
+    },
+    "StagedNetworkPolicy": {
+        "plural": "stagednetworkpolicies", "scope": "Namespaced", "short": ["snp"],
+        "spec": {**POLICY_COMMON, **STAGED_ACTION},
+        "columns": STAGED_COLUMNS,
+    },
+    "StagedKubernetesNetworkPolicy": {
+        "plural": "stagedkubernetesnetworkpolicies", "scope": "Namespaced", "short": ["sknp"],
+        "spec": {**STAGED_ACTION,
+                 "podSelector": {"type": "object",
+                                 "x-kubernetes-preserve-unknown-fields": True},
+                 "policyTypes": {"type": "array", "items": {
+                     "type": "string", "enum": ["Ingress", "Egress"]}},
+                 "ingress": KUBERNETES_RULES, "egress": KUBERNETES_RULES},
+        "columns": [("Action", ".spec.stagedAction")],
     },
     "Tier": {
         "plural": "tiers", "scope": "Cluster", "short": [],

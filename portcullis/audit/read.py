@@ -29,9 +29,11 @@ STAMP_SLACK_MS = 60_000
 
 @dataclass
 class Skipped:
-    """Records that could not be read, one line each (topic, partition, offset, why)."""
+    """Records that could not be read, one line each (topic, partition, offset, why), and
+    notes on what the history cannot tell (``notes``)."""
 
     lines: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def add(self, topic: str, partition: int, offset: int, why: object) -> None:
         self.lines.append(f"{topic}[{partition}]@{offset}: {why}")
@@ -43,9 +45,11 @@ async def read_log(
     *,
     timeout: float = 120.0,
     max_fetch_bytes: int = 16 * 1024 * 1024,
+    starts: dict[int, int] | None = None,
 ) -> AsyncIterator[tuple[int, int, bytes | None, bytes | None, int]]:
     """(partition, offset, key, value, timestamp ms) of every message up to the end offsets
-    at the start; LookupError when the topic does not exist."""
+    at the start; LookupError when the topic does not exist. ``starts`` is filled with each
+    partition's first retained offset (above 0 where retention has deleted messages)."""
     consumer = AIOKafkaConsumer(
         **kafka_kwargs, enable_auto_commit=False, auto_offset_reset="earliest",
         client_id="portcullis-audit", max_partition_fetch_bytes=max_fetch_bytes,
@@ -58,6 +62,9 @@ async def read_log(
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
+            if starts is not None:
+                begins = await consumer.beginning_offsets(tps)
+                starts.update({tp.partition: begins[tp] for tp in tps})
             pending = {tp for tp in tps if ends[tp] > 0}
             while pending:
                 batch = await consumer.getmany(*pending, timeout_ms=500)
@@ -168,18 +175,71 @@ async def read_history_until(
     skipped: Skipped | None = None,
     timeout: float = 300.0,
 ) -> list[Change]:
-    """The changes that make up the state at `at`: per key, the last one at or before it."""
+    """The changes that make up the state at `at`: per key, the last one at or before it.
+
+    Where retention has deleted the start of a history partition, an object with no
+    retained change has been as its state topic holds it since before the oldest retained
+    change: it is taken from there. The state before that horizon is incomplete, and
+    `skipped.notes` says so.
+    """
     skipped = skipped if skipped is not None else Skipped()
     until_ms = int(at * 1000) + STAMP_SLACK_MS
     messages: list[tuple[str, int, int, bytes | None, bytes | None]] = []
     for state_topic in topics:
         suffix = HISTORY_OF[state_topic]
+        starts: dict[int, int] = {}
+        oldest: dict[int, int] = {}  # partition -> time (ms) of its oldest retained message
+        seen: set[bytes] = set()
         async for partition, offset, key, value, stamp in read_log(
-            kafka_kwargs, topic_name(prefix, suffix), timeout=timeout
+            kafka_kwargs, topic_name(prefix, suffix), timeout=timeout, starts=starts
         ):
+            oldest.setdefault(partition, stamp)
+            if key is not None:
+                seen.add(key)
             if stamp <= until_ms:
                 messages.append((suffix, partition, offset, key, value))
+        trimmed = {p for p, start in starts.items() if start > 0}
+        if trimmed:
+            messages.extend(await _unchanged_since_the_horizon(
+                kafka_kwargs, prefix, state_topic, trimmed, len(starts), seen))
+            horizon = max(oldest.get(p, until_ms) for p in trimmed) / 1000
+            if at < horizon:
+                skipped.notes.append(
+                    f"{suffix}: retention has deleted the changes before "
+                    f"{_iso(horizon)}: the state at an earlier time is incomplete")
     return latest_until(messages, at, skipped)
+
+
+async def _unchanged_since_the_horizon(
+    kafka_kwargs: dict[str, Any], prefix: str, state_topic: str, trimmed: set[int],
+    count: int, seen: set[bytes],
+) -> list[tuple[str, int, int, bytes | None, bytes | None]]:
+    """Objects of trimmed partitions that no retained change mentions, as changes at time 0
+    (their state-topic record), so they are in the state at any time after the horizon."""
+    from topics.codec import encode
+    from topics.partitioner import partition_for_key
+    from topics.specs import spec_for
+    from watchers.topicstate import read_state
+
+    name = topic_name(prefix, state_topic)
+    records = await read_state(kafka_kwargs, name, spec_for(name).record)
+    out: list[tuple[str, int, int, bytes | None, bytes | None]] = []
+    for key, record in records.items():
+        raw_key = key.encode("utf-8")
+        if raw_key in seen:
+            continue
+        history = HistoryRecord(state_topic, key, "upsert", "(before the retained history)",
+                                "state topic", 0.0, record.to_dict())
+        partition = partition_for_key(history.partition_key, count)
+        if partition in trimmed:
+            out.append((HISTORY_OF[state_topic], partition, -1, raw_key, encode(history)))
+    return out
+
+
+def _iso(seconds: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds")
 
 
 async def read_history(

@@ -98,7 +98,9 @@ def _publish(args: argparse.Namespace, settings: Settings, *, delete: bool) -> i
     for outcome in outcomes:
         print(outcome.line() + suffix, flush=True)
         missing += outcome.verb == "not found"
-    if not delete and any(getattr(o, "kind", "").startswith("Staged") for o in objects):
+    if args.dry_run and not delete and any(
+        getattr(o, "kind", "").startswith("Staged") for o in objects
+    ):
         for line in run_async(_staged_preview(settings, objects)):
             print(line, flush=True)
     if missing:

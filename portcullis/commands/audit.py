@@ -78,6 +78,8 @@ def state_at(settings: Settings, at: float | None) -> Any:
             raise CommandError(str(exc)) from None
         for line in skipped.lines:
             print(f"warning: skipped {line}", file=sys.stderr)
+        for line in skipped.notes:
+            print(f"warning: {line}", file=sys.stderr)
         return changes
 
     state = replay(run_async(survivors()))

@@ -211,3 +211,44 @@ def test_audit_replays_the_state_log_and_verdicts_at_every_instant(
     assert s.cli("audit", "log", "--kind", "pod", "--since", f"@{s.instants[2]}",
                  "--until", f"@{s.instants[4]}", "-o", "json") == 0
     assert [(e["change"], e["name"]) for e in _json(capsys)] == [("changed", "reports")]
+
+
+def test_objects_older_than_the_retained_history_come_from_the_state_topics(
+    kafka_broker: Broker, topic_prefix: str, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Retention deletes the start of a history topic (here with DeleteRecords, which Kafka
+    has and Tansu lacks): objects unchanged since then are still in the state, and a time
+    before the horizon is reported as incomplete."""
+    from aiokafka import TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+
+    report = asyncio.run(check_topics({"bootstrap_servers": kafka_broker.bootstrap},
+                                      topic_prefix, PARTITIONS, create=True))
+    assert report.ok, report.lines()
+    s = Script(kafka_broker, topic_prefix, tmp_path)
+    now = time.time()
+    s.watch(translate.pod_endpoint(_pod("old", "10.1.0.9", {"app": "old"}, 1), now),
+            translate.pod_endpoint(_pod("busy", "10.1.0.8", {"app": "busy"}, 2), now))
+    before = s.mark()
+
+    async def trim() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+        await admin.start()
+        try:
+            topic = topic_name(topic_prefix, "endpoints.history")
+            await admin.delete_records(
+                {TopicPartition(topic, p): RecordsToDelete(-1) for p in range(PARTITIONS)})
+        finally:
+            await admin.close()
+
+    asyncio.run(trim())
+    s.watch(translate.pod_endpoint(_pod("busy", "10.1.0.8", {"app": "busier"}, 3), time.time()))
+    s.mark()
+    capsys.readouterr()
+    assert s.cli("audit", "state", "-o", "json") == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["items"] == render.state_items(s.states[-1])
+    assert "retention" not in captured.err
+    assert s.cli("audit", "state", "--at", f"@{before}", "-o", "json") == 0
+    assert "the state at an earlier time is incomplete" in capsys.readouterr().err

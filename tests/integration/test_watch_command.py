@@ -33,6 +33,9 @@ RESOURCES = [
     (GROUP, "tiers", "Tier"), (GROUP, "globalnetworkpolicies", "GlobalNetworkPolicy"),
     (GROUP, "networkpolicies", "NetworkPolicy"), (GROUP, "globalnetworksets", "GlobalNetworkSet"),
     (GROUP, "networksets", "NetworkSet"), (GROUP, "hostendpoints", "HostEndpoint"),
+    (GROUP, "stagedglobalnetworkpolicies", "StagedGlobalNetworkPolicy"),
+    (GROUP, "stagednetworkpolicies", "StagedNetworkPolicy"),
+    (GROUP, "stagedkubernetesnetworkpolicies", "StagedKubernetesNetworkPolicy"),
 ]
 
 

@@ -50,7 +50,8 @@ def test_one_crd_per_watched_resource_in_our_group() -> None:
         assert spec["group"] == GROUP
         assert [v["name"] for v in spec["versions"]] == [GROUP_VERSION]
         assert res.list_kwargs["plural"] == spec["names"]["plural"]
-        namespaced = res.kind in ("NetworkPolicy", "NetworkSet")
+        namespaced = res.kind in ("NetworkPolicy", "NetworkSet", "StagedNetworkPolicy",
+                                  "StagedKubernetesNetworkPolicy")
         assert spec["scope"] == ("Namespaced" if namespaced else "Cluster")
 
 
