@@ -34,6 +34,7 @@ class Skipped:
 
     lines: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    messages: int = 0  # history messages read
 
     def add(self, topic: str, partition: int, offset: int, why: object) -> None:
         self.lines.append(f"{topic}[{partition}]@{offset}: {why}")
@@ -194,6 +195,7 @@ async def read_history_until(
             kafka_kwargs, topic_name(prefix, suffix), timeout=timeout, starts=starts
         ):
             oldest.setdefault(partition, stamp)
+            skipped.messages += 1
             if key is not None:
                 seen.add(key)
             if stamp <= until_ms:
