@@ -173,6 +173,29 @@ class EnforcerMetrics:
         self.dns_errors = Counter(
             "portcullis_enforcer_dns_errors_total",
             "DNS answers whose learning or programming failed (released, logged).")
+        self.flow_events = Counter(
+            "portcullis_enforcer_flow_events_total",
+            "Logged first packets of connection attempts read from NFLOG.")
+        self.flow_kernel_dropped = Counter(
+            "portcullis_enforcer_flow_kernel_dropped_total",
+            "Flow-log messages the kernel dropped because we were behind (never packets).")
+        self.flow_records = Counter(
+            "portcullis_enforcer_flow_records_published_total",
+            "Flow records published (flows topic).")
+        self.flow_publish_failures = Counter(
+            "portcullis_enforcer_flow_publish_failures_total",
+            "Flow records that could not be published (logged; enforcement went on).")
+        self.flow_overflow = Counter(
+            "portcullis_enforcer_flow_overflow_total",
+            "Flow events past the per-interval cap of distinct flows, summed per decision "
+            "only (reason \"overflow\") or, past that cap too, counted here alone.")
+        self.flow_malformed = Counter(
+            "portcullis_enforcer_flow_malformed_total",
+            "NFLOG messages whose prefix or headers could not be read (skipped).")
+        self.flow_errors = Counter(
+            "portcullis_enforcer_flow_errors_total",
+            "Flow-log failures: the NFLOG group could not be bound or read (enforcement "
+            "went on; logged).")
 
     def all(self) -> list[Counter | Gauge | Histogram]:
         return [self.latency, self.batches, self.member_ops, self.chains_written,
@@ -181,7 +204,9 @@ class EnforcerMetrics:
                 self.connected, self.in_sync, self.dns_answers, self.dns_ips_programmed,
                 self.dns_hold, self.dns_slow_holds, self.dns_evictions, self.dns_expired,
                 self.dns_names, self.dns_untrusted, self.dns_malformed, self.dns_errors,
-                self.dns_published, self.dns_publish_failures]
+                self.dns_published, self.dns_publish_failures, self.flow_events,
+                self.flow_kernel_dropped, self.flow_records, self.flow_publish_failures,
+                self.flow_overflow, self.flow_malformed, self.flow_errors]
 
     def expose(self) -> str:
         lines: list[str] = []
