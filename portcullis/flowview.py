@@ -6,16 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import yaml
 
+from portcullis import timespec
 from topics.records import FlowRecord
-
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class FlowQueryError(ValueError):
@@ -23,20 +20,13 @@ class FlowQueryError(ValueError):
 
 
 def parse_time(text: str, now: float, flag: str = "--since") -> float:
-    """Epoch seconds from an ISO 8601 time (no zone: UTC) or a duration before `now`
-    (``90s``, ``10m``, ``2h``, ``1d``)."""
-    text = text.strip()
-    relative = _RELATIVE.match(text)
-    if relative:
-        return now - float(relative.group(1)) * _UNIT_SECONDS[relative.group(2)]
+    """Epoch seconds from an ISO 8601 time (no zone: UTC), ``@epoch``, or a duration before
+    `now` (``90s``, ``10m``, ``2h``, ``1d``): `portcullis.timespec`, with the flag named."""
     try:
-        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise FlowQueryError(f"{flag} {text!r}: expected an ISO time (2024-05-01T12:00:00Z) "
-                             "or a duration before now (90s, 10m, 2h, 1d)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return moment.timestamp()
+        return timespec.parse_time(text, now)
+    except timespec.TimeSpecError:
+        raise FlowQueryError(f"{flag} {text!r}: expected an ISO time (2024-05-01T12:00:00Z), "
+                             "@epoch, or a duration before now (90s, 10m, 2h, 1d)") from None
 
 
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
@@ -103,7 +93,9 @@ def decided_by(r: FlowRecord) -> str:
     return f"{r.tier} · {r.reason}" if r.tier else r.reason
 
 
-def table(records: Sequence[FlowRecord]) -> str:
+def table(records: Sequence[FlowRecord], staged: Sequence[str] | None = None) -> str:
+    """One row per record; ``staged``: per record, what it would be with the staged policies
+    enforced (an extra column)."""
     if not records:
         return ""
     rows = [{
@@ -117,6 +109,9 @@ def table(records: Sequence[FlowRecord]) -> str:
         "PACKETS": str(r.packets),
         "DECIDED BY": decided_by(r),
     } for r in records]
+    if staged is not None:
+        for row, would in zip(rows, staged, strict=True):
+            row["IF STAGED"] = would
     headers = list(rows[0])
     widths = {h: max(len(h), *(len(row[h]) for row in rows)) for h in headers}
     lines = ["   ".join(h.ljust(widths[h]) for h in headers).rstrip()]
@@ -124,13 +119,18 @@ def table(records: Sequence[FlowRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(records: Sequence[FlowRecord], output: str) -> str:
-    """``table``, ``json`` (a list) or ``yaml`` (a list) of the records' fields."""
+def render(records: Sequence[FlowRecord], output: str,
+           staged: Sequence[str] | None = None) -> str:
+    """``table``, ``json`` (a list) or ``yaml`` (a list) of the records' fields (with
+    ``if_staged`` when `staged` is given)."""
     items = [{k: v for k, v in r.to_dict().items() if k != "v"} for r in records]
+    if staged is not None:
+        for item, would in zip(items, staged, strict=True):
+            item["if_staged"] = would
     if output == "json":
         return json.dumps(items, indent=2) + "\n"
     if output == "yaml":
         return str(yaml.safe_dump(items, sort_keys=False, default_flow_style=False))
     if output == "table":
-        return table(records)
+        return table(records, staged)
     raise FlowQueryError(f"-o {output!r}: expected table, json or yaml")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import time
@@ -20,45 +19,66 @@ async def read_flows(kafka_kwargs: dict[str, Any], topic: str,
                      timeout: float = 30.0) -> list[FlowRecord]:
     """Every record on the topic up to its end offsets when reading starts (records that
     arrive meanwhile are not waited for); malformed ones are skipped and logged."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
+    from portcullis.audit.read import read_log
     from topics.codec import decode_as
     from topics.records import RecordError
 
-    consumer = AIOKafkaConsumer(**kafka_kwargs, enable_auto_commit=False, group_id=None,
-                                auto_offset_reset="earliest", client_id="portcullis-flows")
-    await consumer.start()
     records: list[FlowRecord] = []
-    try:
-        async with asyncio.timeout(timeout):
-            parts = consumer.partitions_for_topic(topic)
-            if parts is None:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                raise LookupError(f"topic {topic!r} does not exist (run `portcullis topics "
-                                  "create`)")
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            while pending := [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                batch = await consumer.getmany(*pending, timeout_ms=500)
-                for tp, messages in batch.items():
-                    for msg in messages:
-                        if msg.offset >= ends[tp]:
-                            continue
-                        try:
-                            record = decode_as(FlowRecord, msg.value)
-                        except RecordError as exc:
-                            log.warning("%s[%d]@%d: skipped: %s", topic, tp.partition,
-                                        msg.offset, exc)
-                            continue
-                        if record is not None:
-                            records.append(record)
-    finally:
-        await consumer.stop()
+    async for partition, offset, _key, value, _stamp in read_log(kafka_kwargs, topic,
+                                                                 timeout=timeout):
+        try:
+            record = decode_as(FlowRecord, value)
+        except RecordError as exc:
+            log.warning("%s[%d]@%d: skipped: %s", topic, partition, offset, exc)
+            continue
+        if record is not None:
+            records.append(record)
     return records
+
+
+async def current_world(settings: Settings) -> Any:
+    """The state topics as they are now, as an `audit.explain.World`."""
+    from portcullis.audit.explain import World
+    from portcullis.audit.history import AuditState
+    from topics.records import EndpointRecord, PolicyRecord, ProfileRecord
+    from topics.specs import topic_name
+    from watchers.topicstate import read_state
+
+    kw, prefix = settings.kafka.aiokafka_kwargs(), settings.topic_prefix
+    return World.of(AuditState(
+        endpoints=await read_state(kw, topic_name(prefix, "endpoints"), EndpointRecord),
+        profiles=await read_state(kw, topic_name(prefix, "profiles"), ProfileRecord),
+        policies=await read_state(kw, topic_name(prefix, "policies"), PolicyRecord),
+    ))
+
+
+def as_flow(record: FlowRecord) -> Any:
+    """A logged egress attempt from a known endpoint as a question for policy (else None)."""
+    from portcullis.audit.preview import Flow
+
+    if record.direction != "egress" or record.source_endpoint is None:
+        return None
+    return Flow(record.source_endpoint, record.dest_ip, record.dest_port, record.protocol,
+                record.attempts)
+
+
+def if_staged(world: Any, records: list[FlowRecord]) -> list[str]:
+    """Per record: what policy would decide with every staged policy enforced."""
+    from portcullis.audit.explain import Destination
+
+    out = []
+    for record in records:
+        flow = as_flow(record)
+        src = world.state.endpoints.get(flow.source_endpoint) if flow else None
+        if src is None:
+            out.append("-")
+            continue
+        dest = Destination(flow.dest_ip, flow.dest_ip, None, None, flow.dest_port,
+                           flow.protocol)
+        now = world.explain_records(src, dest).verdict.action
+        staged = world.explain_records(src, dest, staged=True).verdict.action
+        out.append(f"would {staged}" if staged != now else staged)
+    return out
 
 
 @command("flows", "Show connection attempts the enforcers logged (denied, and allowed where "
@@ -77,6 +97,9 @@ class Command:
                                  "namespace/name or name) or address")
         parser.add_argument("--dest", metavar="ENDPOINT|IP|CIDR",
                             help="only to this endpoint or address")
+        parser.add_argument("--staged", action="store_true",
+                            help="add what policy would decide with every staged policy "
+                                 "enforced (\"would deny\" where it differs from now)")
         parser.add_argument("-o", "--output", choices=["table", "json", "yaml"],
                             default="table", help="output format (default table)")
 
@@ -103,7 +126,8 @@ class Command:
         except TimeoutError:
             raise CommandError("reading the flows topic took over 30 s") from None
         shown = select(records, flt)
-        text = render(shown, args.output)
+        staged = if_staged(run_async(current_world(settings)), shown) if args.staged else None
+        text = render(shown, args.output, staged)
         if not text and args.output == "table":
             print("No flows found.", file=sys.stderr)
         sys.stdout.write(text)

@@ -4,7 +4,7 @@ A real `portcullis enforce` in a node namespace follows a scripted history on a 
 (policies applied, changed and deleted; a pod relabelled), published through the watchers'
 publisher so the history topics hold it. After each step the pods connect to servers
 outside; afterwards, `explain --at` for the instant of each attempt must say what the
-kernel did."""
+kernel did. A staged policy that would deny everything is on the topics all along."""
 
 from __future__ import annotations
 
@@ -52,6 +52,17 @@ spec:
     protocol: TCP
     destination: {selector: kind == 'saas', namespaceSelector: global(), ports: [443]}
 """
+# on the topics throughout, never enforced: were it, pod a could reach nothing
+STAGED = """
+apiVersion: projectcalico.org/v3
+kind: StagedNetworkPolicy
+metadata: {name: lock-a, namespace: shop}
+spec:
+  order: 1
+  selector: app == 'web'
+  types: [Egress]
+  egress: [{action: Deny}]
+"""
 PROBES = (("a", "10.66.1.1", 443), ("a", "10.66.1.1", 80), ("b", "10.66.1.1", 443),
           ("a", "10.66.2.1", 443))
 
@@ -97,6 +108,7 @@ async def test_explain_at_agrees_with_the_connections_made_then(
     world.put_endpoint("globalnetworkset", None, "saas", ("10.66.1.0/24",), {"kind": "saas"},
                        node=None)
     world.put_objects(BASE)
+    world.put_objects(STAGED)
     await _publish(bootstrap, topic_prefix, world, "alice")
     port = free_port()
     log = tmp_path / "enforcer.log"
