@@ -118,8 +118,8 @@ def bench_pure(history: list[tuple[str, bytes, bytes]], at: float, repeat: int) 
             "policies_at": len(state.policies)}
 
 
-async def _produce(bootstrap: str, prefix: str,
-                   history: list[tuple[str, bytes, bytes]]) -> float:
+async def _produce(bootstrap: str, prefix: str, history: list[tuple[str, bytes, bytes]],
+                   idempotent: bool) -> float:
     from aiokafka import AIOKafkaProducer
 
     from portcullis.topics_admin import check_topics
@@ -128,7 +128,7 @@ async def _produce(bootstrap: str, prefix: str,
                                 create=True)
     assert not report.failures(), report.lines()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-                                max_batch_size=1 << 20, enable_idempotence=True)
+                                max_batch_size=1 << 20, enable_idempotence=idempotent)
     await producer.start()
     t0 = time.perf_counter()
     futures = []
@@ -165,7 +165,8 @@ def bench_broker(kind: str, history: list[tuple[str, bytes, bytes]], at: float) 
     broker.start()
     try:
         prefix = f"bench{random.getrandbits(24):06x}."
-        produce_s = asyncio.run(_produce(broker.bootstrap, prefix, history))
+        # Tansu has no idempotent producer
+        produce_s = asyncio.run(_produce(broker.bootstrap, prefix, history, kind == "kafka"))
         runs = [asyncio.run(_read(broker.bootstrap, prefix, at)) for _ in range(3)]
     finally:
         broker.stop()
