@@ -793,8 +793,8 @@ class DnsRecord:
     """What one trusted DNS answer taught a node: ``name`` resolves to ``ips`` for ``ttl``
     seconds from ``observed_at`` (when the enforcer held the answer). ``endpoint`` is the
     local endpoint it was for (None: not a known endpoint's address), ``address`` the
-    address it went to, ``server`` who sent it. Enforcers re-read their node's records at
-    start-up (learned IPs survive a restart); auditors read them all."""
+    address it went to, ``server`` who sent it. For audit (an enforcer keeps what it learnt
+    across a restart in its own ``--dns-state-file``)."""
 
     VERSION: ClassVar[int] = 1
     node: str
