@@ -3,7 +3,7 @@
 * **Fetch wait**: Faust hard-codes a 1.5 s fetch wait; the transport's `fetch_max_wait_ms`
   is used instead.
 * **End offsets**: table recovery reads each changelog up to an end offset that is true on
-  every broker (`streams.endoffsets`; Tansu lists one short of its last batch).
+  every broker (`topics.endoffsets`; Tansu lists one short of its last batch).
 * **No dropped records**: Faust's `Consumer.getmany` takes a batch from aiokafka (which
   then counts it as consumed) and silently drops the records of a partition that stopped
   being active meanwhile, or all of them when the flow stops or a rebalance begins
@@ -30,7 +30,7 @@ from aiokafka.errors import IllegalStateError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 
-from streams.endoffsets import true_end_offsets
+from topics.endoffsets import true_end_offsets
 
 log = logging.getLogger("portcullis.streams")
 

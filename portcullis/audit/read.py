@@ -17,6 +17,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from portcullis.audit.history import Change
+from topics.endoffsets import true_end_offsets
 from topics.records import HISTORY_OF, HistoryRecord, RecordError
 from topics.specs import topic_name
 
@@ -62,7 +63,8 @@ async def read_log(
             tps = await _partitions(consumer, topic)
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
+            # Tansu lists the base of the last batch as the end: raise it to the true end
+            ends = await true_end_offsets(consumer._client, await consumer.end_offsets(tps))
             if starts is not None:
                 begins = await consumer.beginning_offsets(tps)
                 starts.update({tp.partition: begins[tp] for tp in tps})
