@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -20,6 +21,7 @@ from aiokafka.errors import KafkaError
 from topics.codec import encode
 from topics.partitioner import partition_for_key
 from topics.specs import topic_name
+from watchers.metrics import WatchMetrics
 from watchers.mirror import Publication
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,10 @@ class Publisher(Protocol):
 class KafkaPublisher:
     """Publishes `Publication`s with an aiokafka producer (which the caller starts and stops)."""
 
-    def __init__(self, producer: AIOKafkaProducer, prefix: str, *, history: bool = True) -> None:
+    def __init__(self, producer: AIOKafkaProducer, prefix: str, *, history: bool = True,
+                 metrics: WatchMetrics | None = None) -> None:
         self._producer = producer
+        self.metrics = metrics
         self._prefix = prefix
         self._history = history
         self._partitions: dict[str, int] = {}
@@ -67,16 +71,25 @@ class KafkaPublisher:
             return
         try:
             futures = []
+            topics = []
             for pub in publications:
                 futures.append(await self._send(pub.topic, pub))
+                topics.append(pub.topic)
                 if self._history and pub.topic in HISTORY:
                     futures.append(await self._send(HISTORY[pub.topic], pub))
+                    topics.append(HISTORY[pub.topic])
             await asyncio.gather(*futures)
         except KafkaError as exc:
+            if self.metrics is not None:
+                self.metrics.publish_failures.inc()
             raise PublishError(
                 f"Kafka did not accept {len(publications)} record(s): {exc}"
             ) from exc
         self.published += len(publications)
+        if self.metrics is not None:
+            for topic in topics:
+                self.metrics.published.inc(topic=topic)
+            self.metrics.last_publish.set(time.time())
         log.debug("published %d record(s)", len(publications))
 
 
