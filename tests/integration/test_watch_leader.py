@@ -127,3 +127,39 @@ async def test_only_the_leader_publishes_and_a_standby_takes_over_with_the_whole
                                        lambda r: r and r[0] == 503, log_b)
             assert "election loop silent" in body["why"]
     assert b.returncode is not None
+
+
+async def test_a_single_watcher_is_ready_once_listed_and_counts_what_it_sees(
+    kmock: kmock.KubernetesEmulator, broker: Broker, prefix: str, tmp_path: Path
+) -> None:
+    api = ScriptedKubernetes(kmock, RESOURCES)
+    await api.create("namespaces", {"metadata": {"name": "prod"}})
+    await api.create("pods", pod("prod", "p1", "10.1.0.1"))
+    config = kubeconfig(tmp_path / "kubeconfig", kmock)
+    port = free_port()
+    log = tmp_path / "watch.log"
+    api.list_delay = 1.0
+    async with portcullis(log, "watch", "kubernetes", "--kubeconfig", str(config),
+                          "--no-policy-resources", "--no-network-policies", "--bootstrap",
+                          broker.bootstrap, "--topic-prefix", prefix, "--partitions",
+                          str(PARTITIONS), "--health-port", str(port), "--metrics-port",
+                          str(port), "--watch-timeout", "5"):
+        status, body = await until(lambda: probe(port, "/readyz"), bool, log)
+        assert status == 503 and "listed" in body["why"], body
+        status, body = await until(lambda: probe(port, "/readyz"),
+                                   lambda r: r and r[0] == 200, log)
+        assert "leader" not in body["conditions"]  # no election: always publishing
+        text = await scrape(port)
+        assert leader_gauge(text) == 1
+        listed = series(text, "portcullis_watch_events_total")
+        assert listed['{resource="pods",type="LISTED"}'] == 1, listed
+        assert series(text, "portcullis_watch_last_list_timestamp_seconds")[
+            '{resource="pods"}'] > 0
+        before = published(text)
+        assert before >= 2  # the pod (and its history copy), the namespace profile
+        await api.create("pods", pod("prod", "p2", "10.1.0.2"))
+        text = await until(lambda: scrape(port), lambda t: series(
+            t, "portcullis_watch_events_total").get('{resource="pods",type="ADDED"}') == 1, log)
+        await until(lambda: scrape(port), lambda t: published(t) > before, log)
+        assert series(text, "portcullis_watch_last_event_timestamp_seconds")[
+            '{resource="pods"}'] > 0
