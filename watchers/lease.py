@@ -152,6 +152,22 @@ class LeaderElector:
                      self.identity)
             self.leading.set()
 
+    async def release(self) -> bool:
+        """Give the lease up (the caller stopped publishing first), so a standby takes
+        over at once instead of after a lease duration. True if it was ours and is free."""
+        if self.state != "leader":
+            return False
+        self._lose("released")
+        version, record = await self._read()
+        if record is None or record.holder != self.identity or version is None:
+            return False
+        stamp = micro_time(time.time())
+        freed = LeaseRecord(None, 1.0, record.acquire_time, stamp, record.transitions)
+        released = await self._write(version, freed)
+        if released:
+            log.info("lease %s/%s: released", self.namespace, self.name)
+        return released
+
     def _lose(self, why: str) -> None:
         """End the term now: the callback stops publishing before anyone can take over."""
         log.warning("lease %s/%s: leadership lost (%s): standing by", self.namespace,

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("portcullis.watch")
 #: How often the main loop beats (s).
 HEARTBEAT_INTERVAL = 0.5
+#: How long a stopping leader tries to release its lease (s).
+RELEASE_TIMEOUT = 2.0
 
 
 async def _check_topics(settings: Settings, suffixes: tuple[str, ...]) -> None:
@@ -123,6 +126,7 @@ async def _campaign(args: argparse.Namespace, settings: Settings, api: Any, publ
 
     beating = asyncio.create_task(_heartbeat(health, refresh))
     campaign = asyncio.create_task(elector.run(), name="leader election")
+    term: asyncio.Task[None] | None = None
     try:
         while True:
             leading = asyncio.create_task(elector.leading.wait())
@@ -151,6 +155,12 @@ async def _campaign(args: argparse.Namespace, settings: Settings, api: Any, publ
     finally:
         beating.cancel()
         campaign.cancel()
+        if term is not None and not term.done():
+            term.cancel()  # stop publishing first, then give the lease up
+            await asyncio.gather(term, return_exceptions=True)
+        if elector.state == "leader":
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(elector.release(), RELEASE_TIMEOUT)
 
 
 def _timing(args: argparse.Namespace) -> Any:
@@ -176,6 +186,9 @@ async def _kubernetes(args: argparse.Namespace, settings: Settings) -> None:
     if args.leader_elect:
         health.set("leader", False, "candidate: the lease is not read yet")
     servers = _serve(args, metrics.expose, health)
+    main = asyncio.current_task()
+    if main is not None:  # SIGTERM (a pod's stop) ends the term cleanly, as SIGINT does
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     try:
         suffixes = ("endpoints", "endpoints.history", "profiles", "policies",
                     "policies.history")
@@ -317,7 +330,10 @@ class Command:
                                                or default_namespace())
             if args.watch_timeout < 1 or args.page_size < 1:
                 raise CommandError("--watch-timeout and --page-size must be positive")
-            run_async(_kubernetes(args, settings))
+            try:
+                run_async(_kubernetes(args, settings))
+            except asyncio.CancelledError:  # SIGTERM
+                log.info("stopped")
         else:
             if not args.directory:
                 raise CommandError("watch hosts needs the inventory directory: "

@@ -163,3 +163,40 @@ async def test_a_single_watcher_is_ready_once_listed_and_counts_what_it_sees(
         await until(lambda: scrape(port), lambda t: published(t) > before, log)
         assert series(text, "portcullis_watch_last_event_timestamp_seconds")[
             '{resource="pods"}'] > 0
+
+
+async def test_a_leader_stopped_with_sigterm_stops_publishing_and_releases_the_lease(
+    kmock: kmock.KubernetesEmulator, broker: Broker, prefix: str, tmp_path: Path
+) -> None:
+    import signal
+
+    api = ScriptedKubernetes(kmock, RESOURCES)
+    leases = Leases(kmock)
+    await api.create("pods", pod("prod", "p1", "10.1.0.1"))
+    config = kubeconfig(tmp_path / "kubeconfig", kmock)
+    ports = [free_port(), free_port()]
+
+    def argv(port: int) -> tuple[str, ...]:
+        return ("watch", "kubernetes", "--kubeconfig", str(config), "--no-policy-resources",
+                "--no-network-policies", "--bootstrap", broker.bootstrap, "--topic-prefix",
+                prefix, "--partitions", str(PARTITIONS), "--leader-elect",
+                "--leader-elect-namespace", LEASE[0], "--leader-elect-lease-duration", "60",
+                "--leader-elect-renew-deadline", "40", "--leader-elect-retry-period", "0.3",
+                "--health-port", str(port), "--watch-timeout", "5")
+
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    async with portcullis(log_a, *argv(ports[0])) as a:
+        await until(lambda: probe(ports[0], "/readyz"), lambda r: r and r[0] == 200, log_a)
+        async with portcullis(log_b, *argv(ports[1])):
+            status, body = await until(lambda: probe(ports[1], "/readyz"),
+                                       lambda r: r and r[0] == 200, log_b)
+            assert "standby" in body["conditions"]["leader"]["detail"]
+            holder_a = leases.holder(*LEASE)
+            a.send_signal(signal.SIGTERM)
+            assert await a.wait() == 0, log_a.read_text()[-3000:]
+            assert (LEASE[1], None) in leases.writes  # released, not left to expire
+            # a released lease is free: the standby takes it (no waiting out the 60 s lease)
+            status, body = await until(lambda: probe(ports[1], "/readyz"), lambda r: r and (
+                "leader (" in r[1]["conditions"]["leader"]["detail"]), log_b)
+            assert leases.holder(*LEASE) not in (None, holder_a)
+            assert "released" in log_a.read_text()
