@@ -198,5 +198,5 @@ async def test_a_leader_stopped_with_sigterm_stops_publishing_and_releases_the_l
             # a released lease is free: the standby takes it (no waiting out the 60 s lease)
             status, body = await until(lambda: probe(ports[1], "/readyz"), lambda r: r and (
                 "leader (" in r[1]["conditions"]["leader"]["detail"]), log_b)
-            assert leases.holder(*LEASE) not in (None, holder_a)
+            assert status == 200 and leases.holder(*LEASE) not in (None, holder_a)
             assert "released" in log_a.read_text()
