@@ -358,7 +358,18 @@ class Leases:
         self.versions = itertools.count(1)
         self.writes: list[tuple[str, str | None]] = []  # (name, holder) of every write
         self.conflicts = 0
+        #: writes naming these holders hang until `unhang` (a leader cut off from the API)
+        self.hang_writes_of: set[str] = set()
+        self._unhung = asyncio.Event()
         server[kmock.resource("coordination.k8s.io", "v1", "leases")] << self._serve
+
+    async def _hang(self) -> kmock.Response:
+        await self._unhung.wait()
+        return self._status(503, "ServiceUnavailable", "the scripted partition ended")
+
+    def unhang(self) -> None:
+        self.hang_writes_of.clear()
+        self._unhung.set()
 
     @staticmethod
     def _status(code: int, reason: str, message: str) -> kmock.Response:
@@ -378,6 +389,9 @@ class Leases:
                 return self._status(404, "NotFound", f"leases {request.name!r} not found")
             return kmock.Response(status=200, payload=copy.deepcopy(found))
         body = orjson.loads(request.body) if request.body else {}
+        if self.hang_writes_of and (body.get("spec") or {}).get("holderIdentity") in (
+                self.hang_writes_of):
+            return self._hang()
         name = request.name or (body.get("metadata") or {}).get("name")
         key = (request.namespace, name)
         if method == "POST":
