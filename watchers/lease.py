@@ -128,10 +128,11 @@ class LeaderElector:
             await asyncio.sleep(wait)
 
     async def _try(self) -> None:
-        decided_at = self.clock()
+        decided_at = self.clock()  # before the read: a term never outlasts what it saw
         version, record = await self._read()
-        self._view = observe(self._view, version, record, decided_at)
-        decision = decide(self._view, decided_at, self.identity, self.timing,
+        seen_at = self.clock()  # after the read: a version written during it is not older
+        self._view = observe(self._view, version, record, seen_at)
+        decision = decide(self._view, seen_at, self.identity, self.timing,
                           micro_time(time.time()))
         if decision.action == "standby":
             self.holder = decision.holder

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from watchers.leader import (
@@ -48,7 +48,9 @@ class Candidate:
     leads_until: float = float("-inf")
     terms: list[float] = field(default_factory=list)
 
-    def read(self, store: Store, now: float) -> None:
+    def read(self, store: Store, now: float, took: float = 0.0) -> None:
+        """A read answered now that was sent `took` seconds ago: as the adapter does, the
+        term counts from when it was sent, the version is seen when the answer came."""
         version, record = store.read()
         self.view = observe(self.view, version, record, now)
         decision = decide(self.view, now, self.name, TIMING, f"t{now}")
@@ -56,7 +58,7 @@ class Candidate:
             self.leads_until = float("-inf")  # someone else holds it: not the leader
             self.pending = None
         else:
-            self.pending = (version, decision, now)
+            self.pending = (version, decision, now - took)
 
     def write(self, store: Store, now: float) -> None:
         if self.pending is None:
@@ -73,27 +75,36 @@ class Candidate:
 
 
 steps = st.lists(
-    st.tuples(st.integers(0, 2), st.sampled_from(["try", "try", "read", "write", "wait"]),
+    st.tuples(st.integers(0, 1), st.sampled_from(["try", "try", "read", "write", "wait"]),
               st.sampled_from([0.0, 0.5, 1.0, 2.0, 5.0, 9.5, 10.0, 14.5, 15.0])
-              | st.floats(0, 20, allow_nan=False)),
+              | st.floats(0, 20, allow_nan=False),
+              st.sampled_from([0.0, 0.0, 1.0, 4.0, 6.0, 8.0]) | st.floats(0, 8)),
     max_size=60,
 )
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(steps)
-def test_two_candidates_never_both_believe_they_lead(script: list[tuple[int, str, float]]) -> None:
+# a slow read must not make the lease look older than it is (seen when answered)
+@example([(0, "try", 0.0, 0.0), (1, "read", 0.0, 6.0), (0, "wait", 9.5, 0.0),
+          (1, "try", 0.0, 0.0)])
+# a takeover waits a whole lease duration; a term ends at the renew deadline
+@example([(0, "try", 0.0, 0.0), (1, "read", 0.0, 0.0), (0, "wait", 14.5, 0.0),
+          (1, "try", 0.0, 0.0), (0, "wait", 0.5, 0.0), (1, "try", 0.0, 0.0)])
+def test_two_candidates_never_both_believe_they_lead(
+    script: list[tuple[int, str, float, float]],
+) -> None:
     store = Store()
-    candidates = [Candidate("a"), Candidate("b"), Candidate("c")]
+    candidates = [Candidate("a"), Candidate("b")]
     now = 0.0
-    for who, op, dt in script:
+    for who, op, dt, took in script:
         candidate = candidates[who]
         if op == "wait":
             now += dt
         elif op == "read":
-            candidate.read(store, now)
+            candidate.read(store, now, took)
         elif op == "try":  # read and write at once, as an uncontended candidate does
-            candidate.read(store, now)
+            candidate.read(store, now, took)
             candidate.write(store, now)
         else:
             candidate.write(store, now)
