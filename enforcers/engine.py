@@ -83,6 +83,7 @@ from policy import enforcement
 from policy.labels import effective_labels, network_set_labels
 from policy.model import NetworkSet, PolicyObject
 from topics import codec
+from topics.health import Health
 from topics.records import (
     DEFAULT_ALLOW_PROFILE,
     DnsRecord,
@@ -109,6 +110,8 @@ REBIND_INTERVAL = 1.0
 #: A failed transaction is tried again from scratch this soon (not at the next resync),
 #: then twice as late each time it fails again, up to the resync interval.
 RETRY_AFTER_FAILURE = 1.0
+#: How often the consumer lag is measured (s).
+LAG_INTERVAL = 1.0
 #: How often what DNS taught is written to the state file (and at every stop).
 DNS_SAVE_INTERVAL = 5.0
 SET_PREFIX = "pc-"
@@ -863,9 +866,16 @@ class Enforcer:
         read_addresses: Callable[[], Addresses] | None = None,
         dns: DnsSettings | None = None,
         flows: FlowSettings | None = None,
+        health: Health | None = None,
+        ready_max_lag: int = 1000,
     ) -> None:
         """``flows``: log connection attempts and publish them on the flows topic (the
         states must render the rules: ``EnforcerState(flows=settings.rules())``).
+
+        ``health``: beaten by the main loop (if it registered a ``main`` loop) and told
+        whether the node is ready: the topics read to the end once, the dataplane
+        programmed, and at most ``ready_max_lag`` records not consumed yet. Brokers out of
+        reach are a note, not a failure: the enforcer fails static by design.
 
         ``read_addresses``: the node's interface addresses (see ``RecordSink``); read
         again every ``REBIND_INTERVAL`` while host endpoints given by IPs exist.
@@ -934,6 +944,38 @@ class Enforcer:
         self._need_restart = False
         self.topics = {s.name(topic_prefix): s.suffix
                        for s in (POLICIES, PROFILES, MEMBERSHIPS, ENDPOINTS)}
+        self.health = health or Health("enforcer")
+        self.ready_max_lag = ready_max_lag
+        self.health.set("synced", False, "reading the topics to their end")
+        self.health.set("programmed", False, "not programmed yet")
+        self.health.set("lag", False, "not consuming yet")
+        self._lag_checked = float("-inf")
+
+    def _beat(self) -> None:
+        if "main" in self.health.beats:
+            self.health.beat("main")
+
+    def _connected(self, up: bool) -> None:
+        self.metrics.connected.set(1 if up else 0)
+        self.health.note("brokers", None if up else
+                         "unreachable: keeping the programmed dataplane (fail static)")
+
+    async def _update_lag(self, consumer: Any) -> None:
+        """Lag per partition (gauges) and the readiness condition, at most once a second."""
+        if time.monotonic() - self._lag_checked < LAG_INTERVAL:
+            return
+        self._lag_checked = time.monotonic()
+        total = 0
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            lag = max(0, highwater - await consumer.position(tp))
+            self.metrics.lag.set(lag, topic=tp.topic, partition=tp.partition)
+            total += lag
+        ok = total <= self.ready_max_lag
+        self.health.set("lag", ok, f"{total} record(s) behind (ready at most "
+                        f"{self.ready_max_lag})")
 
     async def _consumer(self, stop: asyncio.Event) -> Any:
         """A started consumer assigned every partition, or None if stopped while retrying."""
@@ -963,10 +1005,11 @@ class Enforcer:
                 ]
                 consumer.assign(parts)
                 await consumer.seek_to_beginning(*parts)
-                self.metrics.connected.set(1)
+                self._connected(True)
                 return consumer
             except Exception as exc:
-                self.metrics.connected.set(0)
+                self._connected(False)
+                self._beat()
                 await _close(consumer)
                 log.warning("brokers not usable yet (%s); retrying in %.1fs", exc, backoff)
                 with contextlib.suppress(TimeoutError):
@@ -980,12 +1023,17 @@ class Enforcer:
         order = sorted(batch.items(), key=lambda item: self.topics[item[0].topic] != "policies")
         for tp, messages in order:
             suffix = self.topics[tp.topic]
+            before = n
             if suffix == MEMBERSHIPS.suffix:
                 n += self.sink.memberships(tp.topic, tp.partition, messages)
-                continue
-            for msg in messages:
-                self.sink.message(suffix, msg.key, msg.value, (tp.topic, tp.partition, msg.offset))
-                n += 1
+            else:
+                for msg in messages:
+                    self.sink.message(
+                        suffix, msg.key, msg.value, (tp.topic, tp.partition, msg.offset))
+                    n += 1
+            self.metrics.records.inc(n - before, topic=suffix)
+        if n:
+            self.metrics.last_record.set(time.time())
         return n
 
     async def _read_to_end(self, consumer: Any) -> int:
@@ -998,6 +1046,7 @@ class Enforcer:
         policies = [tp for tp in assigned if self.topics[tp.topic] == POLICIES.suffix]
         for parts in (policies, assigned):
             while True:
+                self._beat()
                 pending = [tp for tp in parts if await consumer.position(tp) < end[tp]]
                 if not pending:
                     break
@@ -1075,6 +1124,11 @@ class Enforcer:
             chains += result.chains_written
         if initial:
             self.metrics.in_sync.set(0 if self._need_restart else 1)
+        if self._need_restart:
+            self.health.set("programmed", False, "a dataplane transaction failed; retrying")
+        else:
+            self.metrics.last_program.set(time.time())
+            self.health.set("programmed", True, "dataplane programmed")
         if initial or changed:
             self._generation += 1
             self.metrics.batches.inc()
@@ -1229,11 +1283,14 @@ class Enforcer:
             self._start_flows()
             self._program(initial=True)
             self.synced.set()
+            self.health.set("synced", True, f"read {n} record(s) to the end of the topics")
             next_resync = time.monotonic() + self.resync_interval
             retry_after, retry_at = RETRY_AFTER_FAILURE, None
             next_rebind = time.monotonic() + REBIND_INTERVAL
             dirty = False
             while not stop.is_set():
+                self._beat()
+                await self._update_lag(consumer)
                 timeout = max(0.0, min(0.5, next_resync - time.monotonic()))
                 batch = await consumer.getmany(timeout_ms=int(timeout * 1000))
                 if self._take(batch):
@@ -1308,11 +1365,11 @@ class Enforcer:
     async def _check_brokers(self, consumer: Any) -> None:
         try:
             await asyncio.wait_for(consumer.topics(), 2.0)
-            self.metrics.connected.set(1)
+            self._connected(True)
         except Exception:
             if self.metrics.connected.value:
                 log.warning("brokers unreachable; keeping the programmed dataplane (fail static)")
-            self.metrics.connected.set(0)
+            self._connected(False)
 
 
 async def _close(consumer: Any) -> None:

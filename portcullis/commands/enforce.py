@@ -11,6 +11,7 @@ import re
 import signal
 from typing import TYPE_CHECKING
 
+from portcullis import observe
 from portcullis.cli import CommandError, command, run_async
 from portcullis.settings import Settings
 
@@ -121,9 +122,11 @@ class Command:
             help="also dead-letter malformed memberships no node owns (network-set members, "
                  "bad keys); enable on ONE enforcer per cluster, e.g. a --dry-run auditor",
         )
+        observe.add_arguments(parser, max_age=30.0)
         parser.add_argument(
-            "--metrics-port", type=int, metavar="PORT",
-            help="serve Prometheus metrics on this port (GET /metrics)",
+            "--ready-max-lag", type=int, default=1000, metavar="RECORDS",
+            help="/readyz says ready (after the first sync and programming) while at most "
+                 "this many records are not consumed yet (default 1000)",
         )
         parser.add_argument(
             "--resync-interval", type=float, default=30.0, metavar="SECONDS",
@@ -147,6 +150,11 @@ class Command:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from enforcers import netns as netns_mod
 
+        error = observe.check_arguments(args)
+        if error:
+            raise CommandError(error)
+        if args.ready_max_lag < 0:
+            raise CommandError(f"--ready-max-lag must not be negative, got {args.ready_max_lag}")
         if args.resync_interval <= 0:
             raise CommandError(f"--resync-interval must be positive, got {args.resync_interval}")
         if args.batch_window < 0:
@@ -247,9 +255,10 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
     from enforcers.interfaces import read_addresses
     from enforcers.ipsets import DryRunIpsets, NetlinkIpsets, set_name
     from enforcers.iptables import Iptables
-    from enforcers.metrics import EnforcerMetrics, serve
+    from enforcers.metrics import EnforcerMetrics
     from enforcers.render import WORKLOAD_PREFIXES
     from enforcers.state import EnforcerState
+    from topics.health import Health
 
     ipsets: DryRunIpsets | NetlinkIpsets
     if args.dry_run:
@@ -279,6 +288,8 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
     else:
         log.info("this kernel has no IPv6 (no /proc/net/if_inet6): enforcing IPv4 only")
     metrics = EnforcerMetrics()
+    health = Health("enforcer")
+    health.loop("main", args.health_max_age)
     enforcer = Enforcer(
         EnforcerState(args.node, set_name, workload_prefixes=prefixes, dns=capture,
                       dns_server_pods=args.dns_pods, flows=flow_rules),
@@ -291,8 +302,12 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
         read_addresses=lambda: read_addresses(args.netns),
         dns=args.dns if capture is not None else None,
         flows=args.flows,
+        health=health, ready_max_lag=args.ready_max_lag,
     )
-    server = await serve(metrics, args.metrics_port) if args.metrics_port else None
+    try:
+        servers = observe.start(args, metrics.expose, health)
+    except OSError as exc:
+        raise CommandError(str(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -302,7 +317,6 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
     try:
         await enforcer.run(stop)
     finally:
-        if server is not None:
-            server.close()
+        observe.stop(servers)
         # Fail static: what is programmed stays programmed when we stop.
         log.info("stopped; the programmed dataplane stays as it is")
