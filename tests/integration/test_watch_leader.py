@@ -195,8 +195,9 @@ async def test_a_leader_stopped_with_sigterm_stops_publishing_and_releases_the_l
             a.send_signal(signal.SIGTERM)
             assert await a.wait() == 0, log_a.read_text()[-3000:]
             assert (LEASE[1], None) in leases.writes  # released, not left to expire
-            # a released lease is free: the standby takes it (no waiting out the 60 s lease)
+            # a released lease is free: the standby takes it (no waiting out the 60 s lease),
+            # and is ready once it has listed and published as the leader
             status, body = await until(lambda: probe(ports[1], "/readyz"), lambda r: r and (
-                "leader (" in r[1]["conditions"]["leader"]["detail"]), log_b)
+                r[0] == 200 and "leader (" in r[1]["conditions"]["leader"]["detail"]), log_b)
             assert status == 200 and leases.holder(*LEASE) not in (None, holder_a)
             assert "released" in log_a.read_text()
