@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,7 +253,6 @@ async def read_history(
     *,
     skipped: Skipped | None = None,
     timeout: float = 300.0,
-    progress: Callable[[int], None] | None = None,
 ) -> list[Change]:
     """Every change on the history topics of `topics` (state topic suffixes).
 
@@ -270,8 +269,6 @@ async def read_history(
                 out.append(history_change(suffix, partition, offset, value))
             except (RecordError, TypeError) as exc:
                 skipped.add(name, partition, offset, exc)
-            if progress is not None and len(out) % 100_000 == 0:
-                progress(len(out))
     for line in skipped.lines:
         log.warning("skipped: %s", line)
     return out
