@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from portcullis import timespec
+from portcullis import tables, timespec
 from topics.records import FlowRecord
 
 
@@ -112,11 +112,7 @@ def table(records: Sequence[FlowRecord], staged: Sequence[str] | None = None) ->
     if staged is not None:
         for row, would in zip(rows, staged, strict=True):
             row["IF STAGED"] = would
-    headers = list(rows[0])
-    widths = {h: max(len(h), *(len(row[h]) for row in rows)) for h in headers}
-    lines = ["   ".join(h.ljust(widths[h]) for h in headers).rstrip()]
-    lines += ["   ".join(row[h].ljust(widths[h]) for h in headers).rstrip() for row in rows]
-    return "\n".join(lines) + "\n"
+    return tables.table(rows)
 
 
 def render(records: Sequence[FlowRecord], output: str,
