@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,8 +22,13 @@ from aiokafka import AIOKafkaProducer
 
 from portcullis import cli
 from portcullis.brokers import Broker, free_port
-from tests.dataplane.conftest import Netns, make_netns  # noqa: F401  (fixture)
-from tests.dataplane.test_traffic import NODE, Topology, World, build_topology
+from tests.dataplane.conftest import make_netns  # noqa: F401  (fixture)
+from tests.dataplane.test_traffic import (
+    NODE,
+    Topology,
+    World,
+    topology,  # noqa: F401  (fixture)
+)
 from tests.integration.test_enforcer import PARTITIONS, _metric, _stop, eventually, make_topics
 from topics.records import split_endpoint_key, split_membership_key
 from watchers.mirror import Publication
@@ -67,17 +72,6 @@ PROBES = (("a", "10.66.1.1", 443), ("a", "10.66.1.1", 80), ("b", "10.66.1.1", 44
           ("a", "10.66.2.1", 443))
 
 
-@pytest.fixture
-def topology(make_netns: Callable[[], Netns]) -> Iterator[Topology]:  # noqa: F811
-    topo = build_topology(make_netns)
-    try:
-        yield topo
-    finally:
-        topo.stop.set()
-        for sock in topo.servers:
-            sock.close()
-
-
 def _publication(suffix: str, key: str, rec: object) -> Publication:
     if rec is not None:
         return Publication.upsert(suffix, rec)  # type: ignore[arg-type]
@@ -97,7 +91,7 @@ async def _publish(bootstrap: str, prefix: str, world: World, actor: str) -> Non
 
 
 async def test_explain_at_agrees_with_the_connections_made_then(
-    tansu_broker: Broker, topic_prefix: str, topology: Topology, tmp_path: Path,
+    tansu_broker: Broker, topic_prefix: str, topology: Topology, tmp_path: Path,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     bootstrap = tansu_broker.bootstrap

@@ -10,15 +10,19 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from portcullis.brokers import Broker, free_port
-from tests.dataplane.conftest import Netns, make_netns  # noqa: F401  (fixture)
+from tests.dataplane.conftest import make_netns  # noqa: F401  (fixture)
 from tests.dataplane.test_flow_logs import POLICIES, WEB
-from tests.dataplane.test_traffic import NODE, Topology, World, build_topology
+from tests.dataplane.test_traffic import (
+    NODE,
+    Topology,
+    World,
+    topology,  # noqa: F401  (fixture)
+)
 from tests.integration.test_enforcer import _metric, _stop, eventually, make_topics, publish
 
 NETNS_PREFIX = "pc-fe-"
@@ -29,17 +33,6 @@ DENIED = {("10.66.3.1", 80): 3, ("10.66.3.1", 443): 1, ("10.66.0.2", 80): 2}
 ALLOWED = {("10.66.1.1", 443): 2}
 
 
-@pytest.fixture
-def topology(make_netns: Callable[[], Netns]) -> Iterator[Topology]:  # noqa: F811
-    topo = build_topology(make_netns)
-    try:
-        yield topo
-    finally:
-        topo.stop.set()
-        for sock in topo.servers:
-            sock.close()
-
-
 def _flows(bootstrap: str, prefix: str, *args: str) -> str:
     proc = subprocess.run([EXE, "flows", "--bootstrap", bootstrap, "--topic-prefix", prefix,
                            *args], capture_output=True, text=True, timeout=60)
@@ -48,7 +41,7 @@ def _flows(bootstrap: str, prefix: str, *args: str) -> str:
 
 
 async def test_enforce_publishes_flow_records_that_portcullis_flows_shows(
-    broker: Broker, topic_prefix: str, topology: Topology, tmp_path: Path,
+    broker: Broker, topic_prefix: str, topology: Topology, tmp_path: Path,  # noqa: F811
 ) -> None:
     bootstrap = broker.bootstrap
     await make_topics(bootstrap, topic_prefix)
