@@ -117,18 +117,19 @@ async def _staged_preview(settings: Settings, objects: list[object]) -> list[str
     import time
 
     from portcullis.audit import preview
-    from portcullis.commands.flows import as_flow, current_world, read_flows
+    from portcullis.audit.explain import World
+    from portcullis.commands.flows import as_flow, current_state, read_flows
     from topics.records import PolicyRecord
     from topics.specs import FLOWS
 
-    world = await current_world(settings)
+    state = await current_state(settings)
     now = time.time()
     for obj in objects:
         key, doc = obj.key, obj.to_document()  # type: ignore[attr-defined]
-        world.state.policies[key] = PolicyRecord(
+        state.policies[key] = PolicyRecord(
             obj.kind, obj.namespace, obj.name, doc, settings.actor, now, now,  # type: ignore[attr-defined]
         )
-    world = type(world).of(world.state)
+    world = World.of(state)
     try:
         records = await read_flows(settings.kafka.aiokafka_kwargs(),
                                    FLOWS.name(settings.topic_prefix))

@@ -36,20 +36,19 @@ async def read_flows(kafka_kwargs: dict[str, Any], topic: str,
     return records
 
 
-async def current_world(settings: Settings) -> Any:
-    """The state topics as they are now, as an `audit.explain.World`."""
-    from portcullis.audit.explain import World
+async def current_state(settings: Settings) -> Any:
+    """The state topics as they are now, as an `audit.history.AuditState`."""
     from portcullis.audit.history import AuditState
     from topics.records import EndpointRecord, PolicyRecord, ProfileRecord
     from topics.specs import topic_name
     from watchers.topicstate import read_state
 
     kw, prefix = settings.kafka.aiokafka_kwargs(), settings.topic_prefix
-    return World.of(AuditState(
+    return AuditState(
         endpoints=await read_state(kw, topic_name(prefix, "endpoints"), EndpointRecord),
         profiles=await read_state(kw, topic_name(prefix, "profiles"), ProfileRecord),
         policies=await read_state(kw, topic_name(prefix, "policies"), PolicyRecord),
-    ))
+    )
 
 
 def as_flow(record: FlowRecord) -> Any:
@@ -64,19 +63,16 @@ def as_flow(record: FlowRecord) -> Any:
 
 def if_staged(world: Any, records: list[FlowRecord]) -> list[str]:
     """Per record: what policy would decide with every staged policy enforced."""
-    from portcullis.audit.explain import Destination
+    from portcullis.audit.preview import judge
 
     out = []
     for record in records:
         flow = as_flow(record)
-        src = world.state.endpoints.get(flow.source_endpoint) if flow else None
-        if src is None:
+        judged = judge(world, flow) if flow is not None else None
+        if judged is None:
             out.append("-")
             continue
-        dest = Destination(flow.dest_ip, flow.dest_ip, None, None, flow.dest_port,
-                           flow.protocol)
-        now = world.explain_records(src, dest).verdict.action
-        staged = world.explain_records(src, dest, staged=True).verdict.action
+        now, staged = (v.action for v in judged)
         out.append(f"would {staged}" if staged != now else staged)
     return out
 
@@ -105,6 +101,7 @@ class Command:
 
     @staticmethod
     def run(args: argparse.Namespace, settings: Settings) -> int:
+        from portcullis.audit.explain import World
         from portcullis.flowview import FlowFilter, FlowQueryError, parse_time, render, select
         from topics.specs import FLOWS
 
@@ -126,7 +123,8 @@ class Command:
         except TimeoutError:
             raise CommandError("reading the flows topic took over 30 s") from None
         shown = select(records, flt)
-        staged = if_staged(run_async(current_world(settings)), shown) if args.staged else None
+        staged = (if_staged(World.of(run_async(current_state(settings))), shown)
+                  if args.staged else None)
         text = render(shown, args.output, staged)
         if not text and args.output == "table":
             print("No flows found.", file=sys.stderr)
