@@ -413,7 +413,12 @@ class Processor:
         assigned = frozenset(tp for tp in app.consumer.assignment() if tp.topic in self.inputs)
         self.metrics.assigned.set(len(assigned))
         if assigned != self._assigned:
-            await self._assignment_changed(assigned)
+            try:
+                await self._assignment_changed(assigned)
+            except Exception as exc:  # a rebalance under way: measure again next time
+                log.info("end offsets of the new assignment not read yet: %r", exc)
+                self.health.set("caught_up", False, "reading the end offsets of the assignment")
+                return
         for tp in assigned:
             highwater = app.consumer.highwater(tp)
             if highwater is not None:
