@@ -9,6 +9,10 @@ What a node receives: every policy record; its own endpoints; every membership o
 its own endpoints; and every membership of a selector some egress rule refers to (a
 superset of what its rules need; the node's state keeps set contents only for the
 selectors its local rules need, the rest as a compact record, as the real enforcer does).
+With ``read_all`` (the surge scenarios) every node instead reads every endpoint and
+membership record itself, as raw bytes through the engine's `RecordSink.message`, as a
+real enforcer reads the whole topics: its CPU then includes decoding and filtering the
+whole cluster's churn (only the Kafka fetch is shared).
 When a new policy refers to a new peer selector, the members already known are replayed to
 every node (the simulation's re-read), so nothing is missed whatever order the topics are
 read in.
@@ -33,6 +37,7 @@ from enforcers.metrics import EnforcerMetrics
 from enforcers.state import EnforcerState, compile_policy
 from policy.load import PolicyError, load_document
 from policy.model import Policy
+from topics import codec
 from topics.records import (
     EndpointRecord,
     MembershipRecord,
@@ -41,11 +46,14 @@ from topics.records import (
     RecordError,
     split_membership_key,
 )
+from topics.specs import ENDPOINTS, MEMBERSHIPS
 
 __all__ = ["Fleet", "NodeSim", "Sample"]
 
 #: (observed_at, node, simulated latency, wall latency, programmed at (simulated epoch))
 Sample = tuple[float, str, float, float, float]
+#: a record as read from the topic: (key, value) bytes
+Raw = tuple[bytes | None, bytes | None]
 
 
 @dataclass
@@ -106,6 +114,10 @@ class Fleet:
     #: the baseline: every transaction renders everything from scratch and rewrites every
     #: set in full (a temporary set filled and swapped in, as `ipset restore` scripts do)
     naive: bool = False
+    #: every node reads every endpoint and membership record itself, as raw bytes through
+    #: the engine's `RecordSink.message` (decoding, filtering), as a real enforcer reads
+    #: the whole topics; otherwise only what concerns it is routed to it, decoded once
+    read_all: bool = False
 
     @classmethod
     def of(cls, names: Iterable[str]) -> Fleet:
@@ -173,16 +185,22 @@ class Fleet:
             self.peer_count[uid] += 1
         return appeared
 
-    def endpoint(self, key: str, rec: EndpointRecord | None, arrival: float) -> None:
+    def endpoint(self, key: str, rec: EndpointRecord | None, arrival: float,
+                 raw: Raw | None = None) -> None:
         self.records += 1
         old = self.endpoints.pop(key, None)
         if rec is not None:
             self.endpoints[key] = rec
         at = rec.observed_at if rec is not None else self.cause.get(key)
-        for name in {r.node for r in (old, rec) if r is not None and r.node}:
+        names = {r.node for r in (old, rec) if r is not None and r.node}
+        for name in names:
             node = self.nodes.get(name)
             if node is not None:
                 self._enqueue(node, arrival, self._apply_endpoint, node, key, rec, at)
+        if self.read_all and raw is not None:  # every other node reads it, and skips it
+            for node in self.nodes.values():
+                if node.name not in names:
+                    self._enqueue(node, arrival, node.sink.message, ENDPOINTS.suffix, *raw)
 
     @staticmethod
     def _apply_endpoint(node: NodeSim, key: str, rec: EndpointRecord | None,
@@ -195,7 +213,8 @@ class Fleet:
         else:
             node.sink.endpoint(key, rec)
 
-    def membership(self, key: str, rec: MembershipRecord | None, arrival: float) -> None:
+    def membership(self, key: str, rec: MembershipRecord | None, arrival: float,
+                   raw: Raw | None = None) -> None:
         self.records += 1
         uid, ep = split_membership_key(key)
         old = self.memberships.pop(key, None)
@@ -203,10 +222,17 @@ class Fleet:
             self.by_uid.get(uid, set()).discard(ep)
             at = self.cause.get(ep)
             for node in self.nodes.values():
-                self._enqueue(node, arrival, self._drop_membership, node, uid, ep, at)
+                if self.read_all and raw is not None:
+                    self._enqueue(node, arrival, self._read_tombstone, node, raw[0], at)
+                else:
+                    self._enqueue(node, arrival, self._drop_membership, node, uid, ep, at)
             return
         self.memberships[key] = rec
         self.by_uid[uid].add(ep)
+        if self.read_all and raw is not None:
+            for node in self.nodes.values():
+                self._enqueue(node, arrival, node.sink.message, MEMBERSHIPS.suffix, *raw)
+            return
         targets: Iterable[NodeSim]
         if self.peer_count.get(uid, 0) > 0:
             targets = self.nodes.values()
@@ -215,6 +241,13 @@ class Fleet:
             targets = [self.nodes[n] for n in names if n in self.nodes]
         for node in targets:
             self._enqueue(node, arrival, self._set_membership, node, uid, ep, rec)
+
+    @staticmethod
+    def _read_tombstone(node: NodeSim, key_raw: bytes | None, at: float | None) -> None:
+        """A membership tombstone as the engine reads it (`RecordSink.message`), with the
+        deleting event's time (a tombstone carries none) for the latency clock."""
+        uid, ep = split_membership_key(codec.decode_key(key_raw))
+        node.state.delete_membership(uid, ep, at)
 
     @staticmethod
     def _drop_membership(node: NodeSim, uid: str, ep: str, at: float | None) -> None:

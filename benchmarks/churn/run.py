@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import policy
-from benchmarks.churn import checker
+from benchmarks.churn import checker, stages
 from benchmarks.churn.cluster import (
     ChurnGenerator,
     Cluster,
@@ -54,6 +54,12 @@ __all__ = ["BenchError", "Options", "run"]
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
+
+
+WATCHER = "watcher (publisher)"
+REAL = "real enforcer (own process)"
+FLEET = "fleet nodes (thread CPU)"
+HARNESS = "harness (fleet, publisher)"
 
 
 class BenchError(RuntimeError):
@@ -383,14 +389,16 @@ class Run:
                         arrival = msg.timestamp / 1000.0 if msg.timestamp else time.time()
                         try:
                             key = codec.decode_key(msg.key)
+                            raw = (msg.key, msg.value)
                             if suffix == MEMBERSHIPS.suffix:
                                 member = codec.decode_as(MembershipRecord, msg.value)
                                 if member is not None:
                                     self.tracker.membership_seen(member.observed_at, arrival)
-                                fleet.membership(key, member, arrival)
+                                fleet.membership(key, member, arrival, raw)
                             elif suffix == ENDPOINTS.suffix:
                                 fleet.endpoint(
-                                    key, codec.decode_as(EndpointRecord, msg.value), arrival)
+                                    key, codec.decode_as(EndpointRecord, msg.value), arrival,
+                                    raw)
                             elif suffix == PROFILES.suffix:
                                 fleet.profile(
                                     key, codec.decode_as(ProfileRecord, msg.value), arrival)
@@ -636,13 +644,17 @@ class Run:
         n = phase.events
         start_wall = time.time()
         cpu0 = self.cpu_snapshot()
+        nodes0 = self.node_cpu()
         self.tell_watcher({"run": [phase.name, phase.rate, n,
                                    {str(k): v for k, v in (actions or {}).items()}]})
         done = (await self.wait_watcher("done"))["done"]
         publish_s = done["publish_seconds"]
-        settle_s = await self.settle(phase.name, quiet=2.0)
+        # a phase offered faster than this machine can take drains for a while after
+        settle_s = await self.settle(phase.name, quiet=2.0, timeout=max(300.0, n / 25))
         self.marks.append((time.time(), f"end {phase.name}"))
         cpu = self.cpu_delta(cpu0)
+        node_cpu = {name: cpu_s - nodes0.get(name, 0.0)
+                    for name, cpu_s in self.node_cpu().items()}
         lat = percentiles(self.tracker.phase_latencies(phase.name))
         lost = self.tracker.unprogrammed(phase.name)
         programmed_times = sorted(self.tracker.done_at[at] for at in self.tracker.events
@@ -663,7 +675,14 @@ class Run:
                 if self.tracker.events.get(at) == phase.name),
             "events_without_dataplane_change": lost,
             "cpu_s": cpu,
+            **({"stages": stage_costs(cpu, node_cpu, n, phase.rate / 60.0)}
+               if self.scn.stages else {}),
         }
+
+    def node_cpu(self) -> dict[str, float]:
+        """CPU seconds each simulated node has spent (its own thread time)."""
+        assert self.fleet is not None
+        return {name: node.cpu for name, node in self.fleet.nodes.items()}
 
     def cpu_snapshot(self) -> dict[str, float]:
         snap = {"harness (fleet, publisher)": proc_cpu()}
@@ -671,8 +690,13 @@ class Run:
             snap["processor (faust)"] = self.processor.cpu()
         if self.broker_pid:
             snap["broker"] = proc_cpu(self.broker_pid)
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None:
+            snap[WATCHER] = proc_cpu(watcher.pid)
+        if self.real is not None:
+            snap[REAL] = getattr(self, "real_cpu", 0.0) + proc_cpu(self.real.pid)
         assert self.fleet is not None
-        snap["fleet nodes (thread CPU)"] = sum(n.cpu for n in self.fleet.nodes.values())
+        snap[FLEET] = sum(n.cpu for n in self.fleet.nodes.values())
         return snap
 
     def cpu_delta(self, before: dict[str, float]) -> dict[str, float]:
@@ -731,6 +755,7 @@ class Run:
         sim = self.opts.sim_nodes if self.opts.sim_nodes is not None else scn.sim_nodes
         nodes = self.cluster.nodes if not sim else self.cluster.nodes[:sim]
         self.fleet = Fleet.of(nodes)
+        self.fleet.read_all = scn.read_all
         self.fleet.on_sample = self.tracker.sample
         await self.setup()
         self.processor = ProcessorProcess(
@@ -980,6 +1005,24 @@ class Run:
         return consistency
 
 
+def stage_costs(cpu: dict[str, float], node_cpu: dict[str, float], events: int,
+                rate_per_s: float) -> dict[str, Any]:
+    """A phase's CPU per event by stage (`benchmarks.churn.stages`), from `churn`'s deltas.
+
+    The harness's own CPU less its simulated nodes' is the shared consumer and the
+    simulation's bookkeeping: a simulation artefact, reported, never the bottleneck.
+    """
+    names = {"watcher (publisher)": WATCHER, "broker": "broker",
+             "processor (faust)": "processor (faust)", REAL: REAL}
+    processes = {label: cpu[key] for label, key in names.items() if key in cpu}
+    shared = "harness: shared consumer (decodes every record once) + routing to every node"
+    if HARNESS in cpu:
+        processes[shared] = max(0.0, cpu[HARNESS] - cpu.get(FLEET, 0.0))
+    note = {shared: "simulation artefact: one consumer for all simulated nodes",
+            REAL: "one node, its own process: consumer, decode, netlink, iptables"}
+    return stages.stage_report(processes, node_cpu, events, rate_per_s, unjudged=note)
+
+
 def _settled(p99s: dict[int, float | None], limit: float | None,
              window: float, hold: int = 5) -> float | None:
     """Seconds until `hold` consecutive windows all have p99 <= limit (None: never)."""
@@ -1122,6 +1165,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| real enforcer ({real['node']}, netns, every change it applied) | "
                      f"{lat['n']} | {ms(lat['p50'])} | {ms(lat['p90'])} | {ms(lat['p99'])} | "
                      f"{ms(lat['max'])} | | |")
+    lines += stage_lines(result)
     base = result.get("baseline")
     if base:
         ours = base["portcullis (pure core)"]
@@ -1156,6 +1200,40 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"Machine: {m.get('nproc')} CPUs ({m.get('cpu')}), {m.get('memory_gib')} GiB, "
                  f"kernel {m.get('kernel')}, Python {m.get('python')}.")
     return "\n".join(lines)
+
+
+def stage_lines(result: dict[str, Any]) -> list[str]:
+    """Per phase: each stage's CPU per event, what one core could take, the bottleneck."""
+    lines: list[str] = []
+    for ph in result["phases"]:
+        rep = ph.get("stages")
+        if not rep:
+            continue
+        nodes = rep["nodes"]
+        lines += ["", f"**{ph['phase']}** ({rep['events']} events; target "
+                  f"{rep['rate_per_s']:g} ev/s, offered {ph.get('offered_per_s')} ev/s, "
+                  f"sustained {ph['sustained_per_s']} ev/s)", "",
+                  "| stage | CPU s | CPU ms / event | ev/s on one core | cores needed "
+                  "at target | headroom |", "|---|---:|---:|---:|---:|---:|"]
+        for st in rep["stages"]:
+            name = st["stage"] + ("" if st["judged"] else f" ({st['note']})")
+            head = st["headroom"]
+            lines.append(f"| {name} | {st['cpu_s']} | {st['cpu_ms_per_event']:.3f} | "
+                         f"{st['events_per_s_per_core'] or '-'} | {st['cores_at_rate']} | "
+                         f"{'-' if head is None else f'{head}x'} |")
+        if nodes.get("nodes"):
+            lines.append(
+                f"| enforcer nodes: median / max / fleet total | | "
+                f"{nodes['cpu_ms_per_event_median']:.3f} / {nodes['cpu_ms_per_event_max']:.3f}"
+                f" / {nodes['fleet_cpu_ms_per_event']:.3f} | | | |")
+            lines.append("")
+            lines.append(f"Per-node enforcer CPU at the target rate: median "
+                         f"{nodes['core_pct_median']:.2f} %, max {nodes['core_pct_max']:.2f} % "
+                         f"of one core ({nodes['nodes']} nodes simulated; goal <= 5 %).")
+        over = "needs more than one core" if rep["bottleneck_over_one_core"] else \
+            "the largest share, within one core"
+        lines.append(f"Bottleneck: **{rep['bottleneck']}** ({over}).")
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

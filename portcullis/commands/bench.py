@@ -19,7 +19,9 @@ class Command:
         parser.add_argument("scenario", choices=sorted(SCENARIOS),
                             help="steady (churn 600 then 6,000 pods/min), storm (a global "
                             "policy and a network set grown by 5,000 CIDRs), restart "
-                            "(processor and enforcer killed mid-churn)")
+                            "(processor and enforcer killed mid-churn), surge (6,000 -> "
+                            "60,000 pods/min, every node simulated, CPU per event of each "
+                            "stage), surge1000 (the same churn in a 1,000-node cluster)")
         parser.add_argument("--small", action="store_true",
                             help="2,000 pods, 10 nodes, short phases (about two minutes)")
         parser.add_argument("--kafka", action="store_true",
