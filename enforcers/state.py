@@ -849,17 +849,8 @@ class EnforcerState:
         plan = Plan(chains=self._chains, observed_at=self.take_observed(),
                     changed_chains=self._changed)
         self._changed = set()
-        for name, uid in in_use.items():
-            if name not in self._programmed_sets:
-                members = set(self.contents[uid])
-                plan.create_sets[name] = members
-                self._programmed_sets[name] = set(members)
-                self._uid_of_set[name] = uid
-        for name in list(self._programmed_sets):
-            if name not in in_use:
-                plan.destroy_sets.add(name)
-                del self._programmed_sets[name]
-                del self._uid_of_set[name]
+        if in_use.keys() != self._programmed_sets.keys():  # else both loops do nothing
+            self._sets_in_use_changed(plan)
         for uid, ips in self._dirty_members.items():
             name = self._name(uid)
             if name not in in_use or name in plan.create_sets:
@@ -876,6 +867,21 @@ class EnforcerState:
                     programmed.discard(ip)
         self._dirty_members = defaultdict(set)
         return plan
+
+    def _sets_in_use_changed(self, plan: Plan) -> None:
+        """Sets that came into use are created whole; those out of use are destroyed."""
+        in_use = self._in_use
+        for name, uid in in_use.items():
+            if name not in self._programmed_sets:
+                members = set(self.contents[uid])
+                plan.create_sets[name] = members
+                self._programmed_sets[name] = set(members)
+                self._uid_of_set[name] = uid
+        for name in list(self._programmed_sets):
+            if name not in in_use:
+                plan.destroy_sets.add(name)
+                del self._programmed_sets[name]
+                del self._uid_of_set[name]
 
     def forget_programmed(self) -> None:
         """Make the next plan program every set from scratch (after a restart or a loss)."""

@@ -18,12 +18,14 @@ import time
 from collections.abc import Iterable
 
 from benchmarks.churn.cluster import ChurnEvent, Cluster
-from benchmarks.churn.fleet import Fleet
+from benchmarks.churn.fleet import Fleet, Raw
 from streams.local import LocalProcessor
 from streams.membership import Delta
 from streams.oracle import oracle_memberships
+from topics import codec
 from topics.records import (
     EndpointRecord,
+    Record,
     MembershipRecord,
     PolicyRecord,
     ProfileRecord,
@@ -60,11 +62,20 @@ def initial_records(cluster: Cluster, observed_at: float = 1.0) -> tuple[
 class PurePipeline:
     """Ours, in one process: LocalProcessor → Fleet, no broker."""
 
-    def __init__(self, cluster: Cluster, partitions: int = 8) -> None:
+    def __init__(self, cluster: Cluster, partitions: int = 8, read_all: bool = False,
+                 nodes: Iterable[str] | None = None) -> None:
+        """``read_all``: every node reads every endpoint and membership record as bytes
+        (`Fleet.read_all`); ``nodes``: the nodes to simulate (default all)."""
         self.cluster = cluster
         self.processor = CollectingProcessor(partitions)
-        self.fleet = Fleet.of(cluster.nodes)
+        self.fleet = Fleet.of(cluster.nodes if nodes is None else nodes)
+        self.fleet.read_all = read_all
         self.events: set[float] = set()
+
+    def _raw(self, key: str, rec: Record | None) -> Raw | None:
+        if not self.fleet.read_all:
+            return None
+        return key.encode(), None if rec is None else codec.encode(rec)
 
     def load(self) -> None:
         profiles, policies, endpoints = initial_records(self.cluster)
@@ -76,7 +87,7 @@ class PurePipeline:
             self.fleet.policy(pol.key, pol, 0.0)
         for ep in endpoints:
             self.processor.publish_endpoint(ep.key, ep)
-            self.fleet.endpoint(ep.key, ep, 0.0)
+            self.fleet.endpoint(ep.key, ep, 0.0, self._raw(ep.key, ep))
         self.settle()
 
     def publish_event(self, event: ChurnEvent, at: float) -> None:
@@ -84,7 +95,7 @@ class PurePipeline:
         self.events.add(at)
         self.fleet.cause[event.key] = at
         self.processor.publish_endpoint(event.key, rec)
-        self.fleet.endpoint(event.key, rec, at)
+        self.fleet.endpoint(event.key, rec, at, self._raw(event.key, rec))
 
     def publish_policy(self, rec: PolicyRecord) -> None:
         self.events.add(rec.observed_at)
@@ -95,14 +106,15 @@ class PurePipeline:
         self.events.add(rec.observed_at)
         self.fleet.cause[rec.key] = rec.observed_at
         self.processor.publish_endpoint(rec.key, rec)
-        self.fleet.endpoint(rec.key, rec, rec.observed_at)
+        self.fleet.endpoint(rec.key, rec, rec.observed_at, self._raw(rec.key, rec))
 
     def settle(self) -> None:
         """Process everything queued and program every node that changed."""
         self.processor.drain()
         now = time.time()
         for delta in self.processor.take():
-            self.fleet.membership(delta.key, delta.record, now)
+            self.fleet.membership(delta.key, delta.record, now,
+                                  self._raw(delta.key, delta.record))
         self.fleet.program(self.events)
 
     def inputs(self) -> tuple[list[EndpointRecord], list[ProfileRecord], list[PolicyRecord]]:

@@ -74,7 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_main(args))
+    profile = os.environ.get("PORTCULLIS_BENCH_PROFILE")  # where to write cProfile stats
+    if not profile:
+        asyncio.run(_main(args))
+        return 0
+    import cProfile
+
+    prof = cProfile.Profile()
+    try:
+        prof.runcall(asyncio.run, _main(args))
+    finally:
+        prof.dump_stats(f"{profile}.{os.getpid()}")
     return 0
 
 
