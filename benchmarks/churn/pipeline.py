@@ -25,10 +25,10 @@ from streams.oracle import oracle_memberships
 from topics import codec
 from topics.records import (
     EndpointRecord,
-    Record,
     MembershipRecord,
     PolicyRecord,
     ProfileRecord,
+    Record,
     split_membership_key,
 )
 
