@@ -64,6 +64,8 @@ from enforcers import state as state_mod
 from enforcers.dns import DnsSettings, DnsSnooper
 from enforcers.dnscache import DnsLearner, DomainSets, Learned, MemberChange, domain_uid
 from enforcers.dnswire import Segment
+from enforcers.flowlog import NameTable
+from enforcers.flowlogger import FlowLogger, FlowSettings
 from enforcers.interfaces import Addresses, interfaces_holding
 from enforcers.ipsets import IpsetBackend, replace_contents
 from enforcers.iptables import (
@@ -81,10 +83,12 @@ from policy import enforcement
 from policy.labels import effective_labels, network_set_labels
 from policy.model import NetworkSet, PolicyObject
 from topics import codec
+from topics.health import Health
 from topics.records import (
     DEFAULT_ALLOW_PROFILE,
     DnsRecord,
     EndpointRecord,
+    FlowRecord,
     MembershipRecord,
     PolicyRecord,
     ProfileRecord,
@@ -93,7 +97,7 @@ from topics.records import (
     split_membership_key,
     split_profile_key,
 )
-from topics.specs import DEADLETTER, DNS, ENDPOINTS, MEMBERSHIPS, POLICIES, PROFILES
+from topics.specs import DEADLETTER, DNS, ENDPOINTS, FLOWS, MEMBERSHIPS, POLICIES, PROFILES
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,8 @@ REBIND_INTERVAL = 1.0
 #: A failed transaction is tried again from scratch this soon (not at the next resync),
 #: then twice as late each time it fails again, up to the resync interval.
 RETRY_AFTER_FAILURE = 1.0
+#: How often the consumer lag is measured (s).
+LAG_INTERVAL = 1.0
 #: How often what DNS taught is written to the state file (and at every stop).
 DNS_SAVE_INTERVAL = 5.0
 SET_PREFIX = "pc-"
@@ -732,10 +738,11 @@ def _names_node(value: bytes | None, node: str) -> bool:
 # --------------------------------------------------------------------------- dead letters
 
 
-class DeadLetterPublisher:
-    """Publishes dead letters in the background, so a slow or absent broker never holds up
-    enforcement; each (topic, partition, offset) is queued once per process (a retry after
-    a send timed out may still repeat it: dead letters are at-least-once)."""
+class BackgroundPublisher:
+    """Publishes records in the background (dead letters, what DNS taught, flow records),
+    so a slow or absent broker never holds up enforcement; each dead letter's (topic,
+    partition, offset) is queued once per process (a retry after a send timed out may
+    still repeat it: records are at-least-once)."""
 
     def __init__(
         self,
@@ -833,6 +840,10 @@ class DeadLetterPublisher:
             await task
 
 
+#: The name it had while it published dead letters only.
+DeadLetterPublisher = BackgroundPublisher
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -854,8 +865,19 @@ class Enforcer:
         fetch_max_wait_ms: int = 50,
         read_addresses: Callable[[], Addresses] | None = None,
         dns: DnsSettings | None = None,
+        flows: FlowSettings | None = None,
+        health: Health | None = None,
+        ready_max_lag: int = 1000,
     ) -> None:
-        """``read_addresses``: the node's interface addresses (see ``RecordSink``); read
+        """``flows``: log connection attempts and publish them on the flows topic (the
+        states must render the rules: ``EnforcerState(flows=settings.rules())``).
+
+        ``health``: beaten by the main loop (if it registered a ``main`` loop) and told
+        whether the node is ready: the topics read to the end once, the dataplane
+        programmed, and at most ``ready_max_lag`` records not consumed yet. Brokers out of
+        reach are a note, not a failure: the enforcer fails static by design.
+
+        ``read_addresses``: the node's interface addresses (see ``RecordSink``); read
         again every ``REBIND_INTERVAL`` while host endpoints given by IPs exist.
 
         ``dns``: learn domain-rule IPs from the DNS answers of these trusted servers (the
@@ -882,7 +904,7 @@ class Enforcer:
         self.kafka_kwargs = dict(kafka_kwargs)
         self.prefix = topic_prefix
         self.metrics = metrics or EnforcerMetrics()
-        self.dead_letters = DeadLetterPublisher(
+        self.dead_letters = BackgroundPublisher(
             kafka_kwargs, DEADLETTER.name(topic_prefix), f"enforcer/{state.node}", self.metrics
         )
         learner = DnsLearner(dns.grace, dns.max_ips) if dns else DnsLearner()
@@ -892,7 +914,7 @@ class Enforcer:
             read_addresses=read_addresses, domains=DomainSets(learner),
         )
         self.dns_settings = dns
-        self.dns_events = None if dns is None or not dns.publish else DeadLetterPublisher(
+        self.dns_events = None if dns is None or not dns.publish else BackgroundPublisher(
             kafka_kwargs, DNS.name(topic_prefix), f"enforcer/{state.node}", self.metrics,
             partition=None, counters=(self.metrics.dns_published,
                                       self.metrics.dns_publish_failures))
@@ -903,6 +925,18 @@ class Enforcer:
         # again only once half its TTL has passed (a busy name costs no record per lookup)
         self._dns_published: dict[str, tuple[tuple[str, ...], float]] = {}
         self._dns_saved_at = time.monotonic()
+        self.flow_events = None if flows is None else BackgroundPublisher(
+            kafka_kwargs, FLOWS.name(topic_prefix), f"enforcer/{state.node}", self.metrics,
+            partition=None, counters=(self.metrics.flow_records,
+                                      self.metrics.flow_publish_failures))
+        self.flows = None if flows is None else FlowLogger(
+            state.node, flows, self.metrics, self._flow_names, self._local_ips,
+            self._publish_flow)
+        # bumped by every transaction that changed something: the flow logger's names and
+        # local IPs are built again only then
+        self._generation = 0
+        self._names: tuple[int, NameTable] | None = None
+        self._ips: tuple[int, dict[str, str]] | None = None
         self.batch_window = batch_window
         self._last_transaction = float("-inf")  # when the last one finished (monotonic)
         self.resync_interval = resync_interval
@@ -910,6 +944,38 @@ class Enforcer:
         self._need_restart = False
         self.topics = {s.name(topic_prefix): s.suffix
                        for s in (POLICIES, PROFILES, MEMBERSHIPS, ENDPOINTS)}
+        self.health = health or Health("enforcer")
+        self.ready_max_lag = ready_max_lag
+        self.health.set("synced", False, "reading the topics to their end")
+        self.health.set("programmed", False, "not programmed yet")
+        self.health.set("lag", False, "not consuming yet")
+        self._lag_checked = float("-inf")
+
+    def _beat(self) -> None:
+        if "main" in self.health.beats:
+            self.health.beat("main")
+
+    def _connected(self, up: bool) -> None:
+        self.metrics.connected.set(1 if up else 0)
+        self.health.note("brokers", None if up else
+                         "unreachable: keeping the programmed dataplane (fail static)")
+
+    async def _update_lag(self, consumer: Any) -> None:
+        """Lag per partition (gauges) and the readiness condition, at most once a second."""
+        if time.monotonic() - self._lag_checked < LAG_INTERVAL:
+            return
+        self._lag_checked = time.monotonic()
+        total = 0
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            lag = max(0, highwater - await consumer.position(tp))
+            self.metrics.lag.set(lag, topic=tp.topic, partition=tp.partition)
+            total += lag
+        ok = total <= self.ready_max_lag
+        self.health.set("lag", ok, f"{total} record(s) behind (ready at most "
+                        f"{self.ready_max_lag})")
 
     async def _consumer(self, stop: asyncio.Event) -> Any:
         """A started consumer assigned every partition, or None if stopped while retrying."""
@@ -939,10 +1005,11 @@ class Enforcer:
                 ]
                 consumer.assign(parts)
                 await consumer.seek_to_beginning(*parts)
-                self.metrics.connected.set(1)
+                self._connected(True)
                 return consumer
             except Exception as exc:
-                self.metrics.connected.set(0)
+                self._connected(False)
+                self._beat()
                 await _close(consumer)
                 log.warning("brokers not usable yet (%s); retrying in %.1fs", exc, backoff)
                 with contextlib.suppress(TimeoutError):
@@ -956,12 +1023,17 @@ class Enforcer:
         order = sorted(batch.items(), key=lambda item: self.topics[item[0].topic] != "policies")
         for tp, messages in order:
             suffix = self.topics[tp.topic]
+            before = n
             if suffix == MEMBERSHIPS.suffix:
                 n += self.sink.memberships(tp.topic, tp.partition, messages)
-                continue
-            for msg in messages:
-                self.sink.message(suffix, msg.key, msg.value, (tp.topic, tp.partition, msg.offset))
-                n += 1
+            else:
+                for msg in messages:
+                    self.sink.message(
+                        suffix, msg.key, msg.value, (tp.topic, tp.partition, msg.offset))
+                    n += 1
+            self.metrics.records.inc(n - before, topic=suffix)
+        if n:
+            self.metrics.last_record.set(time.time())
         return n
 
     async def _read_to_end(self, consumer: Any) -> int:
@@ -974,6 +1046,7 @@ class Enforcer:
         policies = [tp for tp in assigned if self.topics[tp.topic] == POLICIES.suffix]
         for parts in (policies, assigned):
             while True:
+                self._beat()
                 pending = [tp for tp in parts if await consumer.position(tp) < end[tp]]
                 if not pending:
                     break
@@ -1051,7 +1124,13 @@ class Enforcer:
             chains += result.chains_written
         if initial:
             self.metrics.in_sync.set(0 if self._need_restart else 1)
+        if self._need_restart:
+            self.health.set("programmed", False, "a dataplane transaction failed; retrying")
+        else:
+            self.metrics.last_program.set(time.time())
+            self.health.set("programmed", True, "dataplane programmed")
         if initial or changed:
+            self._generation += 1
             self.metrics.batches.inc()
         self.metrics.member_ops.inc(ops)
         self.metrics.chains_written.inc(chains)
@@ -1088,6 +1167,32 @@ class Enforcer:
             return
         self.dns_events.put(codec.encode_key(record), codec.encode(record),
                             f"the DNS answer for {learned.name}")
+
+    def _flow_names(self) -> NameTable:
+        """The policies and tiers behind flow-log tags now (built again after changes)."""
+        if self._names is None or self._names[0] != self._generation:
+            policies = {key: pol.tier for st in self.sink.enforcing
+                        for key, pol in st.policies.items()}
+            self._names = (self._generation, NameTable.from_policies(policies))
+        return self._names[1]
+
+    def _local_ips(self) -> dict[str, str]:
+        """Local endpoints' keys by IP now (built again after changes)."""
+        if self._ips is None or self._ips[0] != self._generation:
+            ips = {ip: ep.key for st in self.sink.states for ep in st.endpoints.values()
+                   for ip in ep.ips}
+            self._ips = (self._generation, ips)
+        return self._ips[1]
+
+    def _publish_flow(self, record: FlowRecord) -> None:
+        if self.flow_events is not None:
+            self.flow_events.put(codec.encode_key(record), codec.encode(record),
+                                 f"a flow record of {record.source_ip} -> {record.dest_ip}")
+
+    def _start_flows(self) -> None:
+        if self.flows is not None and not self.flows.start(asyncio.get_running_loop()):
+            for st in self.sink.states:
+                st.drop_flow_logs()  # nobody reads the group: no rules for it
 
     def _restore_dns(self) -> None:
         """Take back what DNS taught before a restart (the state file), minus what expired."""
@@ -1167,19 +1272,25 @@ class Enforcer:
         publishing = asyncio.create_task(self.dead_letters.run())
         dns_publishing = (asyncio.create_task(self.dns_events.run())
                           if self.dns_events is not None else None)
+        flow_publishing = (asyncio.create_task(self.flow_events.run())
+                           if self.flow_events is not None else None)
         try:
             n = await self._read_to_end(consumer)
             log.info("read %d records to the end of the topics; programming", n)
             if self.dns is not None:
                 self._restore_dns()
             self._start_dns()  # before the rules that queue answers exist
+            self._start_flows()
             self._program(initial=True)
             self.synced.set()
+            self.health.set("synced", True, f"read {n} record(s) to the end of the topics")
             next_resync = time.monotonic() + self.resync_interval
             retry_after, retry_at = RETRY_AFTER_FAILURE, None
             next_rebind = time.monotonic() + REBIND_INTERVAL
             dirty = False
             while not stop.is_set():
+                self._beat()
+                await self._update_lag(consumer)
                 timeout = max(0.0, min(0.5, next_resync - time.monotonic()))
                 batch = await consumer.getmany(timeout_ms=int(timeout * 1000))
                 if self._take(batch):
@@ -1199,6 +1310,8 @@ class Enforcer:
                         dirty = True
                     if time.monotonic() - self._dns_saved_at >= DNS_SAVE_INTERVAL:
                         self._save_dns()
+                if self.flows is not None:
+                    self.flows.tick(time.time())
                 if self.sink.by_ip and time.monotonic() >= next_rebind:
                     next_rebind = time.monotonic() + REBIND_INTERVAL
                     try:
@@ -1241,17 +1354,22 @@ class Enforcer:
                 self._save_dns()
             if self.dns_events is not None and dns_publishing is not None:
                 await self.dns_events.stop(dns_publishing)
+            if self.flows is not None:
+                self.flows.stop(asyncio.get_running_loop())
+                self.flows.flush(time.time())  # the last interval's attempts too
+            if self.flow_events is not None and flow_publishing is not None:
+                await self.flow_events.stop(flow_publishing)
             await self.dead_letters.stop(publishing)
             await _close(consumer)
 
     async def _check_brokers(self, consumer: Any) -> None:
         try:
             await asyncio.wait_for(consumer.topics(), 2.0)
-            self.metrics.connected.set(1)
+            self._connected(True)
         except Exception:
             if self.metrics.connected.value:
                 log.warning("brokers unreachable; keeping the programmed dataplane (fail static)")
-            self.metrics.connected.set(0)
+            self._connected(False)
 
 
 async def _close(consumer: Any) -> None:

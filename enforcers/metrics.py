@@ -1,91 +1,18 @@
-"""Prometheus metrics without a dependency: counters, gauges, a histogram, a tiny HTTP server.
-
-The text exposition format is simple enough that a hundred lines beat another
-package on every node; ``/metrics`` is the only path served.
-"""
+"""The enforcer's Prometheus metrics (the machinery is `topics.metrics`, shared by every
+process; `portcullis.observe` serves them)."""
 
 from __future__ import annotations
 
-import asyncio
-import bisect
-import logging
-import math
-from dataclasses import dataclass, field
-
-log = logging.getLogger(__name__)
-
-LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+from topics.metrics import (
+    LATENCY_BUCKETS,
+    Counter,
+    Family,
+    Gauge,
+    Histogram,
+    exposition,
 )
 
-
-@dataclass
-class Counter:
-    name: str
-    help: str
-    value: float = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-    def expose(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter",
-                f"{self.name} {_num(self.value)}"]
-
-
-@dataclass
-class Gauge:
-    name: str
-    help: str
-    value: float = 0.0
-
-    def set(self, value: float) -> None:
-        self.value = value
-
-    def expose(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge",
-                f"{self.name} {_num(self.value)}"]
-
-
-@dataclass
-class Histogram:
-    name: str
-    help: str
-    buckets: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    n: int = 0
-    samples: list[float] = field(default_factory=list)
-    keep_samples: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * len(self.buckets)
-
-    def observe(self, value: float) -> None:
-        index = bisect.bisect_left(self.buckets, value)
-        if index < len(self.counts):
-            self.counts[index] += 1
-        self.total += value
-        self.n += 1
-        if self.keep_samples and len(self.samples) < self.keep_samples:
-            self.samples.append(value)
-
-    def expose(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        running = 0
-        for bound, count in zip(self.buckets, self.counts, strict=True):
-            running += count
-            lines.append(f'{self.name}_bucket{{le="{_num(bound)}"}} {running}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.n}')
-        lines.append(f"{self.name}_sum {_num(self.total)}")
-        lines.append(f"{self.name}_count {self.n}")
-        return lines
-
-
-def _num(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+__all__ = ["LATENCY_BUCKETS", "Counter", "EnforcerMetrics", "Family", "Gauge", "Histogram"]
 
 
 class EnforcerMetrics:
@@ -138,6 +65,18 @@ class EnforcerMetrics:
             "portcullis_enforcer_in_sync", "1 once the topics were read to the end and programmed."
         )
 
+        self.records = Family(
+            "portcullis_enforcer_records_total", "Records consumed, by topic.", ("topic",))
+        self.lag = Family(
+            "portcullis_enforcer_consumer_lag", "Records on a partition not consumed yet.",
+            ("topic", "partition"), kind="gauge")
+        self.last_program = Gauge(
+            "portcullis_enforcer_last_program_timestamp_seconds",
+            "When the dataplane was last programmed successfully (Unix time).")
+        self.last_record = Gauge(
+            "portcullis_enforcer_last_record_timestamp_seconds",
+            "When the last record was consumed (Unix time).")
+
         self.dns_answers = Counter(
             "portcullis_enforcer_dns_answers_total", "DNS answers of trusted servers learned.")
         self.dns_ips_programmed = Counter(
@@ -173,47 +112,41 @@ class EnforcerMetrics:
         self.dns_errors = Counter(
             "portcullis_enforcer_dns_errors_total",
             "DNS answers whose learning or programming failed (released, logged).")
+        self.flow_events = Counter(
+            "portcullis_enforcer_flow_events_total",
+            "Logged first packets of connection attempts read from NFLOG.")
+        self.flow_kernel_dropped = Counter(
+            "portcullis_enforcer_flow_kernel_dropped_total",
+            "Flow-log messages the kernel dropped because we were behind (never packets).")
+        self.flow_records = Counter(
+            "portcullis_enforcer_flow_records_published_total",
+            "Flow records published (flows topic).")
+        self.flow_publish_failures = Counter(
+            "portcullis_enforcer_flow_publish_failures_total",
+            "Flow records that could not be published (logged; enforcement went on).")
+        self.flow_overflow = Counter(
+            "portcullis_enforcer_flow_overflow_total",
+            "Flow events past the per-interval cap of distinct flows, summed per decision "
+            "only (reason \"overflow\") or, past that cap too, counted here alone.")
+        self.flow_malformed = Counter(
+            "portcullis_enforcer_flow_malformed_total",
+            "NFLOG messages whose prefix or headers could not be read (skipped).")
+        self.flow_errors = Counter(
+            "portcullis_enforcer_flow_errors_total",
+            "Flow-log failures: the NFLOG group could not be bound or read (enforcement "
+            "went on; logged).")
 
-    def all(self) -> list[Counter | Gauge | Histogram]:
+    def all(self) -> list[Counter | Gauge | Histogram | Family]:
         return [self.latency, self.batches, self.member_ops, self.chains_written,
                 self.resyncs, self.repairs, self.rereads, self.rejected, self.dead_letters,
                 self.dead_letter_failures, self.refused_rules, self.errors,
                 self.connected, self.in_sync, self.dns_answers, self.dns_ips_programmed,
                 self.dns_hold, self.dns_slow_holds, self.dns_evictions, self.dns_expired,
                 self.dns_names, self.dns_untrusted, self.dns_malformed, self.dns_errors,
-                self.dns_published, self.dns_publish_failures]
+                self.dns_published, self.dns_publish_failures, self.flow_events,
+                self.flow_kernel_dropped, self.flow_records, self.flow_publish_failures,
+                self.flow_overflow, self.flow_malformed, self.flow_errors, self.records,
+                self.lag, self.last_program, self.last_record]
 
     def expose(self) -> str:
-        lines: list[str] = []
-        for metric in self.all():
-            lines += metric.expose()
-        return "\n".join(lines) + "\n"
-
-
-async def serve(metrics: EnforcerMetrics, port: int, host: str = "0.0.0.0") -> asyncio.Server:
-    """Serve ``GET /metrics`` on ``host:port`` until the returned server is closed."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)).strip():
-                pass
-            path = request.split()[1].decode() if len(request.split()) > 1 else "/"
-            if path.split("?")[0] == "/metrics":
-                body = metrics.expose().encode()
-                status = "200 OK"
-            else:
-                body, status = b"not found; try /metrics\n", "404 Not Found"
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError, IndexError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, host, port)
-    log.info("metrics on http://%s:%d/metrics", host, port)
-    return server
+        return exposition(self.all())

@@ -139,6 +139,8 @@ class RuleSpec:
     icmp_type: int | None = None
     icmp_code: int | None = None
     never: str | None = None
+    #: the kernel refused this rule: it is enforced fail-closed (flow logs say so)
+    refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +173,58 @@ class EndpointSpec:
     @property
     def allows_by_default(self) -> bool:
         return self.kind != "host" if self.allow is None else self.allow
+
+
+# --------------------------------------------------------------------------- flow logs
+
+
+@dataclass(frozen=True, slots=True)
+class FlowLog:
+    """Flow logging: the first packet of every connection attempt (endpoint chains accept
+    established flows before anything logs) goes to NFLOG ``group`` before each rule that
+    drops it, and with ``allowed`` before each rule that allows it too, with a prefix that
+    says what decided (``flow_prefix``). ``blocked``: this family is dropped, not enforced
+    (``enforce --no-ipv6``), which its endpoints' final drop says."""
+
+    group: int
+    allowed: bool = False
+    blocked: bool = False
+
+
+#: NFLOG prefixes: "pc:<A|D>:<what>[:<tag>[:<rule>]]"; the kernel keeps at most 63 bytes.
+FLOW_PREFIX = "pc"
+MAX_FLOW_PREFIX = 63
+FLOW_RULE = "r"  # a policy's rule: tag = policy_tag(key), then the rule index
+FLOW_REFUSED = "f"  # a rule the kernel refused, enforced fail-closed: as FLOW_RULE
+FLOW_TIER_END = "t"  # the end of a tier (its default Deny): tag = tier_tag(name)
+FLOW_PROFILE = "p"  # no tier decided: the endpoint's profile (allow, or deny)
+FLOW_HOST_DEFAULT = "h"  # no tier decided: a host endpoint's default deny
+FLOW_BLOCKED = "b"  # the family is dropped (--no-ipv6)
+FLOW_UNKNOWN_INTERFACE = "u"  # traffic from a workload interface no endpoint has
+
+
+def policy_tag(policy_key: str) -> str:
+    """The policy's tag in flow-log prefixes: its chain's digest."""
+    return policy_chain(policy_key)[len("pc-pi-"):]
+
+
+@functools.lru_cache(maxsize=4096)
+def tier_tag(tier: str) -> str:
+    """The tier's tag in flow-log prefixes."""
+    return _digest("tier:" + tier, 20)
+
+
+def flow_prefix(action: Literal["A", "D"], what: str, *parts: str) -> str:
+    """An NFLOG prefix (``enforcers.flowlog.decode_prefix`` reads it back)."""
+    prefix = ":".join((FLOW_PREFIX, action, what, *parts))
+    if len(prefix.encode()) > MAX_FLOW_PREFIX:
+        raise ValueError(f"NFLOG prefix over {MAX_FLOW_PREFIX} bytes: {prefix!r}")
+    return prefix
+
+
+def _flow_rule(flows: FlowLog, conds: tuple[Cond, ...], action: Literal["A", "D"],
+               what: str, *parts: str) -> IptRule:
+    return IptRule(conds, Nflog(flows.group, flow_prefix(action, what, *parts)))
 
 
 # --------------------------------------------------------------------------- rule AST
@@ -263,13 +317,22 @@ class Log:
 
 
 @dataclass(frozen=True, slots=True)
+class Nflog:
+    """Copy the packet to the program bound to NFLOG ``group`` (non-terminating); ``prefix``
+    says what decides it (``enforcers.flowlog.decode_prefix`` reads it back)."""
+
+    group: int
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
 class Queue:
     """Hand the packet to the program bound to NFQUEUE ``number`` (accept it if none is)."""
 
     number: int
 
 
-Target: TypeAlias = Verdict | Jump | SetMark | Log | Queue
+Target: TypeAlias = Verdict | Jump | SetMark | Log | Queue | Nflog
 
 ACCEPT = Verdict("ACCEPT")
 DROP = Verdict("DROP")
@@ -355,6 +418,8 @@ def _target_text(target: Target) -> str:
         return f"-j MARK --set-xmark {target.value:#x}/{target.mask:#x}"
     if isinstance(target, Queue):
         return f"-j NFQUEUE --queue-num {target.number} --queue-bypass"
+    if isinstance(target, Nflog):
+        return f'-j NFLOG --nflog-group {target.group} --nflog-prefix "{target.prefix}"'
     return f'-j LOG --log-prefix "{target.prefix}"'
 
 
@@ -445,8 +510,10 @@ def _is_everything(net: str) -> bool:
 _FAMILY_PROTOCOLS = {"icmp": 4, "ipv6-icmp": 6}
 
 
-def render_rule(rule: RuleSpec, policy_key: str, family: int = 4) -> list[IptRule]:
-    """The iptables rules of one Calico rule inside a policy chain."""
+def render_rule(rule: RuleSpec, policy_key: str, family: int = 4,
+                flows: FlowLog | None = None, index: int = 0) -> list[IptRule]:
+    """The iptables rules of one Calico rule (the policy's ``index``-th) inside a policy
+    chain; with ``flows``, a Deny (and an Allow, if those are logged) logs first."""
     if rule.never is not None:
         return []
     proto = rule.protocol
@@ -522,6 +589,11 @@ def render_rule(rule: RuleSpec, policy_key: str, family: int = 4) -> list[IptRul
         out += or_rules + neg_rules
         inline.insert(0, Mark(required, used_mask))
     conds = tuple(inline)
+    if flows is not None and (rule.action == "Deny" or (rule.action == "Allow"
+                                                        and flows.allowed)):
+        what = FLOW_REFUSED if rule.refused else FLOW_RULE
+        out.append(_flow_rule(flows, conds, "A" if rule.action == "Allow" else "D", what,
+                              policy_tag(policy_key), str(index)))
     if rule.action == "Allow":
         out.append(IptRule(conds, SetMark(MARK_ACCEPT, MARK_ACCEPT)))
         out.append(IptRule((Mark(MARK_ACCEPT, MARK_ACCEPT),), RETURN))
@@ -535,22 +607,23 @@ def render_rule(rule: RuleSpec, policy_key: str, family: int = 4) -> list[IptRul
     return out
 
 
-def rule_rendering(policy: PolicySpec, family: int, index: int) -> int | None:
+def rule_rendering(policy: PolicySpec, family: int, index: int,
+                   flows: FlowLog | None = None) -> int | None:
     """Which of the policy's rules the `index`-th iptables rule of its chain renders
     (None: the chain has no such rule)."""
     first = 0
     for number, rule in enumerate(policy.rules):
-        first += len(render_rule(rule, policy.key, family))
+        first += len(render_rule(rule, policy.key, family, flows, number))
         if index < first:
             return number
     return None
 
 
 @functools.lru_cache(maxsize=4096)
-def render_policy(policy: PolicySpec, family: int = 4) -> Chain:
+def render_policy(policy: PolicySpec, family: int = 4, flows: FlowLog | None = None) -> Chain:
     rules: list[IptRule] = []
-    for rule in policy.rules:
-        rules += render_rule(rule, policy.key, family)
+    for number, rule in enumerate(policy.rules):
+        rules += render_rule(rule, policy.key, family, flows, number)
     return Chain.build(policy_chain(policy.key), rules)
 
 
@@ -567,7 +640,7 @@ def _failsafe_rules() -> list[IptRule]:
 TierOutline: TypeAlias = tuple[tuple[str, str, tuple[str, ...]], ...]
 
 
-def render_endpoint(endpoint: EndpointSpec) -> Chain:
+def render_endpoint(endpoint: EndpointSpec, flows: FlowLog | None = None) -> Chain:
     """The endpoint's egress chain (it refers to policy chains by name, so only the tiers'
     names, default actions and policy keys matter: chains are cached on those)."""
     outline = tuple(
@@ -575,7 +648,7 @@ def render_endpoint(endpoint: EndpointSpec) -> Chain:
     )
     key = "" if endpoint.kind == "workload" else endpoint.key
     return endpoint_chain(endpoint.kind, endpoint.interface, key, outline,
-                          endpoint.allows_by_default)
+                          endpoint.allows_by_default, flows)
 
 
 def endpoint_chain_name(kind: EndpointKind, interface: str, key: str) -> str:
@@ -586,10 +659,12 @@ def endpoint_chain_name(kind: EndpointKind, interface: str, key: str) -> str:
 @functools.lru_cache(maxsize=16384)
 def endpoint_chain(
     kind: EndpointKind, interface: str, key: str, tiers: TierOutline, allow: bool,
+    flows: FlowLog | None = None,
 ) -> Chain:
     """An endpoint's chain from its outline: (tier, default action, policy keys) in order;
     ``key`` names a host or guest endpoint's chain ("" for workloads, named by interface);
-    ``allow``: the verdict when no tier decided (the endpoint's profile)."""
+    ``allow``: the verdict when no tier decided (the endpoint's profile); ``flows``: log
+    what its tiers' ends and its profile drop (and allow, if those are logged)."""
     name = endpoint_chain_name(kind, interface, key)
     rules = [
         IptRule((CtState(("RELATED", "ESTABLISHED")),), ACCEPT),
@@ -598,14 +673,23 @@ def endpoint_chain(
     ]
     if kind == "host":
         rules += _failsafe_rules()
-    for _tier, default_action, policy_keys in tiers:
+    for tier, default_action, policy_keys in tiers:
         rules.append(IptRule((), SetMark(0, MARK_PASS)))
         for policy_key in policy_keys:
             rules.append(IptRule((Mark(0, MARK_PASS),), Jump(policy_chain(policy_key))))
             rules.append(IptRule((Mark(MARK_ACCEPT, MARK_ACCEPT),), ACCEPT))
         if default_action == "Deny":
+            if flows is not None:
+                rules.append(_flow_rule(flows, (Mark(0, MARK_PASS),), "D", FLOW_TIER_END,
+                                        tier_tag(tier)))
             rules.append(IptRule((Mark(0, MARK_PASS),), DROP))
     # No tier decided: the profile (pods: allow; host endpoints: deny unless default-allow)
+    if flows is not None and allow and flows.allowed:
+        rules.append(_flow_rule(flows, (), "A", FLOW_PROFILE))
+    elif flows is not None and not allow:
+        what = (FLOW_BLOCKED if flows.blocked else
+                FLOW_HOST_DEFAULT if kind == "host" else FLOW_PROFILE)
+        rules.append(_flow_rule(flows, (), "D", what))
     rules.append(IptRule((), ACCEPT if allow else DROP))
     return Chain.build(name, rules)
 
@@ -661,6 +745,7 @@ def dns_chain(capture: DnsCapture, family: int,
 def render_dispatch(
     endpoints: Iterable[EndpointSpec], family: int = 4, reuse: Mapping[str, Chain] | None = None,
     workload_prefixes: Sequence[str] = WORKLOAD_PREFIXES, dns: DnsCapture | None = None,
+    flows: FlowLog | None = None,
 ) -> tuple[Chain, ...]:
     """Dispatch chains: ``pc-fwd`` and ``pc-in`` (from workloads, forwarded or to the host
     itself: a workload's egress policy covers both, as in Calico) and ``pc-out`` (host
@@ -668,12 +753,18 @@ def render_dispatch(
     workload's is dropped. With IPv6, neighbour discovery to and from the host is accepted
     before any policy. ``reuse``: the previous dispatch chains by name, whose unchanged
     heads keep their hashes (the same result, less hashing). ``dns``: DNS answers to
-    capture first, in ``pc-dns`` (see ``dns_chain``)."""
+    capture first, in ``pc-dns`` (see ``dns_chain``). ``flows``: log the new connections
+    of unknown workload interfaces before they are dropped."""
     before = reuse or {}
     eps = sorted(endpoints, key=lambda e: (e.interface, e.key))
     link = _icmpv6_link_rules() if family == 6 else []
     from_workloads = [r for e in eps if e.kind == "workload" for r in _sends_to(e, "in")]
     unknown = [IptRule((Iface("in", prefix + "+"),), DROP) for prefix in workload_prefixes]
+    if flows is not None:
+        unknown = [r for prefix in workload_prefixes for r in (
+            _flow_rule(flows, (Iface("in", prefix + "+"), CtState(("NEW",))), "D",
+                       FLOW_UNKNOWN_INTERFACE),
+            IptRule((Iface("in", prefix + "+"),), DROP))]
     guests = [r for e in eps if e.kind == "guest" for r in _sends_to(e, "out")]
     fwd = from_workloads + unknown + guests
     out: list[IptRule] = list(link) if any(e.kind != "workload" for e in eps) else []
@@ -710,20 +801,21 @@ def render_dispatch(
 def render(
     endpoints: Iterable[EndpointSpec], family: int = 4,
     workload_prefixes: Sequence[str] = WORKLOAD_PREFIXES, dns: DnsCapture | None = None,
+    flows: FlowLog | None = None,
 ) -> Ruleset:
     """Every chain we own for these local endpoints, by name."""
     endpoints = list(endpoints)
     chains: Ruleset = {}
     for ep in endpoints:
-        chain = render_endpoint(ep)
+        chain = render_endpoint(ep, flows)
         chains[chain.name] = chain
         for tier in ep.tiers:
             for pol in tier.policies:
                 name = policy_chain(pol.key)
                 if name not in chains:
-                    chains[name] = render_policy(pol, family)
+                    chains[name] = render_policy(pol, family, flows)
     for chain in render_dispatch(endpoints, family, workload_prefixes=workload_prefixes,
-                                 dns=dns):
+                                 dns=dns, flows=flows):
         chains[chain.name] = chain
     return chains
 
@@ -799,8 +891,10 @@ def simulate(
     pkt: Packet,
     sets: Mapping[str, Iterable[str]],
     log: Callable[[str], None] | None = None,
+    flow_log: Callable[[str], None] | None = None,
 ) -> Literal["ACCEPT", "DROP", "RETURN"]:
-    """Run a packet through our chains as netfilter would; RETURN means 'fell through'."""
+    """Run a packet through our chains as netfilter would; RETURN means 'fell through'.
+    ``log`` hears LOG prefixes, ``flow_log`` NFLOG prefixes."""
     mark = 0
     stack: list[tuple[str, int]] = []
     chain, index = start, 0
@@ -834,5 +928,8 @@ def simulate(
             mark = (mark & ~target.mask) ^ target.value
         elif isinstance(target, Queue):
             return "ACCEPT"  # the DNS learner accepts every answer it is handed
+        elif isinstance(target, Nflog):
+            if flow_log is not None:
+                flow_log(target.prefix)
         elif log is not None:
             log(target.prefix)

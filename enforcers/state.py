@@ -255,11 +255,12 @@ class EnforcerState:
         self, node: str, set_name: SetNamer, family: int = 4,
         workload_prefixes: tuple[str, ...] = render.WORKLOAD_PREFIXES,
         blocked: bool = False, dns: render.DnsCapture | None = None,
-        dns_server_pods: Selector | None = None,
+        dns_server_pods: Selector | None = None, flows: render.FlowLog | None = None,
     ) -> None:
         """``blocked``: this family is not enforced but dropped: every local endpoint's
         chain denies all it sends (after established flows, and a host endpoint's
-        failsafe ports); policies and memberships are not kept (feed it endpoints only)."""
+        failsafe ports); policies and memberships are not kept (feed it endpoints only).
+        ``flows``: log connection attempts to NFLOG (see ``render.FlowLog``)."""
         self.node = node
         self.set_name = set_name
         self.family = family
@@ -271,6 +272,7 @@ class EnforcerState:
         # local workloads whose DNS answers are trusted though they come from a workload
         # interface (the cluster's DNS server pods on this node)
         self.dns_server_pods = dns_server_pods
+        self.flows = None if flows is None else dataclasses.replace(flows, blocked=blocked)
         self.policies: dict[str, CompiledPolicy] = {}
         self.tiers: dict[str, CompiledTier] = {}
         self.endpoints: dict[str, LocalEndpoint] = {}
@@ -330,6 +332,13 @@ class EnforcerState:
     def drop_dns_capture(self) -> None:
         """Capture no DNS answers any more (the queue or its rule is not usable here)."""
         self.dns = None
+        self._dispatch_dirty = True
+
+    def drop_flow_logs(self) -> None:
+        """Log no flows any more (NFLOG is not usable here): every chain renders again."""
+        self.flows = None
+        self._all_dirty = True
+        self._dirty_pols |= set(self._pol_chain)
         self._dispatch_dirty = True
 
     def set_selector_domains(self, mapping: Mapping[str, str]) -> None:
@@ -628,10 +637,15 @@ class EnforcerState:
             self.drop_dns_capture()
             return (f"the kernel refused the DNS capture rule ({error}): nothing is learned "
                     "from DNS on this node, domain rules match nothing (fail closed)")
+        if self.flows is not None and self._is_flow_rule(chain, index):
+            self.drop_flow_logs()
+            return (f"the kernel refused an NFLOG rule ({error}): no flows are logged on "
+                    f"this node for IPv{self.family}; enforcement is unchanged")
         key = self._pol_of_chain.get(chain)
         if key is None or key not in self.policies:
             return None
-        number = render.rule_rendering(self._policy_spec(self.policies[key]), self.family, index)
+        number = render.rule_rendering(self._policy_spec(self.policies[key]), self.family,
+                                       index, self.flows)
         if number is None:
             return None
         self.refused.setdefault(key, {})[number] = error
@@ -641,6 +655,10 @@ class EnforcerState:
                else "is enforced as a Deny of everything")
         return (f"policy {key}, egress rule {number} (IPv{self.family}): the kernel refused it "
                 f"({error}); this {action} rule {how} (fail closed) until the policy changes")
+
+    def _is_flow_rule(self, chain: str, index: int) -> bool:
+        rules = self._chains[chain].rules if chain in self._chains else ()
+        return 0 <= index < len(rules) and isinstance(rules[index].target, render.Nflog)
 
     def _allows(self, ep: LocalEndpoint) -> bool:
         """What the endpoint's chain does when no tier decided."""
@@ -704,7 +722,7 @@ class EnforcerState:
     def desired(self) -> Dataplane:
         """The whole dataplane from scratch (the oracle ``plan()`` must agree with)."""
         chains = render.render(self.endpoint_specs(), self.family, self.workload_prefixes,
-                               self._capture())
+                               self._capture(), self.flows)
         sets = {self._name(uid): self.set_contents(uid) for uid in self.uids_in_use()}
         return Dataplane(sets, chains)
 
@@ -724,7 +742,8 @@ class EnforcerState:
         """(Re-)render a policy chain in use and count the sets its rules refer to."""
         self._unuse_policy(key)
         pol = self.policies[key]
-        chain = self._pol_chain[key] = render.render_policy(self._policy_spec(pol), self.family)
+        chain = self._pol_chain[key] = render.render_policy(self._policy_spec(pol), self.family,
+                                                            self.flows)
         self._pol_of_chain[chain.name] = key
         self._touched.add(chain.name)
         uids = frozenset(u for r in pol.rules if r.spec.never is None
@@ -783,7 +802,8 @@ class EnforcerState:
             if ep is not None:
                 outline = self._outline(ep)
                 chain = self._ep_chain[key] = render.endpoint_chain(
-                    ep.kind, ep.interface, ep.chain_key(), outline, self._allows(ep))
+                    ep.kind, ep.interface, ep.chain_key(), outline, self._allows(ep),
+                    self.flows)
                 self._eps_by_chain.setdefault(chain.name, set()).add(key)
                 touched.add(chain.name)
                 new_keys = tuple(k for _t, _d, keys in outline for k in keys)
@@ -806,7 +826,7 @@ class EnforcerState:
             self._dispatch = render.render_dispatch(
                 (EndpointSpec(ep.key, ep.kind, ep.interface) for ep in self.endpoints.values()),
                 self.family, {chain.name: chain for chain in self._dispatch},
-                self.workload_prefixes, self._capture(),
+                self.workload_prefixes, self._capture(), self.flows,
             )
             touched.update(chain.name for chain in self._dispatch)
             self._dispatch_dirty = False
@@ -873,7 +893,7 @@ def _refused_rule(spec: RuleSpec, error: str) -> RuleSpec:
     with no condition (a Pass becomes one too: it could have skipped a later Deny)."""
     if spec.action in ("Allow", "Log"):
         return RuleSpec(spec.action, never=f"refused by the kernel: {error}")
-    return RuleSpec("Deny")
+    return RuleSpec("Deny", refused=True)
 
 
 def _with_sets(

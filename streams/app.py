@@ -30,7 +30,7 @@ import logging
 import ssl
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, cast
@@ -65,7 +65,9 @@ from streams.compile import (
 from streams.consumer import Consumer as StreamsConsumer
 from streams.localstate import LocalState
 from streams.membership import Delta, PartitionState
+from streams.metrics import StreamsMetrics, behind
 from topics.codec import dead_letter, decode_as, decode_key, encode
+from topics.health import Health
 from topics.records import (
     EndpointRecord,
     MembershipRecord,
@@ -79,6 +81,8 @@ from topics.specs import DEADLETTER, ENDPOINTS, MEMBERSHIPS, POLICIES, PROFILES,
 __all__ = ["Processor", "StreamsConfig", "Transport", "create_app", "prepare_changelogs"]
 
 log = logging.getLogger("portcullis.streams")
+#: How often the processor beats, measures its lag and re-checks its readiness (s).
+OBSERVE_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,8 @@ class Transport(faust_aiokafka.Transport):
             raise ValueError(f"fetch_max_wait must not be negative, got {fetch_max_wait:g}")
         self.fetch_max_wait_ms = round(fetch_max_wait * 1000)
         self.flush_hooks: list[FlushHook] = []
+        #: Called after every successful offset commit.
+        self.commit_hooks: list[Callable[[], None]] = []
         #: The first changelog write that failed after the producer's retries, if any.
         self.failed_write: BaseException | None = None
 
@@ -264,10 +270,25 @@ def _own_members(rows: Iterable[tuple[str, bytes]]) -> tuple[list[MembershipReco
 
 
 class Processor:
-    """Owns the Faust app, its topics and tables, and the per-partition pure states."""
+    """Owns the Faust app, its topics and tables, and the per-partition pure states.
 
-    def __init__(self, config: StreamsConfig) -> None:
+    ``health``: beaten every second by a timer of the app (if it registered a ``main``
+    loop) and told whether the worker is ready: its tables recovered and its assigned
+    input partitions processed up to the end offsets seen when they were assigned.
+    """
+
+    def __init__(self, config: StreamsConfig, health: Health | None = None) -> None:
         self.config = config
+        self.metrics = StreamsMetrics()
+        self.health = health or Health("processor")
+        self.health.set("recovered", False, "starting")
+        self.health.set("caught_up", False, "starting")
+        #: (topic, partition) -> the offset after the last input record processed
+        self._processed: dict[tuple[str, int], int] = {}
+        self._assigned: frozenset[TP] | None = None
+        self._targets: dict[tuple[str, int], int] = {}
+        self._starts: dict[tuple[str, int], int] = {}
+        self._caught_up = False
         prefix = config.topic_prefix
         self.partitions = config.partitions
         self.app = faust.App(
@@ -367,6 +388,11 @@ class Processor:
 
         app.agent(self.policies_topic, name="compile")(self._compile_agent)
         app.agent(self.match_topic, name="match")(self._match_agent)
+        app.timer(OBSERVE_INTERVAL, name="observe")(self._observe)
+        self.inputs = {self.policies_name: "policies", self.endpoints_name: "endpoints",
+                       self.profiles_name: "profiles", self.selectors_name: "selectors"}
+        app.transport.commit_hooks.append(
+            lambda: self.metrics.last_commit.set(time.time()))
 
         @app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def _revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
@@ -417,6 +443,64 @@ class Processor:
             msg.topic, msg.partition, msg.offset, msg.key, msg.value, error, f"streams.{agent}"
         )
         await self.deadletter_topic.send(key=msg.key, value=encode(record), partition=0)
+        self.metrics.dead_letters.inc()
+        self._done(msg)
+
+    def _done(self, msg: Any) -> None:
+        """An input record is processed (or rejected): count it, note how far we are."""
+        self._processed[(msg.topic, msg.partition)] = msg.offset + 1
+        self.metrics.records.inc(topic=self.inputs.get(msg.topic, msg.topic))
+        self.metrics.last_record.set(time.time())
+
+    # ------------------------------------------------------------------ health
+
+    async def _observe(self) -> None:
+        """Beat, measure the lag per partition, and say whether this worker is ready."""
+        if "main" in self.health.beats:
+            self.health.beat("main")
+        app = self.app
+        if not cast(Any, app.tables).recovery.completed.is_set():
+            self.health.set("recovered", False, "recovering the tables from their changelogs")
+            self.health.set("caught_up", False, "waiting for the recovery")
+            return
+        self.health.set("recovered", True, "tables recovered")
+        assigned = frozenset(tp for tp in app.consumer.assignment() if tp.topic in self.inputs)
+        self.metrics.assigned.set(len(assigned))
+        if assigned != self._assigned:
+            try:
+                await self._assignment_changed(assigned)
+            except Exception as exc:  # a rebalance under way: measure again next time
+                log.info("end offsets of the new assignment not read yet: %r", exc)
+                self.health.set("caught_up", False, "reading the end offsets of the assignment")
+                return
+        for tp in assigned:
+            highwater = app.consumer.highwater(tp)
+            if highwater is not None:
+                key = (tp.topic, tp.partition)
+                at = max(self._processed.get(key, 0), self._starts.get(key, 0))
+                self.metrics.lag.set(max(0, highwater - at), topic=tp.topic,
+                                     partition=tp.partition)
+        left = behind(self._targets, self._starts, self._processed)
+        remaining = sum(left.values())
+        self._caught_up = self._caught_up or remaining == 0
+        if self._caught_up:
+            self.health.set("caught_up", True, f"processed to the end offsets seen at "
+                            f"assignment on {len(assigned)} input partition(s)")
+        else:
+            partitions = sum(1 for n in left.values() if n)
+            self.health.set("caught_up", False, f"{remaining} record(s) to process before the "
+                            f"end offsets seen at assignment, on {partitions} partition(s)")
+
+    async def _assignment_changed(self, assigned: frozenset[TP]) -> None:
+        for key in list(self.metrics.lag.values):
+            self.metrics.lag.values.pop(key)
+        ends = await self.app.consumer.highwaters(*assigned) if assigned else {}
+        committed = dict(getattr(self.app.consumer, "committed_at_seek", {}))
+        self._targets = {(tp.topic, tp.partition): end for tp, end in ends.items()}
+        self._starts = {(tp.topic, tp.partition): offset or 0 for tp, offset in committed.items()
+                        if (tp.topic, tp.partition) in self._targets}
+        self._assigned = assigned
+        self._caught_up = False
 
     # ------------------------------------------------------------------ compile
 
@@ -456,12 +540,16 @@ class Processor:
                 )
             for fut in pending:
                 await fut  # acknowledged before the table says it was done
+            for reg in regs:
+                self.metrics.published.inc(
+                    topic="selectors", op="tombstone" if reg.record is None else "upsert")
             # as every table write here (see `_write`); a tombstone even if the row is gone:
             # a crash may have lost the last one
             refs = state.refs.get(key)
             value = orjson.dumps([ref.to_json() for ref in refs]) if refs is not None else None
             await self._write(self.policy_refs, key.encode(), value, msg.partition, force=True)
             self.processed += 1
+            self._done(msg)
 
     # ------------------------------------------------------------------ match
 
@@ -539,6 +627,7 @@ class Processor:
         republished: list[Delta] = []
         generation = self.app.consumer_generation_id
         by_partition: dict[int, Any] = {}
+        applied: list[Any] = []
         for event in events:
             msg = event.message
             if msg.generation_id != generation:
@@ -549,9 +638,12 @@ class Processor:
             except (RecordError, SelectorError) as exc:
                 rejected.append((event, exc))
                 continue
+            applied.append(msg)
             self.processed += 1
         await self._write_batch(batch.writes, by_partition)
         self._settle(republished)  # once queued: see LocalState.settle
+        for done in applied:
+            self._done(done)
         for bad, error in rejected:
             await self._reject(bad, error, "match")
 
@@ -642,6 +734,12 @@ class Processor:
             fut.add_done_callback(self._check_sent)
         last, count = sent[-1]
         self._persist_on_ack(table, last, count - 1)
+        if table is self.members:
+            tombstones = sum(1 for _key, value in records if value is None)
+            published = self.metrics.published
+            published.inc(len(records) - tombstones, topic="memberships", op="upsert")
+            published.inc(tombstones, topic="memberships", op="tombstone")
+        self.metrics.last_publish.set(time.time())
 
     def _check_sent(self, sent: asyncio.Future[Any]) -> None:
         """Remember a changelog write that failed: the next flush refuses to let Faust commit."""
@@ -650,6 +748,8 @@ class Processor:
         else:
             error = sent.exception()
         transport = cast(Transport, self.app.transport)
+        if error is not None:
+            self.metrics.errors.inc()
         if error is not None and transport.failed_write is None:
             log.error("changelog write failed after the producer's retries: %r", error)
             transport.failed_write = error

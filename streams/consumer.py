@@ -3,7 +3,7 @@
 * **Fetch wait**: Faust hard-codes a 1.5 s fetch wait; the transport's `fetch_max_wait_ms`
   is used instead.
 * **End offsets**: table recovery reads each changelog up to an end offset that is true on
-  every broker (`streams.endoffsets`; Tansu lists one short of its last batch).
+  every broker (`topics.endoffsets`; Tansu lists one short of its last batch).
 * **No dropped records**: Faust's `Consumer.getmany` takes a batch from aiokafka (which
   then counts it as consumed) and silently drops the records of a partition that stopped
   being active meanwhile, or all of them when the flow stops or a rebalance begins
@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import aiokafka
 from aiokafka.errors import IllegalStateError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 
-from streams.endoffsets import true_end_offsets
+from topics.endoffsets import true_end_offsets
 
 log = logging.getLogger("portcullis.streams")
 
@@ -73,11 +73,24 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         for tp, offset in offsets.items():  # no await in between: one consistent moment
             if offset:
                 consumer._fetcher.seek_to(tp, offset)
+        # where processing resumes after this assignment (the processor's readiness)
+        cast(Any, self.consumer).committed_at_seek = dict(offsets)
         return offsets
 
 
 class Consumer(faust_aiokafka.Consumer):
-    """Faust's aiokafka consumer, whose `getmany` rewinds what it does not hand on."""
+    """Faust's aiokafka consumer, whose `getmany` rewinds what it does not hand on, and
+    which tells the transport's commit hooks of every successful commit."""
+
+    #: The committed offsets the last assignment resumed from (None: none committed).
+    committed_at_seek: dict[Any, int | None] = {}  # replaced at every seek, never mutated
+
+    async def commit(self, *args: Any, **kwargs: Any) -> bool:
+        committed = bool(await super().commit(*args, **kwargs))
+        if committed:
+            for hook in getattr(self.transport, "commit_hooks", ()):
+                hook()
+        return committed
 
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)

@@ -39,6 +39,7 @@ __all__ = [
     "DeadLetterRecord",
     "EndpointKind",
     "EndpointRecord",
+    "FlowRecord",
     "HistoryRecord",
     "Labels",
     "MembershipRecord",
@@ -792,8 +793,8 @@ class DnsRecord:
     """What one trusted DNS answer taught a node: ``name`` resolves to ``ips`` for ``ttl``
     seconds from ``observed_at`` (when the enforcer held the answer). ``endpoint`` is the
     local endpoint it was for (None: not a known endpoint's address), ``address`` the
-    address it went to, ``server`` who sent it. Enforcers re-read their node's records at
-    start-up (learned IPs survive a restart); auditors read them all."""
+    address it went to, ``server`` who sent it. For audit (an enforcer keeps what it learnt
+    across a restart in its own ``--dns-state-file``)."""
 
     VERSION: ClassVar[int] = 1
     node: str
@@ -921,6 +922,107 @@ class HistoryRecord:
         return cls(**{k: v for k, v in data.items() if k != "v"})
 
 
+FlowDirection: TypeAlias = Literal["egress", "ingress"]
+FLOW_DIRECTIONS: tuple[str, ...] = get_args(FlowDirection)
+FlowAction: TypeAlias = Literal["allow", "deny"]
+FLOW_ACTIONS: tuple[str, ...] = get_args(FlowAction)
+_PROTOCOL_TEXT = re.compile(r"^(TCP|UDP|ICMP|ICMPv6|SCTP|UDPLite|[0-9]{1,3})$")
+
+
+@_field_order
+@dataclass(frozen=True, slots=True)
+class FlowRecord:
+    """Connection attempts one node's enforcer saw decided, aggregated over an interval:
+    ``packets`` first packets of ``attempts`` attempts (distinct source ports, or ICMP
+    echo ids; retransmissions are packets of the same attempt) from ``source_ip`` to
+    ``dest_ip``:``dest_port`` over ``protocol``, first seen at ``start``, last at ``end``,
+    and what decided: ``action``, with the ``tier``, ``policy`` (its key on the policies
+    topic) and ``rule`` (``egress[2]``) when a rule did, and ``reason`` in words ("rule",
+    "end of tier", "no policy (profile)", ...). ``source_endpoint`` / ``dest_endpoint``:
+    the local endpoint's key when the address is one. ``observed_at``: when the interval's
+    records were made. A ``reason`` of "overflow" sums what did not fit the interval's cap
+    of distinct flows (its addresses are then the unspecified address)."""
+
+    VERSION: ClassVar[int] = 1
+    node: str
+    direction: FlowDirection
+    source_ip: str
+    source_endpoint: str | None
+    dest_ip: str
+    dest_port: int | None
+    protocol: str
+    dest_endpoint: str | None
+    action: FlowAction
+    tier: str | None
+    policy: str | None
+    rule: str | None
+    reason: str
+    packets: int
+    attempts: int
+    start: float
+    end: float
+    observed_at: float
+
+    def __post_init__(self) -> None:
+        c = "FlowRecord"
+        _check_key_part(c, "node", self.node)
+        _check_choice(c, "direction", self.direction, FLOW_DIRECTIONS)
+        object.__setattr__(self, "source_ip", _check_address(c, "source_ip", self.source_ip))
+        _check_opt_str(c, "source_endpoint", self.source_endpoint)
+        object.__setattr__(self, "dest_ip", _check_address(c, "dest_ip", self.dest_ip))
+        if self.dest_port is not None:
+            _check_int(c, "dest_port", self.dest_port)
+            if self.dest_port > 65535:
+                raise _fail(c, "dest_port", f"must be at most 65535, got {self.dest_port}")
+        _check_str(c, "protocol", self.protocol)
+        if not _PROTOCOL_TEXT.match(self.protocol):
+            raise _fail(c, "protocol", "expected TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or a "
+                        f"protocol number, got {self.protocol!r}")
+        _check_opt_str(c, "dest_endpoint", self.dest_endpoint)
+        _check_choice(c, "action", self.action, FLOW_ACTIONS)
+        for name in ("tier", "policy", "rule"):
+            _check_opt_str(c, name, getattr(self, name))
+        _check_str(c, "reason", self.reason)
+        _check_int(c, "packets", self.packets, minimum=1)
+        _check_int(c, "attempts", self.attempts, minimum=1)
+        if self.attempts > self.packets:
+            raise _fail(c, "attempts", f"cannot exceed packets ({self.packets}), got "
+                        f"{self.attempts}")
+        start = _check_time(c, "start", self.start)
+        end = _check_time(c, "end", self.end)
+        if end < start:
+            raise _fail(c, "end", f"must not be before start ({start}), got {end}")
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "end", end)
+        object.__setattr__(self, "observed_at", _check_time(c, "observed_at", self.observed_at))
+
+    @property
+    def key(self) -> str:
+        return self.node
+
+    @property
+    def partition_key(self) -> str:
+        return self.node
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": self.VERSION, **{name: getattr(self, name)
+                                      for name in self.__dataclass_fields_order__}}  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FlowRecord:
+        _check_fields(cls, data)
+        return cls(**{k: v for k, v in data.items() if k != "v"})
+
+
+def _check_address(cls: str, field: str, value: object) -> str:
+    """One IP address (not a network), in canonical text."""
+    text = _check_str(cls, field, value)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise _fail(cls, field, f"expected an IP address, got {text!r}") from None
+
+
 Record: TypeAlias = (
     EndpointRecord
     | ProfileRecord
@@ -930,6 +1032,7 @@ Record: TypeAlias = (
     | DeadLetterRecord
     | DnsRecord
     | HistoryRecord
+    | FlowRecord
 )
 RECORD_TYPES: tuple[type[Record], ...] = (
     EndpointRecord,
@@ -939,5 +1042,6 @@ RECORD_TYPES: tuple[type[Record], ...] = (
     MembershipRecord,
     DnsRecord,
     HistoryRecord,
+    FlowRecord,
     DeadLetterRecord,
 )

@@ -17,6 +17,7 @@ from topics.records import (
     DeadLetterRecord,
     DnsRecord,
     EndpointRecord,
+    FlowRecord,
     HistoryRecord,
     MembershipRecord,
     PolicyRecord,
@@ -30,6 +31,7 @@ __all__ = [
     "DNS",
     "ENDPOINTS",
     "ENDPOINTS_HISTORY",
+    "FLOWS",
     "MEMBERSHIPS",
     "POLICIES",
     "POLICIES_HISTORY",
@@ -130,6 +132,12 @@ DNS = TopicSpec(
     partitioned_by="node",
     configs={"retention.ms": str(WEEK_MS)},
 )
+FLOWS = TopicSpec(
+    "flows", "settings", "delete", FlowRecord,
+    key="node",
+    partitioned_by="node",
+    configs={"retention.ms": str(WEEK_MS)},
+)
 
 #: Every topic, in the order `portcullis topics` reports them.
 SPECS: tuple[TopicSpec, ...] = (
@@ -142,6 +150,7 @@ SPECS: tuple[TopicSpec, ...] = (
     SELECTORS,
     MEMBERSHIPS,
     DNS,
+    FLOWS,
     DEADLETTER,
 )
 

@@ -17,6 +17,7 @@ from kubernetes_asyncio import client as k8s
 from topics.records import EndpointRecord, PolicyRecord, ProfileRecord, Record
 from watchers import kubernetes as kw
 from watchers import translate
+from watchers.metrics import WatchMetrics
 from watchers.mirror import Mirror
 from watchers.publisher import Publisher
 from watchers.reflector import Reflector, Translator
@@ -93,6 +94,20 @@ def seed(mirror: Mirror, state: Mapping[str, Mapping[str, Record]], watched: set
     return sum(len(r) for r in by_owner.values())
 
 
+def watchers(
+    api: k8s.ApiClient,
+    publisher: Publisher,
+    selection: Selection,
+    options: kw.WatchOptions | None = None,
+    mirror: Mirror | None = None,
+    metrics: WatchMetrics | None = None,
+) -> list[kw.ResourceWatcher]:
+    """A resource watcher for every selected resource, all publishing through one reflector."""
+    chosen = resources(selection)
+    reflector = Reflector({r.name: t for r, t in chosen}, publisher, mirror, metrics=metrics)
+    return [kw.ResourceWatcher(api, r, reflector, options, metrics) for r, _t in chosen]
+
+
 async def watch(
     api: k8s.ApiClient,
     publisher: Publisher,
@@ -101,11 +116,9 @@ async def watch(
     mirror: Mirror | None = None,
 ) -> None:
     """Run every selected resource watcher until cancelled."""
-    chosen = resources(selection)
-    reflector = Reflector({r.name: t for r, t in chosen}, publisher, mirror)
-    watchers = [kw.ResourceWatcher(api, r, reflector, options) for r, _t in chosen]
-    log.info("watching %s", ", ".join(r.name for r, _t in chosen))
-    await kw.run_all(watchers)
+    chosen = watchers(api, publisher, selection, options, mirror)
+    log.info("watching %s", ", ".join(w.resource.name for w in chosen))
+    await kw.run_all(chosen)
 
 
 async def api_client(kubeconfig: str | None, context: str | None) -> k8s.ApiClient:

@@ -34,6 +34,8 @@ import orjson
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from watchers.metrics import WatchMetrics
+
 log = logging.getLogger(__name__)
 
 WatchEvent = tuple[str, dict[str, Any]]  # ("ADDED" | "MODIFIED" | "DELETED", object)
@@ -181,8 +183,9 @@ class ResourceWatcher:
 
     def __init__(
         self, api: k8s.ApiClient, resource: Resource, handler: Handler,
-        options: WatchOptions | None = None,
+        options: WatchOptions | None = None, metrics: WatchMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.resource = resource
         self.handler = handler
         self.options = options or WatchOptions()
@@ -219,6 +222,8 @@ class ResourceWatcher:
                 raise
             except Exception as exc:  # network, server and handler errors all back off
                 self.stats.errors += 1
+                if self.metrics is not None:
+                    self.metrics.errors.inc(resource=self.resource.name)
                 if isinstance(exc, HandlerFailed):
                     self.resource_version = None
                 sleep = delay * (0.5 + random.random() / 2)
@@ -265,6 +270,8 @@ class ResourceWatcher:
         except Exception as exc:
             raise HandlerFailed(f"handling the list failed: {exc}") from exc
         self.resource_version = rv
+        if self.metrics is not None:
+            self.metrics.listed(self.resource.name, len(items))
         self.synced.set()
         log.info("%s: listed %d object(s) at resourceVersion %s",
                  self.resource.name, len(items), rv)
@@ -319,6 +326,8 @@ class ResourceWatcher:
                 if code == 410:
                     raise Gone(f"watch: {obj.get('reason')}: {obj.get('message')}")
                 raise WatchFailed(f"watch error {code}: {obj.get('reason')}: {obj.get('message')}")
+            if self.metrics is not None and kind in ("BOOKMARK", "ADDED", "MODIFIED", "DELETED"):
+                self.metrics.watched(self.resource.name, kind)
             if kind == "BOOKMARK":
                 self.stats.bookmarks += 1
             elif kind in ("ADDED", "MODIFIED", "DELETED"):

@@ -25,6 +25,7 @@ from topics.codec import encode
 from topics.partitioner import partition_for_key
 from topics.records import HISTORY_OF, EndpointRecord, HistoryRecord, PolicyRecord
 from topics.specs import topic_name
+from watchers.metrics import WatchMetrics
 from watchers.mirror import Publication
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,10 @@ class KafkaPublisher:
     def __init__(
         self, producer: AIOKafkaProducer, prefix: str, *, history: bool = True,
         actor: str = "kubernetes", source: str = "kubernetes",
+        metrics: WatchMetrics | None = None,
     ) -> None:
         self._producer = producer
+        self.metrics = metrics
         self._prefix = prefix
         self._history = history
         self._actor = actor
@@ -88,21 +91,30 @@ class KafkaPublisher:
         try:
             futures = []
             at = time.time()
+            topics = []
             for pub in publications:
                 value = None if pub.value is None else encode(pub.value)
                 futures.append(await self._send(pub.topic, pub, value))
+                topics.append(pub.topic)
                 if self._history and pub.topic in HISTORY:
                     # the message time is never before the change's own (audit reads
                     # only messages up to a little after the time it replays to)
                     history = encode(self.history_record(pub, at))
                     futures.append(await self._send(HISTORY[pub.topic], pub, history,
                                                     math.ceil(at * 1000)))
+                    topics.append(HISTORY[pub.topic])
             await asyncio.gather(*futures)
         except KafkaError as exc:
+            if self.metrics is not None:
+                self.metrics.publish_failures.inc()
             raise PublishError(
                 f"Kafka did not accept {len(publications)} record(s): {exc}"
             ) from exc
         self.published += len(publications)
+        if self.metrics is not None:
+            for topic in topics:
+                self.metrics.published.inc(topic=topic)
+            self.metrics.last_publish.set(time.time())
         log.debug("published %d record(s)", len(publications))
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from watchers.metrics import WatchMetrics
 from watchers.mirror import Mirror, Publication
 from watchers.publisher import Publisher
 from watchers.translate import TranslationError, object_id
@@ -43,7 +44,9 @@ class Reflector:
         publisher: Publisher,
         mirror: Mirror | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: WatchMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.translators = dict(translators)
         self.publisher = publisher
         self.mirror = mirror or Mirror()
@@ -58,6 +61,8 @@ class Reflector:
             return _as_list(self.translators[resource](obj, observed_at, deleted=deleted))
         except (TranslationError, ValueError) as exc:  # RecordError is a ValueError too
             self.rejected += 1
+            if self.metrics is not None:
+                self.metrics.rejected.inc()
             log.error(
                 "%s %s: not published, last valid state kept: %s", resource, _safe_id(obj), exc
             )

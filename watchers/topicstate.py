@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from topics.codec import decode_as, decode_key
+from topics.endoffsets import true_end_offsets
 from topics.records import Record, RecordError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ async def read_state(
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
+            # Tansu lists the base of the last batch as the end: raise it to the true end
+            ends = await true_end_offsets(consumer._client, await consumer.end_offsets(tps))
             pending = {tp for tp in tps if ends[tp] > 0}
             while pending:
                 batch = await consumer.getmany(*pending, timeout_ms=500)

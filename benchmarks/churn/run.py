@@ -194,7 +194,7 @@ class ProcessorProcess:
 
     With the production store (rocksdb) in the bench's work directory, on both brokers, so
     a restart after a SIGKILL recovers from local state plus the changelogs' tails, as in
-    production (on Tansu thanks to `streams.endoffsets`, see deploy/README.md).
+    production (on Tansu thanks to `topics.endoffsets`, see deploy/README.md).
     """
 
     def __init__(self, bootstrap: str, prefix: str, partitions: int, workdir: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,7 +283,3 @@ def _yaml_lines(data: Mapping[str, Any]) -> list[str]:
         return []
     text = yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=True, default_flow_style=False)
     return text.splitlines()
-
-
-def actors(entries: Sequence[LogEntry]) -> list[str]:
-    return sorted({e.change.history.actor for e in entries})

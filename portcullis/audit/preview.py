@@ -53,19 +53,24 @@ def selected_by(world: World, policy: Policy) -> tuple[str, ...]:
     ))
 
 
+def judge(world: World, flow: Flow) -> tuple[pverdict.Verdict, pverdict.Verdict] | None:
+    """The verdicts for `flow` now and with every staged policy applied (None: its source
+    is not a known endpoint)."""
+    src = world.state.endpoints.get(flow.source_endpoint)
+    if src is None:
+        return None
+    dest = Destination(flow.dest_ip, flow.dest_ip, None, None, flow.dest_port, flow.protocol)
+    return (world.explain_records(src, dest).verdict,
+            world.explain_records(src, dest, staged=True).verdict)
+
+
 def flow_changes(world: World, flows: Iterable[Flow]) -> tuple[FlowChange, ...]:
     """Flows whose verdict differs between the enforced and the staged policy sets."""
     out = []
     for flow in flows:
-        src = world.state.endpoints.get(flow.source_endpoint)
-        if src is None:
-            continue
-        dest = Destination(flow.dest_ip, flow.dest_ip, None, None, flow.dest_port,
-                           flow.protocol)
-        now = world.explain_records(src, dest).verdict
-        staged = world.explain_records(src, dest, staged=True).verdict
-        if now.action != staged.action:
-            out.append(FlowChange(flow, now, staged))
+        judged = judge(world, flow)
+        if judged is not None and judged[0].action != judged[1].action:
+            out.append(FlowChange(flow, *judged))
     return tuple(out)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from portcullis.audit.history import Change
+from topics.endoffsets import true_end_offsets
 from topics.records import HISTORY_OF, HistoryRecord, RecordError
 from topics.specs import topic_name
 
@@ -34,6 +35,7 @@ class Skipped:
 
     lines: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    messages: int = 0  # history messages read
 
     def add(self, topic: str, partition: int, offset: int, why: object) -> None:
         self.lines.append(f"{topic}[{partition}]@{offset}: {why}")
@@ -61,7 +63,8 @@ async def read_log(
             tps = await _partitions(consumer, topic)
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
+            # Tansu lists the base of the last batch as the end: raise it to the true end
+            ends = await true_end_offsets(consumer._client, await consumer.end_offsets(tps))
             if starts is not None:
                 begins = await consumer.beginning_offsets(tps)
                 starts.update({tp.partition: begins[tp] for tp in tps})
@@ -194,6 +197,7 @@ async def read_history_until(
             kafka_kwargs, topic_name(prefix, suffix), timeout=timeout, starts=starts
         ):
             oldest.setdefault(partition, stamp)
+            skipped.messages += 1
             if key is not None:
                 seen.add(key)
             if stamp <= until_ms:
@@ -249,7 +253,6 @@ async def read_history(
     *,
     skipped: Skipped | None = None,
     timeout: float = 300.0,
-    progress: Callable[[int], None] | None = None,
 ) -> list[Change]:
     """Every change on the history topics of `topics` (state topic suffixes).
 
@@ -266,8 +269,6 @@ async def read_history(
                 out.append(history_change(suffix, partition, offset, value))
             except (RecordError, TypeError) as exc:
                 skipped.add(name, partition, offset, exc)
-            if progress is not None and len(out) % 100_000 == 0:
-                progress(len(out))
     for line in skipped.lines:
         log.warning("skipped: %s", line)
     return out

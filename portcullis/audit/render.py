@@ -11,6 +11,7 @@ import yaml
 
 from portcullis.audit.explain import Explanation
 from portcullis.audit.history import AuditState, LogEntry, kind_of, meaning
+from portcullis.tables import table
 from portcullis.timespec import format_time
 
 POLICY_KIND_ORDER = (
@@ -18,16 +19,6 @@ POLICY_KIND_ORDER = (
     "StagedNetworkPolicy", "StagedKubernetesNetworkPolicy", "GlobalNetworkSet", "NetworkSet",
     "HostEndpoint",
 )
-
-
-def table(rows: Sequence[Mapping[str, str]]) -> str:
-    if not rows:
-        return ""
-    headers = list(rows[0])
-    widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
-    lines = ["   ".join(h.ljust(widths[h]) for h in headers).rstrip()]
-    lines += ["   ".join(r[h].ljust(widths[h]) for h in headers).rstrip() for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _where(namespace: str | None, name: str) -> str:

@@ -7,6 +7,7 @@ from portcullis.commands import (  # noqa: F401
     broker,
     demo,
     enforce,
+    flows,
     process,
     topics,
     watch,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
 
 from portcullis.cli import CommandError, command, run_async
 from portcullis.settings import Settings
@@ -108,37 +107,37 @@ def _publish(args: argparse.Namespace, settings: Settings, *, delete: bool) -> i
     return 0
 
 
+#: How far back `apply --dry-run` looks for flows to judge staged policies against.
+PREVIEW_FLOWS_SINCE = 3600.0
+
+
 async def _staged_preview(settings: Settings, objects: list[object]) -> list[str]:
-    """What the staged objects would change: the state topics now, with `objects` applied."""
+    """What the staged objects would change: the state topics now, with `objects` applied,
+    judged against the last hour's logged flows."""
     import time
 
     from portcullis.audit import preview
     from portcullis.audit.explain import World
-    from portcullis.audit.history import AuditState
-    from topics.records import EndpointRecord, PolicyRecord, ProfileRecord
-    from topics.specs import topic_name
-    from watchers.topicstate import read_state
+    from portcullis.commands.flows import as_flow, current_state, read_flows
+    from topics.records import PolicyRecord
+    from topics.specs import FLOWS
 
-    kw, prefix = settings.kafka.aiokafka_kwargs(), settings.topic_prefix
-    state = AuditState(
-        endpoints=await read_state(kw, topic_name(prefix, "endpoints"), EndpointRecord),
-        profiles=await read_state(kw, topic_name(prefix, "profiles"), ProfileRecord),
-        policies=await read_state(kw, topic_name(prefix, "policies"), PolicyRecord),
-    )
+    state = await current_state(settings)
     now = time.time()
     for obj in objects:
-        doc = obj.to_document()  # type: ignore[attr-defined]
-        state.policies[obj.key] = PolicyRecord(  # type: ignore[attr-defined]
+        key, doc = obj.key, obj.to_document()  # type: ignore[attr-defined]
+        state.policies[key] = PolicyRecord(
             obj.kind, obj.namespace, obj.name, doc, settings.actor, now, now,  # type: ignore[attr-defined]
         )
     world = World.of(state)
-    flows = await preview_flows(settings)
+    try:
+        records = await read_flows(settings.kafka.aiokafka_kwargs(),
+                                   FLOWS.name(settings.topic_prefix))
+    except LookupError:
+        records = []
+    flows = [f for r in records if r.end >= now - PREVIEW_FLOWS_SINCE
+             and (f := as_flow(r)) is not None]
     return preview.lines(preview.preview(world, flows))
-
-
-async def preview_flows(settings: Settings) -> list[Any]:
-    """Recent flows to judge staged policies against (none until flow logs are recorded)."""
-    return []
 
 
 @command("apply", "Validate policy documents and publish them to the policies topic.")

@@ -11,11 +11,13 @@ import re
 import signal
 from typing import TYPE_CHECKING
 
+from portcullis import observe
 from portcullis.cli import CommandError, command, run_async
 from portcullis.settings import Settings
 
 if TYPE_CHECKING:
     from enforcers.dns import DnsSettings
+    from enforcers.flowlogger import FlowSettings
     from policy.selectors import Selector
 
 log = logging.getLogger("portcullis.enforce")
@@ -96,14 +98,35 @@ class Command:
                  "forgets them: pods that cached an answer are denied until they look the "
                  "name up again",
         )
+        flows = parser.add_argument_group("flow logs")
+        flows.add_argument(
+            "--flow-logs", action=argparse.BooleanOptionalAction, default=True,
+            help="log denied connection attempts (the first packet of each, via NFLOG), "
+                 "aggregated per source, destination, port and what decided, to the flows "
+                 "topic (default on; best effort: enforcement never waits for it)",
+        )
+        flows.add_argument("--flow-log-allowed", action="store_true",
+                           help="log allowed connection attempts too")
+        flows.add_argument("--flow-log-group", type=int, default=20, metavar="N",
+                           help="the NFLOG group flow logs use (default 20)")
+        flows.add_argument("--flow-interval", type=float, default=10.0, metavar="SECONDS",
+                           help="how long attempts are aggregated before they are "
+                                "published (default 10)")
+        flows.add_argument(
+            "--flow-max-per-interval", type=int, default=10_000, metavar="N",
+            help="distinct flows kept per interval; beyond, attempts are summed per "
+                 "decision only (reason \"overflow\") and counted (default 10000)",
+        )
         parser.add_argument(
             "--dead-letter-unowned", action="store_true",
             help="also dead-letter malformed memberships no node owns (network-set members, "
                  "bad keys); enable on ONE enforcer per cluster, e.g. a --dry-run auditor",
         )
+        observe.add_arguments(parser, max_age=30.0)
         parser.add_argument(
-            "--metrics-port", type=int, metavar="PORT",
-            help="serve Prometheus metrics on this port (GET /metrics)",
+            "--ready-max-lag", type=int, default=1000, metavar="RECORDS",
+            help="/readyz says ready (after the first sync and programming) while at most "
+                 "this many records are not consumed yet (default 1000)",
         )
         parser.add_argument(
             "--resync-interval", type=float, default=30.0, metavar="SECONDS",
@@ -127,6 +150,11 @@ class Command:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from enforcers import netns as netns_mod
 
+        error = observe.check_arguments(args)
+        if error:
+            raise CommandError(error)
+        if args.ready_max_lag < 0:
+            raise CommandError(f"--ready-max-lag must not be negative, got {args.ready_max_lag}")
         if args.resync_interval <= 0:
             raise CommandError(f"--resync-interval must be positive, got {args.resync_interval}")
         if args.batch_window < 0:
@@ -148,6 +176,7 @@ class Command:
             raise CommandError("--dns-grace must not be negative, --dns-max-hold and "
                                "--dns-max-ips-per-name must be positive")
         args.dns = None if args.no_dns_learning else dns_settings(args)
+        args.flows = flow_settings(args)
         args.dns_pods = dns_server_pods(args.dns_server_pods)
         run_async(_main(args, settings))
         return 0
@@ -195,6 +224,19 @@ def dns_server_pods(text: str) -> Selector | None:
         raise CommandError(f"--dns-server-pods {text!r}: {exc}") from None
 
 
+def flow_settings(args: argparse.Namespace) -> FlowSettings | None:
+    """What flow logging the flags ask for (None: none; never with --dry-run)."""
+    from enforcers.flowlogger import FlowSettings
+
+    if not args.flow_logs or args.dry_run:
+        return None
+    try:
+        return FlowSettings(args.flow_log_group, args.flow_log_allowed, args.flow_interval,
+                            args.flow_max_per_interval, args.netns)
+    except ValueError as exc:
+        raise CommandError(f"--flow-*: {exc}") from None
+
+
 def dns_settings(args: argparse.Namespace) -> DnsSettings | None:
     from enforcers.dns import DnsSettings
 
@@ -213,9 +255,10 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
     from enforcers.interfaces import read_addresses
     from enforcers.ipsets import DryRunIpsets, NetlinkIpsets, set_name
     from enforcers.iptables import Iptables
-    from enforcers.metrics import EnforcerMetrics, serve
+    from enforcers.metrics import EnforcerMetrics
     from enforcers.render import WORKLOAD_PREFIXES
     from enforcers.state import EnforcerState
+    from topics.health import Health
 
     ipsets: DryRunIpsets | NetlinkIpsets
     if args.dry_run:
@@ -233,20 +276,23 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
         programmer6 = Programmer(ipsets, Iptables(args.netns, family=6), family=6)
     prefixes = tuple(args.workload_interface_prefix or WORKLOAD_PREFIXES)
     capture = args.dns.capture() if args.dns is not None and not args.dry_run else None
+    flow_rules = args.flows.rules() if args.flows is not None else None
     ipv6 = None
     if ipv6_available():
         state6 = EnforcerState(args.node, lambda uid: set_name(uid, "pc6"), family=6,
                                workload_prefixes=prefixes, blocked=args.no_ipv6,
-                               dns=capture, dns_server_pods=args.dns_pods)
+                               dns=capture, dns_server_pods=args.dns_pods, flows=flow_rules)
         ipv6 = (state6, programmer6)
         if args.no_ipv6:
             log.info("--no-ipv6: IPv6 from local endpoints is dropped, not enforced")
     else:
         log.info("this kernel has no IPv6 (no /proc/net/if_inet6): enforcing IPv4 only")
     metrics = EnforcerMetrics()
+    health = Health("enforcer")
+    health.loop("main", args.health_max_age)
     enforcer = Enforcer(
         EnforcerState(args.node, set_name, workload_prefixes=prefixes, dns=capture,
-                      dns_server_pods=args.dns_pods),
+                      dns_server_pods=args.dns_pods, flows=flow_rules),
         programmer,
         settings.kafka.aiokafka_kwargs(),
         settings.topic_prefix, metrics, batch_window=args.batch_window,
@@ -255,8 +301,13 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
         fetch_max_wait_ms=round(args.fetch_max_wait * 1000),
         read_addresses=lambda: read_addresses(args.netns),
         dns=args.dns if capture is not None else None,
+        flows=args.flows,
+        health=health, ready_max_lag=args.ready_max_lag,
     )
-    server = await serve(metrics, args.metrics_port) if args.metrics_port else None
+    try:
+        servers = observe.start(args, metrics.expose, health)
+    except OSError as exc:
+        raise CommandError(str(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -266,7 +317,6 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
     try:
         await enforcer.run(stop)
     finally:
-        if server is not None:
-            server.close()
+        observe.stop(servers)
         # Fail static: what is programmed stays programmed when we stop.
         log.info("stopped; the programmed dataplane stays as it is")

@@ -6,7 +6,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+from portcullis import observe
 from portcullis.cli import CommandError, command
 from portcullis.settings import Settings
 
@@ -64,6 +66,7 @@ class Command:
             help="how long table and membership writes wait to be batched (default 0.02; "
             "shorter: lower latency at low rates, more CPU per event at high rates)",
         )
+        observe.add_arguments(parser, max_age=30.0)
         parser.add_argument(
             "--batch-size",
             type=int,
@@ -90,12 +93,13 @@ class Command:
 
     @staticmethod
     def run(args: argparse.Namespace, settings: Settings) -> int:
-        import faust
 
-        from portcullis.cli import run_async
-        from streams.app import Processor, StreamsConfig, prepare_changelogs
-        from streams.localstate import LocalState
+        from streams.app import Processor, StreamsConfig
+        from topics.health import Health
 
+        error = observe.check_arguments(args)
+        if error:
+            raise CommandError(error)
         if args.session_timeout <= 0:
             raise CommandError(f"--session-timeout must be positive, got {args.session_timeout:g}")
         if args.batch_size < 1:
@@ -140,30 +144,50 @@ class Command:
         # releases the GIL and then waits up to the switch interval (5 ms) to get it back
         # from the busy consumer thread. A short interval keeps produce calls from stalling.
         sys.setswitchinterval(0.0005)
-        processor = Processor(config)
+        health = Health("processor")
+        health.loop("main", args.health_max_age)
+        processor = Processor(config, health)
         try:
-            run_async(prepare_changelogs(processor, kafka.aiokafka_kwargs()))
-        except RuntimeError as exc:
+            servers = observe.start(args, processor.metrics.expose, health)
+        except OSError as exc:
             raise CommandError(str(exc)) from None
-        local_state = None
-        if args.store == "rocksdb":  # local tables survive restarts: keep crash bookkeeping
-            local_state = LocalState(Path(processor.app.conf.tabledir).parent)
-            local_state.open()
-            processor.attach_local_state(local_state)
-        worker = faust.Worker(
-            processor.app,
-            loglevel=settings.log_level,
-            quiet=True,
-            override_logging=False,
-        )
         try:
-            worker.execute_from_commandline()
-        except SystemExit as exit_:
-            crashed = worker.crash_reason or processor.app.crash_reason
-            if exit_.code in (0, None) and crashed is None and local_state is not None:
-                local_state.close_cleanly()
-            raise
+            _run(processor, args, settings, kafka)
+        finally:
+            observe.stop(servers)
         return 0
+
+
+def _run(processor: Any, args: argparse.Namespace, settings: Settings, kafka: Any) -> None:
+    """Prepare the changelogs, then run the Faust worker until it stops."""
+    import faust
+
+    from portcullis.cli import run_async
+    from streams.app import prepare_changelogs
+    from streams.localstate import LocalState
+
+    try:
+        run_async(prepare_changelogs(processor, kafka.aiokafka_kwargs()))
+    except RuntimeError as exc:
+        raise CommandError(str(exc)) from None
+    local_state = None
+    if args.store == "rocksdb":  # local tables survive restarts: keep crash bookkeeping
+        local_state = LocalState(Path(processor.app.conf.tabledir).parent)
+        local_state.open()
+        processor.attach_local_state(local_state)
+    worker = faust.Worker(
+        processor.app,
+        loglevel=settings.log_level,
+        quiet=True,
+        override_logging=False,
+    )
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exit_:
+        crashed = worker.crash_reason or processor.app.crash_reason
+        if exit_.code in (0, None) and crashed is None and local_state is not None:
+            local_state.close_cleanly()
+        raise
 
 
 def _check_topics(settings: Settings) -> None:

@@ -129,10 +129,11 @@ def policy_documents(draw: st.DrawFn) -> list[dict[str, Any]]:
 
 def desired_for(
     docs: list[dict[str, Any]], family: int, blocked: bool = False,
+    flows: render.FlowLog | None = None,
 ) -> tuple[dict[str, render.Chain], dict[str, set[str]]]:
     prefix = "pc" if family == 4 else "pc6"
     state = EnforcerState("n1", lambda uid: set_name(uid, prefix), family=family,
-                          workload_prefixes=("cali", "tap"), blocked=blocked)
+                          workload_prefixes=("cali", "tap"), blocked=blocked, flows=flows)
     for doc in docs if not blocked else ():
         obj = load_document(doc, "test")
         compiled = compile_object(obj, family)
@@ -180,12 +181,16 @@ def _load(ns: Netns, family: int, chains: dict[str, render.Chain],
 
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(policy_documents(), st.booleans())
+@given(policy_documents(), st.booleans(),
+       st.sampled_from([None, render.FlowLog(20), render.FlowLog(65535, allowed=True)]))
 def test_every_rendered_rule_shape_loads_into_the_kernel(
-    kernel_netns: Netns, docs: list[dict[str, Any]], blocked6: bool
+    kernel_netns: Netns, docs: list[dict[str, Any]], blocked6: bool,
+    flows: render.FlowLog | None,
 ) -> None:
+    """With flow-log rules too (NFLOG before every drop, and every allow)."""
     for family in (4, 6):
-        chains, sets = desired_for(docs, family, blocked=family == 6 and blocked6)
+        chains, sets = desired_for(docs, family, blocked=family == 6 and blocked6,
+                                   flows=flows)
         _load(kernel_netns, family, chains, sets)
 
 

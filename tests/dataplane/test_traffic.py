@@ -32,7 +32,7 @@ from enforcers.interfaces import read_addresses
 from enforcers.ipsets import NetlinkIpsets, set_name
 from enforcers.iptables import Iptables
 from enforcers.metrics import EnforcerMetrics
-from enforcers.render import WORKLOAD_PREFIXES
+from enforcers.render import WORKLOAD_PREFIXES, FlowLog
 from enforcers.state import EnforcerState
 from policy import compile as pcompile
 from policy import labels as plabels
@@ -312,12 +312,14 @@ class Node:
     """The enforcer's pure core and programmers, fed record by record (no broker)."""
 
     def __init__(self, topo: Topology, world: World, ipv6: bool = False,
-                 blocked6: bool = False, prefixes: tuple[str, ...] = WORKLOAD_PREFIXES) -> None:
+                 blocked6: bool = False, prefixes: tuple[str, ...] = WORKLOAD_PREFIXES,
+                 flows: FlowLog | None = None) -> None:
         """``ipv6``: enforce IPv6 too (``blocked6``: drop it, as ``enforce --no-ipv6``);
-        ``prefixes``: the workload interface prefixes (unknown ones are dropped)."""
+        ``prefixes``: the workload interface prefixes (unknown ones are dropped);
+        ``flows``: render flow-log rules."""
         self.world = world
         self.metrics = EnforcerMetrics()
-        self.state = EnforcerState(NODE, set_name, workload_prefixes=prefixes)
+        self.state = EnforcerState(NODE, set_name, workload_prefixes=prefixes, flows=flows)
         self.ipsets = NetlinkIpsets(netns=topo.node.name)
         self.iptables = Iptables(topo.node.name)
         self.programmer = Programmer(self.ipsets, self.iptables)
@@ -325,7 +327,7 @@ class Node:
         if ipv6 or blocked6:
             self.planes.append((
                 EnforcerState(NODE, lambda uid: set_name(uid, "pc6"), family=6,
-                              workload_prefixes=prefixes, blocked=blocked6),
+                              workload_prefixes=prefixes, blocked=blocked6, flows=flows),
                 Programmer(self.ipsets, Iptables(topo.node.name, family=6), family=6),
             ))
         self.sink = RecordSink(self.state, self.metrics, [p[0] for p in self.planes[1:]],

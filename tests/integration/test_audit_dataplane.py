@@ -4,7 +4,7 @@ A real `portcullis enforce` in a node namespace follows a scripted history on a 
 (policies applied, changed and deleted; a pod relabelled), published through the watchers'
 publisher so the history topics hold it. After each step the pods connect to servers
 outside; afterwards, `explain --at` for the instant of each attempt must say what the
-kernel did."""
+kernel did. A staged policy that would deny everything is on the topics all along."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,8 +22,13 @@ from aiokafka import AIOKafkaProducer
 
 from portcullis import cli
 from portcullis.brokers import Broker, free_port
-from tests.dataplane.conftest import Netns, make_netns  # noqa: F401  (fixture)
-from tests.dataplane.test_traffic import NODE, Topology, World, build_topology
+from tests.dataplane.conftest import make_netns  # noqa: F401  (fixture)
+from tests.dataplane.test_traffic import (
+    NODE,
+    Topology,
+    World,
+    topology,  # noqa: F401  (fixture)
+)
 from tests.integration.test_enforcer import PARTITIONS, _metric, _stop, eventually, make_topics
 from topics.records import split_endpoint_key, split_membership_key
 from watchers.mirror import Publication
@@ -52,19 +57,19 @@ spec:
     protocol: TCP
     destination: {selector: kind == 'saas', namespaceSelector: global(), ports: [443]}
 """
+# on the topics throughout, never enforced: were it, pod a could reach nothing
+STAGED = """
+apiVersion: projectcalico.org/v3
+kind: StagedNetworkPolicy
+metadata: {name: lock-a, namespace: shop}
+spec:
+  order: 1
+  selector: app == 'web'
+  types: [Egress]
+  egress: [{action: Deny}]
+"""
 PROBES = (("a", "10.66.1.1", 443), ("a", "10.66.1.1", 80), ("b", "10.66.1.1", 443),
           ("a", "10.66.2.1", 443))
-
-
-@pytest.fixture
-def topology(make_netns: Callable[[], Netns]) -> Iterator[Topology]:  # noqa: F811
-    topo = build_topology(make_netns)
-    try:
-        yield topo
-    finally:
-        topo.stop.set()
-        for sock in topo.servers:
-            sock.close()
 
 
 def _publication(suffix: str, key: str, rec: object) -> Publication:
@@ -86,7 +91,7 @@ async def _publish(bootstrap: str, prefix: str, world: World, actor: str) -> Non
 
 
 async def test_explain_at_agrees_with_the_connections_made_then(
-    tansu_broker: Broker, topic_prefix: str, topology: Topology, tmp_path: Path,
+    tansu_broker: Broker, topic_prefix: str, topology: Topology, tmp_path: Path,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     bootstrap = tansu_broker.bootstrap
@@ -97,6 +102,7 @@ async def test_explain_at_agrees_with_the_connections_made_then(
     world.put_endpoint("globalnetworkset", None, "saas", ("10.66.1.0/24",), {"kind": "saas"},
                        node=None)
     world.put_objects(BASE)
+    world.put_objects(STAGED)
     await _publish(bootstrap, topic_prefix, world, "alice")
     port = free_port()
     log = tmp_path / "enforcer.log"

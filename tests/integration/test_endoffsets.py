@@ -10,7 +10,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams.endoffsets import true_end_offsets
+from topics.endoffsets import true_end_offsets
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 

@@ -345,3 +345,109 @@ async def test_pages_come_from_one_snapshot_and_old_versions_are_gone(
                          "&timeoutSeconds=1&allowWatchBookmarks=true") as resp:
         event = json.loads(await resp.content.readline())
     assert event["type"] == "BOOKMARK"
+
+
+class Leases:
+    """coordination.k8s.io/v1 Leases with what leader election relies on, as kmock reactions:
+    a ``resourceVersion`` bumped by every write, 409 Conflict on a replace at a stale
+    version (optimistic concurrency), 404 for none. (A second create is refused with 409
+    by the emulator itself, before any reaction: it tracks created objects.)"""
+
+    def __init__(self, server: kmock.KubernetesEmulator) -> None:
+        self.objects: dict[tuple[str | None, str], dict[str, Any]] = {}
+        self.versions = itertools.count(1)
+        self.writes: list[tuple[str, str | None]] = []  # (name, holder) of every write
+        self.conflicts = 0
+        #: writes naming these holders hang until `unhang` (a leader cut off from the API)
+        self.hang_writes_of: set[str] = set()
+        self._unhung = asyncio.Event()
+        server[kmock.resource("coordination.k8s.io", "v1", "leases")] << self._serve
+
+    async def _hang(self) -> kmock.Response:
+        await self._unhung.wait()
+        return self._status(503, "ServiceUnavailable", "the scripted partition ended")
+
+    def unhang(self) -> None:
+        self.hang_writes_of.clear()
+        self._unhung.set()
+
+    @staticmethod
+    def _status(code: int, reason: str, message: str) -> kmock.Response:
+        return kmock.Response(status=code, payload={
+            "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code,
+            "reason": reason, "message": message})
+
+    def _serve(self, request: kmock.Request) -> Any:
+        """Every answer names its status: kmock keeps the last one given on the reaction."""
+        import orjson
+
+        method = next(m for m in ("GET", "POST", "PUT", "PATCH", "DELETE")
+                      if request.method == m)
+        if method == "GET" and request.name:
+            found = self.objects.get((request.namespace, request.name))
+            if found is None:
+                return self._status(404, "NotFound", f"leases {request.name!r} not found")
+            return kmock.Response(status=200, payload=copy.deepcopy(found))
+        body = orjson.loads(request.body) if request.body else {}
+        if self.hang_writes_of and (body.get("spec") or {}).get("holderIdentity") in (
+                self.hang_writes_of):
+            return self._hang()
+        name = request.name or (body.get("metadata") or {}).get("name")
+        key = (request.namespace, name)
+        if method == "POST":
+            if key in self.objects:
+                return self._status(409, "AlreadyExists", f"leases {name!r} already exists")
+            return self._store(key, body, 201)
+        if method == "PUT":
+            found = self.objects.get(key)
+            if found is None:
+                return self._status(404, "NotFound", f"leases {name!r} not found")
+            sent = (body.get("metadata") or {}).get("resourceVersion")
+            if sent != found["metadata"]["resourceVersion"]:
+                self.conflicts += 1
+                return self._status(409, "Conflict", "the object has been modified; please "
+                                    "apply your changes to the latest version and try again")
+            return self._store(key, body, 200)
+        return self._status(405, "MethodNotAllowed", f"{method} is not scripted for leases")
+
+    def _store(self, key: tuple[str | None, str], body: dict[str, Any], code: int) -> Any:
+        obj = copy.deepcopy(body)
+        obj.setdefault("apiVersion", "coordination.k8s.io/v1")
+        obj.setdefault("kind", "Lease")
+        obj["metadata"] = dict(obj.get("metadata") or {}, name=key[1], namespace=key[0],
+                               resourceVersion=str(next(self.versions)))
+        self.objects[key] = obj
+        self.writes.append((key[1], (obj.get("spec") or {}).get("holderIdentity")))
+        return kmock.Response(status=code, payload=copy.deepcopy(obj))
+
+    def holder(self, namespace: str, name: str) -> str | None:
+        found = self.objects.get((namespace, name))
+        return None if found is None else (found.get("spec") or {}).get("holderIdentity")
+
+
+async def test_leases_are_written_with_optimistic_concurrency(
+    kmock: kmock.KubernetesEmulator,
+) -> None:
+    leases = Leases(kmock)
+    path = "/apis/coordination.k8s.io/v1/namespaces/ns/leases"
+    lease = {"metadata": {"name": "l"}, "spec": {"holderIdentity": "a"}}
+    async with kmock.get(f"{path}/l") as resp:
+        assert resp.status == 404
+    async with kmock.post(path, json=lease) as resp:
+        assert resp.status == 201
+        first = await resp.json()
+    async with kmock.post(path, json=lease) as resp:
+        assert resp.status == 409  # the emulator itself refuses a second create
+    mine = copy.deepcopy(first)
+    mine["spec"]["holderIdentity"] = "b"
+    async with kmock.put(f"{path}/l", json=mine) as resp:
+        assert resp.status == 200
+        second = await resp.json()
+    assert int(second["metadata"]["resourceVersion"]) > int(first["metadata"]["resourceVersion"])
+    stale = copy.deepcopy(first)
+    stale["spec"]["holderIdentity"] = "c"
+    async with kmock.put(f"{path}/l", json=stale) as resp:  # written at an old version
+        assert resp.status == 409 and (await resp.json())["reason"] == "Conflict"
+    async with kmock.get(f"{path}/l") as resp:
+        assert (await resp.json())["spec"]["holderIdentity"] == "b"
+    assert leases.holder("ns", "l") == "b" and leases.conflicts == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from topics.records import (
     DeadLetterRecord,
     DnsRecord,
     EndpointRecord,
+    FlowRecord,
     HistoryRecord,
     Labels,
     MembershipRecord,
@@ -189,9 +191,27 @@ def history_records(draw: st.DrawFn) -> HistoryRecord:
     )
 
 
+@st.composite
+def flow_records(draw: st.DrawFn) -> FlowRecord:
+    host = st.ip_addresses().map(str)
+    start = draw(times)
+    packets = draw(st.integers(1, 2**40))
+    return FlowRecord(
+        node=draw(names), direction=draw(st.sampled_from(["egress", "ingress"])),
+        source_ip=draw(host), source_endpoint=draw(st.none() | names), dest_ip=draw(host),
+        dest_port=draw(st.none() | st.integers(0, 65535)),
+        protocol=draw(st.sampled_from(["TCP", "UDP", "ICMP", "ICMPv6", "47"])),
+        dest_endpoint=draw(st.none() | names), action=draw(st.sampled_from(["allow", "deny"])),
+        tier=draw(st.none() | names), policy=draw(st.none() | names),
+        rule=draw(st.none() | st.just("egress[2]")), reason=draw(names),
+        packets=packets, attempts=draw(st.integers(1, packets)), start=start,
+        end=start + draw(st.floats(0, 1e6)), observed_at=draw(times),
+    )
+
+
 any_record = st.one_of(
     endpoints(), profiles(), policies(), selectors(), memberships(), dead_letters(),
-    dns_records(), history_records(),
+    dns_records(), history_records(), flow_records(),
 )
 
 TOPIC_OF: dict[type[Any], str] = {
@@ -203,6 +223,7 @@ TOPIC_OF: dict[type[Any], str] = {
     DeadLetterRecord: "deadletter",
     DnsRecord: "dns",
     HistoryRecord: "policies.history",
+    FlowRecord: "flows",
 }
 
 # ---------------------------------------------------------------------------
@@ -494,6 +515,7 @@ def test_specs_name_every_topic_in_order() -> None:
         "selectors",
         "memberships",
         "dns",
+        "flows",
         "deadletter",
     ]
     assert names["memberships"] == "pc.memberships"
@@ -517,3 +539,38 @@ def test_own_membership_decodes_like_a_validated_one(record: MembershipRecord) -
 def test_own_membership_that_is_not_one_is_a_record_error(raw: bytes) -> None:
     with pytest.raises(RecordError, match="not a stored membership"):
         MembershipRecord.from_own_json(raw)
+
+
+def _flow(**changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "v": 1, "node": "n1", "direction": "egress", "source_ip": "10.0.0.1",
+        "source_endpoint": "pod/shop/a", "dest_ip": "10.0.0.2", "dest_port": 443,
+        "protocol": "TCP", "dest_endpoint": None, "action": "deny", "tier": "default",
+        "policy": "GlobalNetworkPolicy//p", "rule": "egress[0]", "reason": "rule",
+        "packets": 3, "attempts": 2, "start": 10.0, "end": 11.0, "observed_at": 12.0,
+    }
+    data.update(changes)
+    return data
+
+
+def test_a_flow_record_keys_on_its_node_and_canonicalises_addresses() -> None:
+    record = FlowRecord.from_dict(_flow(source_ip="fd00:0::1"))
+    assert (record.key, record.partition_key, record.source_ip) == ("n1", "n1", "fd00::1")
+    assert codec.decode("x.flows", codec.encode(record)) == record
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"direction": "sideways"}, "FlowRecord.direction: expected one of egress, ingress"),
+    ({"source_ip": "10.0.0.0/8"}, "FlowRecord.source_ip: expected an IP address"),
+    ({"dest_port": 70000}, "FlowRecord.dest_port: must be at most 65535"),
+    ({"protocol": "tcp!"}, "FlowRecord.protocol: expected TCP"),
+    ({"action": "Allow"}, "FlowRecord.action: expected one of allow, deny"),
+    ({"packets": 0, "attempts": 0}, "FlowRecord.packets: must be at least 1"),
+    ({"attempts": 4}, "FlowRecord.attempts: cannot exceed packets"),
+    ({"end": 9.0}, "FlowRecord.end: must not be before start"),
+    ({"node": "a/b"}, "FlowRecord.node: must not contain"),
+    ({"reason": ""}, "FlowRecord.reason: must not be empty"),
+])
+def test_a_malformed_flow_record_says_which_field(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(RecordError, match=re.escape(message)):
+        FlowRecord.from_dict(_flow(**changes))

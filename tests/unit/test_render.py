@@ -225,10 +225,10 @@ LOCAL_KINDS: dict[str, tuple[str, render.EndpointKind, str, bool | None,
 
 def programmed(tiers: list[Tier], pols: list[Policy],
                universe: list[tuple[str, str, dict[str, str]]],
-               local: LocalEndpoint) -> Dataplane:
+               local: LocalEndpoint, flows: render.FlowLog | None = None) -> Dataplane:
     """The desired dataplane for one local endpoint, every selector's members from
-    `universe` (key, ip, labels)."""
-    state = EnforcerState("n1", namer)
+    `universe` (key, ip, labels); ``flows``: with flow-log rules."""
+    state = EnforcerState("n1", namer, flows=flows)
     for tier in tiers:
         state.upsert_tier(compile_object(tier))  # type: ignore[arg-type]
     for pol in pols:
