@@ -458,7 +458,8 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
 
 
 def _start_py_spy(args: argparse.Namespace, pid: int, out: Path) -> subprocess.Popen[bytes] | None:
-    """Sample the worker (every thread) during the sustained phase, as collapsed stacks."""
+    """Sample the worker during the sustained phase, as collapsed stacks: the thread
+    holding the GIL only, so the samples show where CPU time goes (not idle waits)."""
     if not args.py_spy:
         return None
     py_spy = str(Path(sys.executable).parent / "py-spy")
@@ -466,7 +467,7 @@ def _start_py_spy(args: argparse.Namespace, pid: int, out: Path) -> subprocess.P
         raise SystemExit(f"--py-spy: {py_spy} not found; install it with "
                          f"`{sys.executable} -m pip install py-spy`")
     spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw",
-                            "--rate", "200", "--threads", "--output", str(out)],
+                            "--rate", "200", "--threads", "--gil", "--output", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # attached before the first event
     return spy

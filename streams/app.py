@@ -26,6 +26,7 @@ Malformed records go to the dead-letter topic and processing continues.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 import time
@@ -448,8 +449,16 @@ class Processor:
 
     def _done(self, msg: Any) -> None:
         """An input record is processed (or rejected): count it, note how far we are."""
-        self._processed[(msg.topic, msg.partition)] = msg.offset + 1
-        self.metrics.records.inc(topic=self.inputs.get(msg.topic, msg.topic))
+        self._done_all((msg,))
+
+    def _done_all(self, msgs: Iterable[Any]) -> None:
+        """`_done` for a batch: the counters are added to once per topic."""
+        processed, counts = self._processed, collections.Counter[str]()
+        for msg in msgs:
+            processed[(msg.topic, msg.partition)] = msg.offset + 1
+            counts[msg.topic] += 1
+        for topic, count in counts.items():
+            self.metrics.records.inc(count, topic=self.inputs.get(topic, topic))
         self.metrics.last_record.set(time.time())
 
     # ------------------------------------------------------------------ health
@@ -642,8 +651,7 @@ class Processor:
             self.processed += 1
         await self._write_batch(batch.writes, by_partition)
         self._settle(republished)  # once queued: see LocalState.settle
-        for done in applied:
-            self._done(done)
+        self._done_all(applied)
         for bad, error in rejected:
             await self._reject(bad, error, "match")
 

@@ -191,14 +191,21 @@ def _check_labels(cls: str, field: str, value: object) -> Labels:
 def _check_ips(cls: str, field: str, value: object) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise _fail(cls, field, f"expected a list of IPs or CIDRs, got {_describe(value)}")
-    items = list(cast("Iterable[object]", value))
+    items = tuple(cast("Iterable[object]", value))
     for item in items:
         if not isinstance(item, str):
             raise _fail(cls, field, f"expected IP or CIDR strings, got {_describe(item)}")
     try:
-        return canonical_ips(cast("list[str]", items))
+        return _canonical_tuple(cast("tuple[str, ...]", items))
     except ValueError as exc:
         raise _fail(cls, field, str(exc)) from None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _canonical_tuple(items: tuple[str, ...]) -> tuple[str, ...]:
+    """`canonical_ips` of a whole list, cached: an endpoint's IPs recur in every record of
+    it (its updates, and the memberships built from it)."""
+    return canonical_ips(items)
 
 
 def _check_profiles(cls: str, value: object) -> tuple[str, ...]:
@@ -635,6 +642,26 @@ class MembershipRecord:
         _check_opt_str(c, "interface", self.interface)
         object.__setattr__(self, "ips", _check_ips(c, "ips", self.ips))
         object.__setattr__(self, "observed_at", _check_time(c, "observed_at", self.observed_at))
+
+    @classmethod
+    def of_endpoint(cls, selector_uid: str, endpoint: EndpointRecord,
+                    observed_at: float) -> MembershipRecord:
+        """The membership of a (validated) endpoint in a (registered) selector.
+
+        Built without `__post_init__`'s checks: every field comes from records that passed
+        them (the endpoint's key, namespace, node, interface and canonical IPs; the uid of
+        a parsed selector), so they would only cost time, once per membership change.
+        """
+        record = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(record, "selector_uid", selector_uid)
+        setattr_(record, "endpoint_key", endpoint.key)
+        setattr_(record, "namespace", endpoint.namespace)
+        setattr_(record, "node", endpoint.node)
+        setattr_(record, "interface", endpoint.interface)
+        setattr_(record, "ips", endpoint.ips)
+        setattr_(record, "observed_at", observed_at)
+        return record
 
     @property
     def key(self) -> str:

@@ -574,3 +574,18 @@ def test_a_flow_record_keys_on_its_node_and_canonicalises_addresses() -> None:
 def test_a_malformed_flow_record_says_which_field(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(RecordError, match=re.escape(message)):
         FlowRecord.from_dict(_flow(**changes))
+
+
+@given(endpoints(), uids, times)
+def test_membership_of_an_endpoint_is_the_validated_record(
+    endpoint: EndpointRecord, uid: str, at: float
+) -> None:
+    """The unchecked constructor builds exactly what the checked one would, and it
+    survives the codec (so a reader validates it like any other)."""
+    built = MembershipRecord.of_endpoint(uid, endpoint, at)
+    checked = MembershipRecord(
+        selector_uid=uid, endpoint_key=endpoint.key, namespace=endpoint.namespace,
+        node=endpoint.node, interface=endpoint.interface, ips=endpoint.ips, observed_at=at)
+    assert built == checked
+    assert codec.decode_as(MembershipRecord, codec.encode(built)) == checked
+
