@@ -15,6 +15,7 @@ the last value of each is the one-at-a-time path's last value. A tombstone carri
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -50,7 +51,13 @@ MEMBERS_TABLE = "members"
 def partition_of_endpoint_key(key: str, partitions: int) -> int:
     """The partition an endpoint (or policy) key belongs to: its namespace's, else its name's."""
     _kind, namespace, name = split_endpoint_key(key)
-    return partition_for_key(namespace if namespace is not None else name, partitions)
+    return _partition_of(namespace if namespace is not None else name, partitions)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _partition_of(partition_key: str, partitions: int) -> int:
+    """`partition_for_key`, cached: a cluster has few namespaces, and every event hashes one."""
+    return partition_for_key(partition_key, partitions)
 
 
 def partition_of_profile_key(key: str, partitions: int) -> int:

@@ -28,7 +28,7 @@ import functools
 import ipaddress
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal, TypeAlias, cast, get_args
 
@@ -91,6 +91,23 @@ class Labels(Mapping[str, str]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+    # The dict's own views and lookups (Mapping's generic ones go through __getitem__ per
+    # key: a third of the cost of building an endpoint's effective labels).
+    def items(self) -> ItemsView[str, str]:
+        return self._items.items()
+
+    def keys(self) -> KeysView[str]:
+        return self._items.keys()
+
+    def values(self) -> ValuesView[str]:
+        return self._items.values()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._items.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
 
     def __hash__(self) -> int:
         if self._hash is None:
@@ -227,9 +244,17 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__} {text}"
 
 
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+#: A dotted-quad IPv4 address as `ipaddress` reads it (no leading zeros), already canonical.
+_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}", re.ASCII)
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _canonical_ip(text: str) -> tuple[int, int, int, str]:
     """(version, address, prefix, canonical text); cached: the same IPs recur in many records."""
+    if _IPV4.fullmatch(text):  # the common case, ten times faster than ipaddress
+        a, b, c, d = (int(part) for part in text.split("."))
+        return (4, a << 24 | b << 16 | c << 8 | d, 33, text)
     try:
         if "/" in text:
             net = ipaddress.ip_network(text, strict=False)
