@@ -316,26 +316,20 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
     if report.failures():
         raise SystemExit("\n".join(report.lines()))
     wl = Workload(args.endpoints, args.policies)
-    log_path = log_dir / f"worker-{mode}.log"
-    launcher = "import sys; from portcullis.cli import main; sys.exit(main())"
-    if args.profile:
-        launcher = (f"import cProfile; from portcullis.cli import main; "
-                    f"cProfile.run('main()', {str(log_dir / f'worker-{mode}.prof')!r})")
-    cmd = [sys.executable, "-c", launcher,
-           "process", "--store", "memory", "--bootstrap", bootstrap, "--topic-prefix", prefix,
-           "--partitions", str(PARTITIONS), "--session-timeout", "3", "--log-level", "WARNING",
-           "--data-dir", str(log_dir / f"data-{mode}")]
-    if mode == "brute_force":
-        cmd.append("--brute-force")
-    cmd += _worker_args(args)
+    mode_args, count = MODES[mode]
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2,
                                 max_batch_size=256 * 1024)
     await producer.start()
     watch = MembershipWatch(bootstrap, prefix + "memberships")
     await watch.start()
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    workers = [_start_worker(args, bootstrap, prefix, mode, mode_args, log_dir, i)
+               for i in range(count)]
+    worker = workers[0]
     watch.worker = worker
+
+    def cpu() -> float:
+        return sum(cpu_seconds(w.pid) for w in workers)
+
     result: dict[str, Any] = {}
     try:
         # preload: 20,000 endpoints and 500 policies, then markers to know it is all in
@@ -354,15 +348,17 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         events = wl.updates(n, lambda: 2.0)
         markers = wl.markers(2.5)
         spy = _start_py_spy(args, worker.pid, log_dir / f"worker-{mode}.spy.txt")
-        cpu0 = cpu_seconds(worker.pid)
+        cpu0 = cpu()
         t0 = time.time()
         await publish(producer, prefix, events + list(markers.values()))
         published = time.time() - t0
         t1 = await watch.wait(markers_done(watch, markers), timeout=args.timeout)
-        cpu = cpu_seconds(worker.pid) - cpu0
+        cpu_used = cpu() - cpu0
         _stop_py_spy(spy)
         result["endpoint_events_per_s"] = (n + len(markers)) / (t1 - t0)
-        result["endpoint_events_per_worker_cpu_s"] = (n + len(markers)) / cpu
+        result["endpoint_events_per_worker_cpu_s"] = (n + len(markers)) / cpu_used
+        result["worker_cpu_s_per_event"] = cpu_used / (n + len(markers))
+        result["workers"] = count
         result["publish_s"] = published
         print(f"  worker {mode:11}: {result['endpoint_events_per_s']:.0f} endpoint events/s "
               f"({n} events; publishing alone took {published:.2f} s; "
@@ -393,34 +389,60 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
               f"({len(lat_last)}/{len(sent)} events seen)", flush=True)
 
         # idle: what the worker burns with nothing to do (fetch polling, heartbeats)
-        cpu0, t0 = cpu_seconds(worker.pid), time.time()
+        cpu0, t0 = cpu(), time.time()
         await asyncio.sleep(args.idle_seconds)
-        result["idle_cpu_percent"] = (cpu_seconds(worker.pid) - cpu0) / (time.time() - t0) * 100
+        result["idle_cpu_percent"] = (cpu() - cpu0) / (time.time() - t0) * 100
         print(f"  worker {mode:11}: idle CPU {result['idle_cpu_percent']:.1f}% of a core",
               flush=True)
 
         # policy storm: a new global policy whose selector matches every endpoint
         uid = parse(STORM_SELECTOR).uid
         target = len(wl.pods)
-        cpu0 = cpu_seconds(worker.pid)
+        cpu0 = cpu()
         t0 = time.time()
         await publish(producer, prefix,
                       [("policies", "GlobalNetworkPolicy//storm", wl.storm(t0))])
         t1 = await watch.wait(lambda: watch.count_by_uid.get(uid, 0) >= target,
                               timeout=args.timeout)
         result["storm_s"] = t1 - t0
-        result["storm_worker_cpu_s"] = cpu_seconds(worker.pid) - cpu0
+        result["storm_worker_cpu_s"] = cpu() - cpu0
         print(f"  worker {mode:11}: policy storm: {target} memberships in "
               f"{result['storm_s']:.2f} s", flush=True)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(30)
+            except subprocess.TimeoutExpired:
+                w.kill()
         await watch.stop()
         await producer.stop()
     return result
+
+
+#: Worker modes: extra `portcullis process` arguments, and how many workers share the group.
+MODES: dict[str, tuple[list[str], int]] = {
+    "index": ([], 1),
+    "brute_force": (["--brute-force"], 1),
+    "one_at_a_time": (["--batch-size=1"], 1),
+    "two_workers": ([], 2),
+}
+
+
+def _start_worker(args: argparse.Namespace, bootstrap: str, prefix: str, mode: str,
+                  mode_args: list[str], log_dir: Path, i: int) -> subprocess.Popen[bytes]:
+    name = mode if i == 0 else f"{mode}-{i}"
+    launcher = "import sys; from portcullis.cli import main; sys.exit(main())"
+    if args.profile:
+        launcher = (f"import cProfile; from portcullis.cli import main; "
+                    f"cProfile.run('main()', {str(log_dir / f'worker-{name}.prof')!r})")
+    cmd = [sys.executable, "-c", launcher,
+           "process", "--store", "memory", "--bootstrap", bootstrap, "--topic-prefix", prefix,
+           "--partitions", str(PARTITIONS), "--session-timeout", "3", "--log-level", "WARNING",
+           "--data-dir", str(log_dir / f"data-{name}"), *mode_args, *_worker_args(args)]
+    with open(log_dir / f"worker-{name}.log", "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
 def _worker_args(args: argparse.Namespace) -> list[str]:
@@ -436,7 +458,8 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
 
 
 def _start_py_spy(args: argparse.Namespace, pid: int, out: Path) -> subprocess.Popen[bytes] | None:
-    """Sample the worker (every thread) during the sustained phase, as collapsed stacks."""
+    """Sample the worker during the sustained phase, as collapsed stacks: the thread
+    holding the GIL only, so the samples show where CPU time goes (not idle waits)."""
     if not args.py_spy:
         return None
     py_spy = str(Path(sys.executable).parent / "py-spy")
@@ -444,7 +467,7 @@ def _start_py_spy(args: argparse.Namespace, pid: int, out: Path) -> subprocess.P
         raise SystemExit(f"--py-spy: {py_spy} not found; install it with "
                          f"`{sys.executable} -m pip install py-spy`")
     spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw",
-                            "--rate", "200", "--threads", "--output", str(out)],
+                            "--rate", "200", "--threads", "--gil", "--output", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # attached before the first event
     return spy
@@ -478,8 +501,11 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
                         help="keep worker logs (and profiles) in DIR instead of a temp dir")
     parser.add_argument("--modes", default="index,brute_force",
-                        help="worker modes to run, comma-separated (default both: the "
-                        "brute-force baseline belongs beside every published figure)")
+                        help="worker modes to run, comma-separated, of "
+                        f"{', '.join(MODES)} (default index,brute_force: the brute-force "
+                        "baseline belongs beside every published figure; one_at_a_time is "
+                        "the unbatched worker, --batch-size=1; two_workers shares the "
+                        "partitions between two workers)")
     parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                         help="pass ARG to `portcullis process` (repeatable), e.g. "
                         "--worker-arg=--fetch-max-wait=0.01")
@@ -517,9 +543,10 @@ def main() -> None:
                 results["worker"] = {}
                 for mode in args.modes.split(","):
                     try:
+                        pure = "brute_force" if mode == "brute_force" else "index"
                         results["worker"][mode] = asyncio.run(
                             bench_worker(args, broker.bootstrap, mode, Path(tmp),
-                                         results["pure"][mode]["members_after_preload"]))
+                                         results["pure"][pure]["members_after_preload"]))
                     except TimeoutError as exc:
                         results["worker"][mode] = {"error": str(exc)}
                         print(f"  worker {mode}: {exc}", flush=True)
@@ -558,6 +585,28 @@ def print_table(results: dict[str, Any]) -> None:
     for name, a, b, higher_better in rows:
         gain = ratio(a, b) if higher_better else ratio(b, a)
         print(f"{name:30} {a:12.3f} {b:12.3f} {gain:>11}")
+    print_batching(worker)
+
+
+def print_batching(worker: dict[str, Any]) -> None:
+    """Batched (index) against one event at a time, and two workers against one."""
+    idx = worker.get("index", {})
+    if "endpoint_events_per_s" not in idx:
+        return
+    for mode, label in (("one_at_a_time", "one at a time"), ("two_workers", "two workers")):
+        other = worker.get(mode, {})
+        if "endpoint_events_per_s" not in other:
+            continue
+        print(f"\n{'figure':30} {'batched':>12} {label:>14} {'its ÷ batched':>14}")
+        for name, key in (("worker: endpoint events/s", "endpoint_events_per_s"),
+                          ("worker CPU-ms per event", "worker_cpu_s_per_event"),
+                          ("latency p99 (ms) at rate", "latency")):
+            a, b = idx[key], other[key]
+            if key == "latency":
+                a, b = a["p99_ms"], b["p99_ms"]
+            if key == "worker_cpu_s_per_event":
+                a, b = a * 1000, b * 1000
+            print(f"{name:30} {a:12.3f} {b:14.3f} {b / a if a else float('nan'):7.2f}x")
 
 
 if __name__ == "__main__":

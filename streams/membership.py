@@ -72,15 +72,7 @@ def effective_labels(
 
 def member_record(uid: str, endpoint: EndpointRecord, observed_at: float) -> MembershipRecord:
     """The membership of `endpoint` in selector `uid`: where it is and its IPs (or nets)."""
-    return MembershipRecord(
-        selector_uid=uid,
-        endpoint_key=endpoint.key,
-        namespace=endpoint.namespace,
-        node=endpoint.node,
-        interface=endpoint.interface,
-        ips=endpoint.ips,
-        observed_at=observed_at,
-    )
+    return MembershipRecord.of_endpoint(uid, endpoint, observed_at)
 
 
 def same_member(a: MembershipRecord, b: MembershipRecord | EndpointRecord) -> bool:

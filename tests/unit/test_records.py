@@ -574,3 +574,45 @@ def test_a_flow_record_keys_on_its_node_and_canonicalises_addresses() -> None:
 def test_a_malformed_flow_record_says_which_field(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(RecordError, match=re.escape(message)):
         FlowRecord.from_dict(_flow(**changes))
+
+
+@given(endpoints(), uids, times)
+def test_membership_of_an_endpoint_is_the_validated_record(
+    endpoint: EndpointRecord, uid: str, at: float
+) -> None:
+    """The unchecked constructor builds exactly what the checked one would, and it
+    survives the codec (so a reader validates it like any other)."""
+    built = MembershipRecord.of_endpoint(uid, endpoint, at)
+    checked = MembershipRecord(
+        selector_uid=uid, endpoint_key=endpoint.key, namespace=endpoint.namespace,
+        node=endpoint.node, interface=endpoint.interface, ips=endpoint.ips, observed_at=at)
+    assert built == checked
+    assert codec.decode_as(MembershipRecord, codec.encode(built)) == checked
+
+
+
+def _by_ipaddress(text: str) -> str | None:
+    try:
+        if "/" in text:
+            return str(ipaddress.ip_network(text, strict=False))
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+ipv4_like = st.lists(
+    st.one_of(st.integers(0, 300).map(str), st.sampled_from(["00", "01", "007", "", " 1", "1 ",
+                                                             "+1", "٣", "0x1", "1\n"])),
+    min_size=3, max_size=5,
+).map(".".join)
+
+
+@given(st.one_of(ipv4_like, addresses))
+def test_canonical_ips_read_every_address_as_ipaddress_does(text: str) -> None:
+    """The dotted-quad fast path accepts, rejects and writes exactly what `ipaddress` does."""
+    expected = _by_ipaddress(text)
+    if expected is None:
+        with pytest.raises(ValueError):
+            canonical_ips([text])
+    else:
+        assert canonical_ips([text]) == (expected,)
