@@ -34,7 +34,8 @@ async def _main(args: argparse.Namespace) -> None:
     enforcer = Enforcer(EnforcerState(args.node, set_name),
                         Programmer(ipsets, Iptables(args.netns)),
                         {"bootstrap_servers": args.bootstrap}, args.prefix, metrics,
-                        resync_interval=3600.0, fetch_max_wait_ms=args.fetch_max_wait_ms)
+                        resync_interval=3600.0, fetch_max_wait_ms=args.fetch_max_wait_ms,
+                        fetch_min_bytes=args.fetch_min_bytes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--samples", required=True)
     parser.add_argument("--fetch-max-wait-ms", type=int, default=50)
+    parser.add_argument("--fetch-min-bytes", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -78,6 +78,7 @@ class Options:
     progress: bool = True
     partitions: int | None = None
     write: bool = True
+    real_fetch_min_bytes: int = 1  # the real enforcer's `--fetch-min-bytes`
 
 
 # --------------------------------------------------------------------------- measuring
@@ -452,7 +453,8 @@ class Run:
              "--netns", self.real_netns, "--bootstrap", self.bootstrap, "--prefix",
              self.prefix, "--samples", str(samples),
              # Tansu holds a fetch until its wait ends (see `portcullis enforce --help`)
-             "--fetch-max-wait-ms", "10" if self.opts.broker == "tansu" else "50"],
+             "--fetch-max-wait-ms", "10" if self.opts.broker == "tansu" else "50",
+             "--fetch-min-bytes", str(self.opts.real_fetch_min_bytes)],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         log.close()
 

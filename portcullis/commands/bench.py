@@ -38,6 +38,8 @@ class Command:
         parser.add_argument("--out", type=Path, metavar="DIR",
                             help="where to write the JSON, PNG and Markdown "
                             "(default benchmarks/results)")
+        parser.add_argument("--real-fetch-min-bytes", type=int, default=1, metavar="BYTES",
+                            help="the real enforcer's --fetch-min-bytes (default 1)")
         parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     @staticmethod
@@ -59,6 +61,7 @@ class Command:
             sim_nodes=args.sim_nodes,
             progress=not args.quiet,
             partitions=args.partitions,
+            real_fetch_min_bytes=args.real_fetch_min_bytes,
         )
         try:
             result = run(scenario(args.scenario, args.small), opts, small=args.small)

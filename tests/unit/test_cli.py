@@ -55,3 +55,14 @@ def test_every_subcommand_has_help() -> None:
     parser = cli.build_parser()
     names = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     assert {"broker", "topics", "process", "enforce", "watch", "apply", "demo", "bench"} <= names
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--fetch-min-bytes=0", "--fetch-min-bytes must be at least 1, got 0"),
+    ("--fetch-max-wait=11", "--fetch-max-wait must be between 0 and 10 seconds"),
+])
+def test_enforce_rejects_fetch_settings_before_it_starts(
+    flag: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["enforce", "--node", "n1", flag]) == 1
+    assert message in capsys.readouterr().err
