@@ -183,13 +183,11 @@ class _Producer(faust_aiokafka.Producer):
         for key, value in records:
             if batch.append(timestamp=None, key=key, value=value) is None:
                 if count == 0:
-                    raise ValueError(f"a {topic} record of {len(value or b'')} bytes "
-                                     "is larger than a record batch")
+                    raise _too_large(topic, value)
                 sent.append((await self._queue(producer, batch, topic, partition), count))
-                batch, count = producer.create_batch(), 0
+                batch, count = producer.create_batch(), 0  # full: the next starts with it
                 if batch.append(timestamp=None, key=key, value=value) is None:
-                    raise ValueError(f"a {topic} record of {len(value or b'')} bytes "
-                                     "is larger than a record batch")
+                    raise _too_large(topic, value)
             count += 1
         if count:
             sent.append((await self._queue(producer, batch, topic, partition), count))
@@ -779,6 +777,11 @@ class Processor:
         self.suspects -= keys
         if self.local_state is not None:
             self.local_state.settle(keys)
+
+
+def _too_large(topic: str, value: bytes | None) -> ValueError:
+    return ValueError(f"a {topic} record of {len(value or b'')} bytes is larger than a "
+                      "record batch")
 
 
 def _record_persisted_offset(store: Any, later: int, sent: asyncio.Future[Any]) -> None:

@@ -62,7 +62,7 @@ def _partition_of(partition_key: str, partitions: int) -> int:
 
 def partition_of_profile_key(key: str, partitions: int) -> int:
     """The partition of a ``kns.<ns>`` / ``ksa.<ns>.<sa>`` profile key: its namespace's."""
-    return partition_for_key(key[4:].partition(".")[0], partitions)
+    return _partition_of(key[4:].partition(".")[0], partitions)
 
 
 @dataclass(frozen=True, slots=True)

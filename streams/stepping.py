@@ -46,23 +46,16 @@ async def resume(stepped: Stepped) -> Any:
     """
     coro, awaiting = stepped.coro, stepped.awaiting
     while True:
+        thrown: BaseException | None = None
         try:
             await _wait_for(awaiting)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as cancelled:
             if isinstance(awaiting, asyncio.Future):
-                awaiting.cancel()
-                try:
-                    awaiting = coro.send(None)
-                except StopIteration as stop:
-                    return stop.value
+                awaiting.cancel()  # the coroutine reads the cancellation from it
             else:
-                try:
-                    awaiting = coro.throw(asyncio.CancelledError())
-                except StopIteration as stop:
-                    return stop.value
-            continue
+                thrown = cancelled  # a bare yield: nothing to read it from
         try:
-            awaiting = coro.send(None)
+            awaiting = coro.send(None) if thrown is None else coro.throw(thrown)
         except StopIteration as stop:
             return stop.value
 
