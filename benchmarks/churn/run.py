@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -57,6 +58,7 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 WATCHER = "watcher (publisher)"
+PROCESSOR = "processor (faust)"
 REAL = "real enforcer (own process)"
 FLEET = "fleet nodes (thread CPU)"
 HARNESS = "harness (fleet, publisher)"
@@ -308,6 +310,10 @@ class Run:
         self.result: dict[str, Any] = {}
         self.stop = asyncio.Event()
         self.real: Any = None
+        self.real_cpu = 0.0  # CPU s of real enforcer processes that have ended
+        self.real_rss = 0.0
+        self.real_consistency: Any = None
+        self.watcher: subprocess.Popen[str] | None = None
         self.real_netns: str | None = None
         self.real_node: str | None = None
         self.events_published = 0
@@ -464,9 +470,9 @@ class Run:
             return
         self.real = None
         if proc.poll() is None:
-            self.real_cpu = getattr(self, "real_cpu", 0.0) + proc_cpu(proc.pid)
+            self.real_cpu += proc_cpu(proc.pid)
             rss = proc_peak_rss(proc.pid) or 0.0
-            self.real_rss = max(getattr(self, "real_rss", 0.0), rss)
+            self.real_rss = max(self.real_rss, rss)
             proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
             for _ in range(100):
                 if proc.poll() is not None:
@@ -556,7 +562,7 @@ class Run:
         import threading
         from dataclasses import asdict
 
-        self.watcher = subprocess.Popen(
+        self.watcher = watcher = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.churn.watcher", "--bootstrap", self.bootstrap,
              "--prefix", self.prefix, "--spec", json.dumps(asdict(self.spec))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -567,8 +573,8 @@ class Run:
         self.watcher_actions: list[str] = []
 
         def pump() -> None:
-            assert self.watcher.stdout is not None
-            for line in self.watcher.stdout:
+            assert watcher.stdout is not None
+            for line in watcher.stdout:
                 self.watcher_lines.put(json.loads(line))
             self.watcher_lines.put(None)
 
@@ -614,12 +620,12 @@ class Run:
         raise BenchError(f"the watcher did not report {what!r} within {timeout:.0f}s")
 
     def tell_watcher(self, cmd: dict[str, Any]) -> None:
-        assert self.watcher.stdin is not None
+        assert self.watcher is not None and self.watcher.stdin is not None
         self.watcher.stdin.write(json.dumps(cmd) + "\n")
         self.watcher.stdin.flush()
 
     def stop_watcher(self) -> None:
-        proc = getattr(self, "watcher", None)
+        proc = self.watcher
         if proc is None or proc.poll() is not None:
             return
         with contextlib.suppress(Exception):
@@ -687,16 +693,15 @@ class Run:
         return {name: node.cpu for name, node in self.fleet.nodes.items()}
 
     def cpu_snapshot(self) -> dict[str, float]:
-        snap = {"harness (fleet, publisher)": proc_cpu()}
+        snap = {HARNESS: proc_cpu()}
         if self.processor is not None:
-            snap["processor (faust)"] = self.processor.cpu()
+            snap[PROCESSOR] = self.processor.cpu()
         if self.broker_pid:
             snap["broker"] = proc_cpu(self.broker_pid)
-        watcher = getattr(self, "watcher", None)
-        if watcher is not None:
-            snap[WATCHER] = proc_cpu(watcher.pid)
+        if self.watcher is not None:
+            snap[WATCHER] = proc_cpu(self.watcher.pid)
         if self.real is not None:
-            snap[REAL] = getattr(self, "real_cpu", 0.0) + proc_cpu(self.real.pid)
+            snap[REAL] = self.real_cpu + proc_cpu(self.real.pid)
         assert self.fleet is not None
         snap[FLEET] = sum(n.cpu for n in self.fleet.nodes.values())
         return snap
@@ -783,8 +788,6 @@ class Run:
             # Ten or a hundred nodes' state in one process would make every full garbage
             # collection scan all of them and charge it to one node's transaction; a real
             # enforcer holds one node's. Freeze what the load built.
-            import gc
-
             gc.collect()
             gc.freeze()
             if len(nodes) > 20:
@@ -804,8 +807,6 @@ class Run:
                 self.log(self.phase_line(phases[-1]))
             storm = await self.storm() if scn.storm else []
             self.phase = "check"
-            import gc
-
             gc.enable()
             consistency = self.check()
             if self.real_netns is not None:
@@ -838,7 +839,7 @@ class Run:
             "real_enforcer": self.real_report(real_samples, want_real),
             "consistency": consistency,
             "processes": {
-                "processor (faust)": usage,
+                PROCESSOR: usage,
                 "harness": {"cpu_s": round(proc_cpu(), 2),
                             "peak_rss_mib": round(proc_peak_rss() or 0, 1)},
                 "broker": {"cpu_s": round(proc_cpu(self.broker_pid), 2) if self.broker_pid
@@ -898,9 +899,9 @@ class Run:
                                          "namespace)" if os.geteuid() else "disabled"}
         return {"ran": True, "node": self.real_node, "netns": "pc-bench-*, removed",
                 "latency_s": percentiles(samples),
-                "cpu_s": round(getattr(self, "real_cpu", 0.0), 2),
-                "peak_rss_mib": round(getattr(self, "real_rss", 0.0), 1),
-                "consistency": getattr(self, "real_consistency", None)}
+                "cpu_s": round(self.real_cpu, 2),
+                "peak_rss_mib": round(self.real_rss, 1),
+                "consistency": self.real_consistency}
 
     def phase_line(self, ph: dict[str, Any]) -> str:
         lat = ph["latency_s"]
@@ -1023,9 +1024,7 @@ def stage_costs(cpu: dict[str, float], node_cpu: dict[str, float], events: int,
     The harness's own CPU less its simulated nodes' is the shared consumer and the
     simulation's bookkeeping: a simulation artefact, reported, never the bottleneck.
     """
-    names = {"watcher (publisher)": WATCHER, "broker": "broker",
-             "processor (faust)": "processor (faust)", REAL: REAL}
-    processes = {label: cpu[key] for label, key in names.items() if key in cpu}
+    processes = {name: cpu[name] for name in (WATCHER, "broker", PROCESSOR, REAL) if name in cpu}
     shared = "harness: shared consumer (decodes every record once) + routing to every node"
     if HARNESS in cpu:
         processes[shared] = max(0.0, cpu[HARNESS] - cpu.get(FLEET, 0.0))
