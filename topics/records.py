@@ -213,9 +213,16 @@ def _check_ips(cls: str, field: str, value: object) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise _fail(cls, field, f"expected IP or CIDR strings, got {_describe(item)}")
     try:
+        if len(items) > _CACHED_IPS:  # a network set's nets: not worth holding on to
+            return canonical_ips(cast("tuple[str, ...]", items))
         return _canonical_tuple(cast("tuple[str, ...]", items))
     except ValueError as exc:
         raise _fail(cls, field, str(exc)) from None
+
+
+#: Longest IP list `_canonical_tuple` caches: an endpoint's addresses. A network set grown
+#: by thousands of CIDRs, one version per update, would otherwise fill the cache with them.
+_CACHED_IPS = 8
 
 
 @functools.lru_cache(maxsize=1 << 16)
