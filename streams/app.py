@@ -164,7 +164,9 @@ class _Producer(faust_aiokafka.Producer):
     and sending a group of records as whole record batches.
 
     Faust flushes before it commits offsets and before it gives partitions away, so a
-    completed flush is the moment every earlier write is in the changelogs.
+    completed flush is the moment every write queued before it began is in the
+    changelogs. A write still waiting for room in the producer's buffer is not: the
+    processor tells its `LocalState` when a write is queued.
     """
 
     async def send_batches(
@@ -736,6 +738,8 @@ class Processor:
         topic = table.changelog_topic.get_topic_name()
         producer = cast(BatchProducer, self.app.producer)
         sent = await producer.send_batches(topic, partition, records)
+        if table is self.members and self.local_state is not None:
+            self.local_state.queued(key for key, _value in records)  # see LocalState.note
         for fut, _count in sent:
             fut.add_done_callback(self._check_sent)
         last, count = sent[-1]

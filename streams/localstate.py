@@ -10,11 +10,14 @@ produced stays on the memberships topic for ever, because the table says there i
 nothing to delete.
 
 So every write to ``members`` first names its key in an *intent log* on disk. A producer
-flush makes every earlier write durable, so the log is rotated when a flush starts and
-the rotated file is deleted when it ends. A marker file says a worker is running; a start
-that finds it (the last run crashed) turns the keys left in intent logs into *suspects*,
-kept in a file until the processor has republished each one from the inputs (an upsert
-if it is a member, a tombstone if not) and a flush has made that durable.
+flush makes every write durable that was *queued* in the producer when it began, so the
+log is rotated when a flush starts and the rotated file is deleted when it ends; a key
+noted but not yet queued at that moment (its sender was waiting for the producer's
+buffer) is written again to the new log, as the flush does not cover it. A marker file
+says a worker is running; a start that finds it (the last run crashed) turns the keys
+left in intent logs into *suspects*, kept in a file until the processor has republished
+each one from the inputs (an upsert if it is a member, a tombstone if not) and a flush
+has made that durable.
 
 The alternative, discarding the local tables after a crash, is also correct but turns
 every crash into a full replay of the memberships topic (hundreds of thousands of
@@ -62,6 +65,7 @@ class LocalState:
         self._generation = 0
         self._fd: int | None = None
         self._settled: set[str] = set()  # republished; forgotten after a later flush
+        self._unqueued: dict[bytes, int] = {}  # noted, not yet in the producer: how often
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -99,21 +103,38 @@ class LocalState:
     # ------------------------------------------------------------------ writes and flushes
 
     def note(self, key: bytes) -> None:
-        """About to write `key` to the members table (call before the local write)."""
+        """About to write `key` to the members table (call before the local write).
+
+        Call `queued` once its changelog record is in the producer.
+        """
         if self._fd is None:
             raise RuntimeError("LocalState.note before open")
         os.write(self._fd, key + b"\n")
+        self._unqueued[key] = self._unqueued.get(key, 0) + 1
+
+    def queued(self, keys: Iterable[bytes]) -> None:
+        """The changelog records of these noted writes are in the producer now."""
+        unqueued = self._unqueued
+        for key in keys:
+            left = unqueued.get(key, 0) - 1
+            if left > 0:
+                unqueued[key] = left
+            else:
+                unqueued.pop(key, None)
 
     def begin_flush(self) -> FlushToken:
         """A producer flush starts: later writes go to a new intent log.
 
         Pass the token to `end_flush` when that flush has completed: every write noted
-        before it, and every republished suspect settled before it, is then durable.
+        and queued before it, and every republished suspect settled before it, is then
+        durable. Writes noted but not queued yet are noted again in the new log.
         """
         token = FlushToken(self._generation, frozenset(self._settled))
         self._close_log()
         self._generation += 1
         self._fd = self._open_log(self._generation)
+        if self._unqueued:
+            os.write(self._fd, b"".join(key + b"\n" for key in self._unqueued))
         return token
 
     def end_flush(self, token: FlushToken) -> None:
