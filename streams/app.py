@@ -219,6 +219,27 @@ class _Producer(faust_aiokafka.Producer):
             hook.end_flush(token)
 
 
+class RawSchema(faust.Schema[bytes, bytes]):
+    """Keys and values as the bytes on the wire, without Faust's codec chain per record.
+
+    The inputs are our own JSON, decoded and validated by the processor (`topics.codec`),
+    so Faust's raw codecs only copied bytes to bytes: on the match agent's hot path their
+    lookups cost about 5% of the worker's CPU.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw")
+
+    def compile(self, app: Any, **_options: Any) -> Any:
+        create_event = app.create_event
+
+        async def decode(message: Any, *, propagate: bool = False) -> Any:
+            return create_event(message.key, message.value, message.headers, message)
+
+        return decode
+
+
 class ChangelogWriteFailed(RuntimeError):
     """A changelog record failed after the producer's retries; offsets must not be committed."""
 
@@ -329,8 +350,7 @@ class Processor:
         def topic(name: str, compact: bool = False) -> Any:
             return app.topic(
                 name,
-                key_type=bytes,
-                value_type=bytes,
+                schema=RawSchema(),
                 partitions=config.partitions,
                 compacting=compact or None,
                 internal=False,
@@ -344,11 +364,7 @@ class Processor:
         self.policies_topic = topic(self.policies_name)
         self.selectors_topic = topic(self.selectors_name)
         self.match_topic = app.topic(
-            self.endpoints_name,
-            self.profiles_name,
-            self.selectors_name,
-            key_type=bytes,
-            value_type=bytes,
+            self.endpoints_name, self.profiles_name, self.selectors_name, schema=RawSchema()
         )
         self.deadletter_topic = app.topic(
             DEADLETTER.name(prefix), key_type=bytes, value_type=bytes, partitions=1

@@ -213,8 +213,8 @@ def _check_ips(cls: str, field: str, value: object) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise _fail(cls, field, f"expected IP or CIDR strings, got {_describe(item)}")
     try:
-        if len(items) > _CACHED_IPS:  # a network set's nets: not worth holding on to
-            return canonical_ips(cast("tuple[str, ...]", items))
+        if len(items) == 1 or len(items) > _CACHED_IPS:  # see canonical_ips; a network
+            return canonical_ips(cast("tuple[str, ...]", items))  # set's nets: not kept
         return _canonical_tuple(cast("tuple[str, ...]", items))
     except ValueError as exc:
         raise _fail(cls, field, str(exc)) from None
@@ -279,6 +279,8 @@ def canonical_ips(items: Iterable[str]) -> tuple[str, ...]:
     loses host bits (``10.0.0.7/24`` -> ``10.0.0.0/24``). Two records that mean
     the same set of addresses therefore compare (and encode) equal.
     """
+    if isinstance(items, tuple | list) and len(items) == 1 and _IPV4.fullmatch(items[0]):
+        return (items[0],)  # a pod's one IPv4 address, already canonical: most records
     return tuple(entry[3] for entry in sorted({_canonical_ip(item) for item in items}))
 
 
