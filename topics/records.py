@@ -79,7 +79,10 @@ class Labels(Mapping[str, str]):
     __slots__ = ("_hash", "_items")
 
     def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
-        pairs = dict(items.items() if isinstance(items, Mapping) else items)
+        if type(items) is dict:  # decoded JSON: the common case, without the ABC check
+            pairs = items
+        else:
+            pairs = dict(items.items() if isinstance(items, Mapping) else items)
         self._items: dict[str, str] = dict(sorted(pairs.items()))
         self._hash: int | None = None
 
@@ -197,7 +200,7 @@ def _check_choice(cls: str, field: str, value: object, choices: tuple[str, ...])
 def _check_labels(cls: str, field: str, value: object) -> Labels:
     if isinstance(value, Labels):
         return value
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise _fail(cls, field, f"expected a mapping of strings, got {_describe(value)}")
     for k, v in value.items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -206,7 +209,7 @@ def _check_labels(cls: str, field: str, value: object) -> Labels:
 
 
 def _check_ips(cls: str, field: str, value: object) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
+    if not _is_sequence(value):
         raise _fail(cls, field, f"expected a list of IPs or CIDRs, got {_describe(value)}")
     items = tuple(cast("Iterable[object]", value))
     for item in items:
@@ -233,13 +236,20 @@ def _canonical_tuple(items: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _check_profiles(cls: str, value: object) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
+    if not _is_sequence(value):
         raise _fail(cls, "profiles", f"expected a list of profile names, got {_describe(value)}")
     names = tuple(cast("Iterable[object]", value))
     for name in names:
         if not isinstance(name, str) or not name:
             raise _fail(cls, "profiles", f"expected profile names, got {_describe(name)}")
     return cast("tuple[str, ...]", names)
+
+
+def _is_sequence(value: object) -> bool:
+    """A list or tuple (decoded JSON, our records), or another iterable that is no string."""
+    if type(value) is list or type(value) is tuple:  # without the ABC check
+        return True
+    return not isinstance(value, str) and isinstance(value, Iterable)
 
 
 def _describe(value: object) -> str:
@@ -286,6 +296,10 @@ def canonical_ips(items: Iterable[str]) -> tuple[str, ...]:
 
 def _check_fields(cls: type[Any], data: Mapping[str, Any]) -> None:
     """Reject a dict that is not exactly this record's encoding (version, fields)."""
+    if type(data) is dict and data.keys() == cls.__dataclass_keys__:
+        version = data["v"]
+        if type(version) is int and version == cls.VERSION:
+            return  # exactly the fields, and this version: the common case, at once
     name = cls.__name__
     if not isinstance(data, Mapping):
         raise RecordError(f"{name}: expected a JSON object, got {_describe(data)}")
@@ -309,6 +323,7 @@ def _check_fields(cls: type[Any], data: Mapping[str, Any]) -> None:
 
 def _field_order(cls: type[Any]) -> type[Any]:
     cls.__dataclass_fields_order__ = tuple(f.name for f in fields(cls))
+    cls.__dataclass_keys__ = frozenset({"v", *cls.__dataclass_fields_order__})
     return cls
 
 
@@ -478,7 +493,9 @@ class EndpointRecord:
             _check_fields(cls, {**data, "v": cls.VERSION, "profiles": []})
         else:
             _check_fields(cls, data)
-        return cls(**{k: v for k, v in data.items() if k != "v"})
+        fields_ = dict(data)
+        del fields_["v"]
+        return cls(**fields_)
 
 
 @_field_order
