@@ -141,7 +141,7 @@ class PartitionState:
         for profile in profiles:
             self.profiles[profile.key] = profile
         for endpoint in endpoints:
-            self._store_endpoint(endpoint)
+            self._store_endpoint(endpoint.key, endpoint)
         for uid, source, text in selectors:
             self._register(uid, source, text)
         for member in members:
@@ -188,10 +188,10 @@ class PartitionState:
             raise RecordError(f"endpoint record for {record.key!r} under key {key!r}")
         old = self.endpoints.get(key)
         if old is not None:
-            self._forget_endpoint(old)
+            self._forget_endpoint(key, old)
         if record is None:
             return [self._drop_member(membership_key(u, key)) for u in self._uids_of(key)]
-        self._store_endpoint(record)
+        self._store_endpoint(key, record)
         return self._reconcile_endpoint(key, record.observed_at)
 
     def apply_profile(self, key: str, record: ProfileRecord | None) -> list[Delta]:
@@ -265,8 +265,7 @@ class PartitionState:
                 sa_labels = account.labels if account is not None else None
         return effective_labels(endpoint, ns_labels, sa_labels)
 
-    def _store_endpoint(self, endpoint: EndpointRecord) -> None:
-        key = endpoint.key
+    def _store_endpoint(self, key: str, endpoint: EndpointRecord) -> None:
         self.endpoints[key] = endpoint
         self._labels[key] = self._effective(endpoint)
         if endpoint.namespace is not None:
@@ -275,8 +274,7 @@ class PartitionState:
                 pair = (endpoint.namespace, endpoint.service_account)
                 self._by_account.setdefault(pair, set()).add(key)
 
-    def _forget_endpoint(self, endpoint: EndpointRecord) -> None:
-        key = endpoint.key
+    def _forget_endpoint(self, key: str, endpoint: EndpointRecord) -> None:
         self.endpoints.pop(key, None)
         self._labels.pop(key, None)
         if endpoint.namespace is not None:
@@ -295,7 +293,7 @@ class PartitionState:
             if uid not in desired:
                 deltas.append(self._drop_member(membership_key(uid, key)))
         for uid in sorted(desired):
-            delta = self._upsert_member(uid, endpoint, observed_at)
+            delta = self._upsert_member(uid, key, endpoint, observed_at)
             if delta is not None:
                 deltas.append(delta)
         return deltas
@@ -308,7 +306,7 @@ class PartitionState:
         for key in sorted(self.endpoints):
             if matcher(self._labels[key]):
                 current.discard(key)
-                delta = self._upsert_member(uid, self.endpoints[key], observed_at)
+                delta = self._upsert_member(uid, key, self.endpoints[key], observed_at)
                 if delta is not None:
                     deltas.append(delta)
         for key in sorted(current):
@@ -316,18 +314,20 @@ class PartitionState:
         return deltas
 
     def _upsert_member(
-        self, uid: str, endpoint: EndpointRecord, observed_at: float
+        self, uid: str, endpoint_key: str, endpoint: EndpointRecord, observed_at: float
     ) -> Delta | None:
-        key = membership_key(uid, endpoint.key)
+        key = membership_key(uid, endpoint_key)
         old = self.members.get(key)
         if old is not None and same_member(old, endpoint):  # no record built to compare
             return None
-        record = member_record(uid, endpoint, observed_at)
-        self._set_member(record)
+        record = MembershipRecord.of_endpoint(uid, endpoint, observed_at, endpoint_key)
+        self._set_member(record, key)
         return Delta(key, record)
 
-    def _set_member(self, record: MembershipRecord) -> None:
-        key = membership_key(record.selector_uid, record.endpoint_key)
+    def _set_member(self, record: MembershipRecord, key: str | None = None) -> None:
+        """Note `record` as emitted (`key`: its membership key, if the caller has it)."""
+        if key is None:
+            key = membership_key(record.selector_uid, record.endpoint_key)
         self.members[key] = record
         self._member_uids.setdefault(record.endpoint_key, set()).add(record.selector_uid)
         self._member_keys.setdefault(record.selector_uid, set()).add(record.endpoint_key)

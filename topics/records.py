@@ -695,9 +695,11 @@ class MembershipRecord:
         object.__setattr__(self, "observed_at", _check_time(c, "observed_at", self.observed_at))
 
     @classmethod
-    def of_endpoint(cls, selector_uid: str, endpoint: EndpointRecord,
-                    observed_at: float) -> MembershipRecord:
+    def of_endpoint(cls, selector_uid: str, endpoint: EndpointRecord, observed_at: float,
+                    endpoint_key: str | None = None) -> MembershipRecord:
         """The membership of a (validated) endpoint in a (registered) selector.
+
+        `endpoint_key` is ``endpoint.key``, when the caller has it already.
 
         Built without `__post_init__`'s checks: every field comes from records that passed
         them (the endpoint's key, namespace, node, interface and canonical IPs; the uid of
@@ -706,7 +708,7 @@ class MembershipRecord:
         record = object.__new__(cls)
         setattr_ = object.__setattr__
         setattr_(record, "selector_uid", selector_uid)
-        setattr_(record, "endpoint_key", endpoint.key)
+        setattr_(record, "endpoint_key", endpoint.key if endpoint_key is None else endpoint_key)
         setattr_(record, "namespace", endpoint.namespace)
         setattr_(record, "node", endpoint.node)
         setattr_(record, "interface", endpoint.interface)
