@@ -70,9 +70,12 @@ def effective_labels(
     )
 
 
-def member_record(uid: str, endpoint: EndpointRecord, observed_at: float) -> MembershipRecord:
-    """The membership of `endpoint` in selector `uid`: where it is and its IPs (or nets)."""
-    return MembershipRecord.of_endpoint(uid, endpoint, observed_at)
+def member_record(uid: str, endpoint: EndpointRecord, observed_at: float,
+                  endpoint_key: str | None = None) -> MembershipRecord:
+    """The membership of `endpoint` in selector `uid`: where it is and its IPs (or nets).
+
+    `endpoint_key` is ``endpoint.key``, when the caller has it already."""
+    return MembershipRecord.of_endpoint(uid, endpoint, observed_at, endpoint_key)
 
 
 def same_member(a: MembershipRecord, b: MembershipRecord | EndpointRecord) -> bool:
@@ -173,8 +176,8 @@ class PartitionState:
             if endpoint is not None and entry is not None and entry[0].matcher(
                 self._labels[endpoint_key]
             ):
-                record = member_record(uid, endpoint, observed_at)
-                self._set_member(record)
+                record = member_record(uid, endpoint, observed_at, endpoint_key)
+                self._set_member(record, key)
                 deltas.append(Delta(key, record))
             else:
                 deltas.append(self._drop_member(key))
@@ -320,7 +323,7 @@ class PartitionState:
         old = self.members.get(key)
         if old is not None and same_member(old, endpoint):  # no record built to compare
             return None
-        record = MembershipRecord.of_endpoint(uid, endpoint, observed_at, endpoint_key)
+        record = member_record(uid, endpoint, observed_at, endpoint_key)
         self._set_member(record, key)
         return Delta(key, record)
 
