@@ -1,14 +1,16 @@
 """The Faust application: thin adapters around the pure compile and match cores.
 
-Two agents, both without concurrency (faust-streaming can commit past an in-flight
-message with ``concurrency > 1``):
+Two consumers of the inputs, both one batch at a time (faust-streaming can commit past an
+in-flight message with ``concurrency > 1``):
 
-* *compile* reads ``policies``; per partition a `CompileState` (restored from the
+* the *compile* agent reads ``policies``; per partition a `CompileState` (restored from the
   ``policy-refs`` table) turns a policy change into selector registrations, sent with an
   explicit partition to ``selectors`` and acknowledged by the broker *before* the table is
   updated, so a crash can only make it redo work, never forget a withdrawal.
-* *match* reads ``endpoints``, ``profiles`` and ``selectors`` (co-partitioned: one agent
-  over the three topics, so one worker owns a namespace's whole stream). Per partition a
+* *match* reads ``endpoints``, ``profiles`` and ``selectors`` (co-partitioned: one consumer
+  of the three topics, so one worker owns a namespace's whole stream). It is not a Faust
+  agent but a bulk sink of the consumer (`streams.consumer`): each fetch's records come in
+  one call, without Faust's per-record stream, and are acknowledged in bulk. Per partition a
   `PartitionState` is restored from the ``endpoints``, ``profiles`` and ``selectors``
   tables plus the ``members`` table, then resynced. The ``members`` table's changelog
   IS the ``memberships`` topic: writing a member is publishing it, and recovering the
@@ -31,7 +33,7 @@ import logging
 import ssl
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, cast
@@ -63,6 +65,7 @@ from streams.compile import (
     SelectorRef,
     split_selector_message_key,
 )
+from streams.consumer import BulkSink
 from streams.consumer import Consumer as StreamsConsumer
 from streams.localstate import LocalState
 from streams.membership import Delta, PartitionState
@@ -115,12 +118,10 @@ class StreamsConfig:
     #: hard-codes 1.5 s: Apache Kafka answers as soon as a record arrives, but Tansu holds
     #: every fetch for the full wait, which then is the latency of a quiet partition.
     fetch_max_wait: float = 0.02
-    #: Most match events taken from the stream and processed as one batch: decoded and
+    #: Most match events processed as one batch (of what one fetch brought): decoded and
     #: applied in order, their table writes coalesced and sent as one record batch per
     #: table and partition. 1 processes one event at a time.
     batch_size: int = 1000
-    #: Longest time (s) a batch waits to fill up; the added latency at low rates.
-    batch_within: float = 0.005
     #: Evaluate every selector for every endpoint (no label index): the benchmark baseline.
     brute_force: bool = False
 
@@ -266,6 +267,8 @@ class Transport(faust_aiokafka.Transport):
         self.commit_hooks: list[Callable[[], None]] = []
         #: The first changelog write that failed after the producer's retries, if any.
         self.failed_write: BaseException | None = None
+        #: Topic name -> the sink its records go to in bulk (see `streams.consumer`).
+        self.bulk_sinks: dict[str, BulkSink] = {}
 
 
 @dataclass
@@ -404,7 +407,9 @@ class Processor:
         self.suspects: set[str] = set()
 
         app.agent(self.policies_topic, name="compile")(self._compile_agent)
-        app.agent(self.match_topic, name="match")(self._match_agent)
+        app.topics.add(self.match_topic)  # subscribed; its records go to the bulk sink
+        app.transport.bulk_sinks.update(
+            dict.fromkeys(self.match_topic.topics, self._match_records))
         app.timer(OBSERVE_INTERVAL, name="observe")(self._observe)
         self.inputs = {self.policies_name: "policies", self.endpoints_name: "endpoints",
                        self.profiles_name: "profiles", self.selectors_name: "selectors"}
@@ -453,8 +458,7 @@ class Processor:
 
     # ------------------------------------------------------------------ dead letters
 
-    async def _reject(self, event: Any, error: BaseException, agent: str) -> None:
-        msg = event.message
+    async def _reject(self, msg: Any, error: BaseException, agent: str) -> None:
         log.warning("%s[%d]@%d rejected: %s", msg.topic, msg.partition, msg.offset, error)
         record = dead_letter(
             msg.topic, msg.partition, msg.offset, msg.key, msg.value, error, f"streams.{agent}"
@@ -553,7 +557,7 @@ class Processor:
                 observed_at = record.observed_at if record is not None else time.time()
                 regs = state.apply_policy(key, record, observed_at)
             except (RecordError, PolicyError, SelectorError) as exc:
-                await self._reject(event, exc, "compile")
+                await self._reject(msg, exc, "compile")
                 continue
             pending = []
             for reg in regs:
@@ -635,37 +639,42 @@ class Processor:
         _uid, endpoint_key = split_membership_key(key)
         return partition_of_endpoint_key(endpoint_key, self.partitions)
 
-    async def _match_agent(self, stream: Any) -> None:
-        config = self.config
-        async for events in stream.take_events(config.batch_size, within=config.batch_within):
-            await self._match_batch(events)
+    async def _match_records(self, batches: list[tuple[TP, list[Any]]]) -> None:
+        """The match topics' bulk sink: one fetch's records, in batches of `batch_size`.
 
-    async def _match_batch(self, events: Iterable[Any]) -> None:
-        """Apply a batch of match events in order, then write what they changed, coalesced.
-
-        Faust acks the batch's events when this returns, and commits their offsets only
+        Each batch's offsets are acknowledged once it is processed; Faust commits them only
         after a producer flush, so every output is on its changelog before its input's
-        offset is committed (at least once, as one event at a time was).
+        offset is committed (at least once, as one event at a time was). The consumer
+        hands records on only while their assignment is current, and a rebalance waits for
+        this call to return.
         """
+        records = [record for _tp, batch in batches for record in batch]
+        size = self.config.batch_size
+        consumer = cast(StreamsConsumer, self.app.consumer)
+        for start in range(0, len(records), size):
+            chunk = records[start:start + size]
+            await self._match_batch(chunk)
+            offsets: dict[tuple[str, int], list[int]] = collections.defaultdict(list)
+            for record in chunk:
+                offsets[(record.topic, record.partition)].append(record.offset)
+            for (topic, partition), done in offsets.items():
+                consumer.ack_offsets(TP(topic, partition), done)
+
+    async def _match_batch(self, records: Iterable[Any]) -> None:
+        """Apply a batch of match records in order, then write what they changed, coalesced."""
         batch = MatchBatch(self.partitions)
         rejected: list[tuple[Any, BaseException]] = []
         republished: list[Delta] = []
-        generation = self.app.consumer_generation_id
-        by_partition: dict[int, Any] = {}
         applied: list[Any] = []
-        for event in events:
-            msg = event.message
-            if msg.generation_id != generation:
-                continue  # fetched before a rebalance: Faust's own streams skip these too
-            by_partition[msg.partition] = event
+        for msg in records:
             try:
                 self._match_event(batch, msg, republished)
             except (RecordError, SelectorError) as exc:
-                rejected.append((event, exc))
+                rejected.append((msg, exc))
                 continue
             applied.append(msg)
             self.processed += 1
-        await self._write_batch(batch.writes, by_partition)
+        await self._write_batch(batch.writes)
         self._settle(republished)  # once queued: see LocalState.settle
         self._done_all(applied)
         for bad, error in rejected:
@@ -687,18 +696,19 @@ class Processor:
         else:
             batch.selector(state, partition, key, msg.value)
 
-    async def _write_batch(self, writes: BatchWrites, events: Mapping[int, Any]) -> None:
+    async def _write_batch(self, writes: BatchWrites) -> None:
         """Store each group of rows and send it to its changelog (see `_write`).
 
-        `events` holds an event of each written partition: Faust's rocksdb store takes
-        the partition of a write from the task's current event, which Faust sets only
-        while a stream hands out one event at a time.
+        Faust's rocksdb store takes the partition of a write from the task's current
+        event, which Faust sets only while a stream hands out one event at a time: a
+        stand-in naming the partition is set around each group's store writes.
         """
         tables = {ENDPOINTS_TABLE: self.endpoints, PROFILES_TABLE: self.profiles,
                   SELECTORS_TABLE: self.selectors, MEMBERS_TABLE: self.members}
         for name, partition, rows in writes.groups():
             table = tables[name]
-            token = _current_event.set(weakref.ref(events[partition]))
+            at = _PartitionEvent(partition)
+            token = _current_event.set(weakref.ref(cast(Any, at)))
             try:
                 records = self._store_rows(table, rows)
             finally:
@@ -797,6 +807,16 @@ class Processor:
         self.suspects -= keys
         if self.local_state is not None:
             self.local_state.settle(keys)
+
+
+class _PartitionEvent:
+    """What Faust's rocksdb store reads of the current event: ``event.message.partition``."""
+
+    __slots__ = ("__weakref__", "message", "partition")
+
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+        self.message = self
 
 
 def _too_large(topic: str, value: bytes | None) -> ValueError:

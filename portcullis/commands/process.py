@@ -76,17 +76,9 @@ class Command:
             type=int,
             default=1000,
             metavar="N",
-            help="most events processed as one batch: their table and membership writes "
-            "coalesced and sent as one record batch per table and partition (default 1000; "
-            "1: one event at a time)",
-        )
-        parser.add_argument(
-            "--batch-within",
-            type=float,
-            default=0.005,
-            metavar="SECONDS",
-            help="longest time a batch waits to fill up, added to the latency at low rates "
-            "(default 0.005)",
+            help="most events processed as one batch (a fetch brings up to 2,000): their table "
+            "and membership writes coalesced and sent as one record batch per table and "
+            "partition (default 1000; 1: one event at a time)",
         )
         parser.add_argument(
             "--brute-force",
@@ -109,8 +101,7 @@ class Command:
         if args.batch_size < 1:
             raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
         for flag, value in (("--fetch-max-wait", args.fetch_max_wait),
-                            ("--producer-linger", args.producer_linger),
-                            ("--batch-within", args.batch_within)):
+                            ("--producer-linger", args.producer_linger)):
             if not 0 <= value <= 10:
                 raise CommandError(f"{flag} must be between 0 and 10 seconds, got {value:g}")
         kafka = settings.kafka
@@ -142,7 +133,6 @@ class Command:
             fetch_max_wait=args.fetch_max_wait,
             producer_linger=args.producer_linger,
             batch_size=args.batch_size,
-            batch_within=args.batch_within,
         )
         # Faust consumes in a thread of its own; every socket write of the main thread
         # releases the GIL and then waits up to the switch interval (5 ms) to get it back

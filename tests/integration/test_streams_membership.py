@@ -447,6 +447,49 @@ async def test_malformed_records_are_dead_lettered(broker: Any, topic_prefix: st
     assert "selector" in by_key["GlobalNetworkPolicy//g2"].reason
 
 
+FAULT = """
+import sys
+import streams.app
+match_event = streams.app.Processor._match_event
+def faulty(self, batch, msg, republished):
+    if msg.key == b"pod/ns1/boom":
+        raise RuntimeError("injected fault")
+    return match_event(self, batch, msg, republished)
+streams.app.Processor._match_event = faulty
+from portcullis.cli import main
+sys.exit(main())
+"""
+
+
+async def test_an_unexpected_error_stops_the_worker_and_loses_nothing(
+        broker: Any, topic_prefix: str, tmp_path: Path, workers: list[Worker]) -> None:
+    """A bug while matching (not a bad record) stops the worker with an error instead of
+    running on with a hole; its records are not committed, so the next worker does them."""
+    await create_topics(broker.bootstrap, topic_prefix)
+    events: list[Event] = [
+        ("profiles", "kns.ns1", namespace("ns1", {"team": "a"})),
+        ("policies", "GlobalNetworkPolicy//g1", policy("g1", None, "app == 'web'", "all()")),
+        ("endpoints", "pod/ns1/p1", pod("ns1", "p1", "10.0.0.1", {"app": "web"})),
+        ("endpoints", "pod/ns1/boom", pod("ns1", "boom", "10.0.0.2", {"app": "web"})),
+        ("endpoints", "pod/ns1/p3", pod("ns1", "p3", "10.0.0.3", {"app": "web"})),
+    ]
+    await publish(broker.bootstrap, topic_prefix, events)
+    faulty = Worker(broker.bootstrap, topic_prefix, tmp_path, name="faulty")
+    faulty.args[1:3] = ["-c", FAULT]
+    workers.append(faulty.start())
+    assert faulty.proc is not None
+    try:
+        code = await asyncio.to_thread(faulty.proc.wait, 60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker ran on after an unexpected error:\n" + faulty.log_tail())
+    assert code != 0, faulty.log_tail()
+    assert "injected fault" in faulty.log_path.read_text(errors="replace")
+    workers.append(Worker(broker.bootstrap, topic_prefix, tmp_path, name="fixed").start())
+    expected = expected_for(events)
+    got = await wait_for(broker.bootstrap, topic_prefix, expected)
+    assert got == expected, diff(expected, got)
+
+
 def test_process_refuses_to_start_without_topics(tansu_broker: Any, topic_prefix: str,
                                                  tmp_path: Path) -> None:
     """Without `portcullis topics create` the worker says what to do instead of hanging."""

@@ -112,8 +112,7 @@ async def test_forced_tombstones_are_sent_and_member_writes_noted(tmp_path: Path
     await processor._write(processor.endpoints, b"pod/a/gone", None, 1, force=True)
     writes = BatchWrites()
     writes.put_members(1, [Delta("s:x|pod/a/b", None)], force=True)
-    event = _Event(_Message("t.endpoints", 1, b"pod/a/b", None))
-    await processor._write_batch(writes, {1: event})
+    await processor._write_batch(writes)
     await processor._write(processor.endpoints, b"pod/a/other", None, 1)  # not forced
     assert producer.sent == [
         (endpoints_log, b"pod/a/gone", None, 1),
@@ -161,11 +160,6 @@ class _Message:
     generation_id: int = 0
 
 
-@dataclass(frozen=True)
-class _Event:
-    message: _Message
-
-
 class _Recording(LocalProcessor):
     """The one-at-a-time path, recording every match-topic message in the order it ran."""
 
@@ -210,7 +204,7 @@ async def _run_batches(messages: list[_Message], cuts: list[int], partitions: in
     processor.app._producer = producer
     bounds = [0, *sorted(set(cuts)), len(messages)]
     for start, end in itertools.pairwise(bounds):
-        await processor._match_batch([_Event(m) for m in messages[start:end]])
+        await processor._match_batch(messages[start:end])
     return _compacted(producer.sent, "t.memberships"), processor
 
 
@@ -251,7 +245,7 @@ async def test_a_batch_sends_each_row_once_per_table_and_partition(tmp_path: Pat
                                         topic_prefix="t.", partitions=1))
     producer = _FakeProducer()
     processor.app._producer = producer
-    await processor._match_batch([_Event(m) for m in reference.messages])
+    await processor._match_batch(reference.messages)
     endpoints_log = processor.endpoints.changelog_topic.get_topic_name()
     assert [key for topic, key, _v, _p in producer.sent if topic == endpoints_log] == [
         b"pod/a/e1"
