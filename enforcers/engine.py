@@ -59,7 +59,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from enforcers import render
+from enforcers import DEFAULT_FETCH_MIN_BYTES, render
 from enforcers import state as state_mod
 from enforcers.dns import DnsSettings, DnsSnooper
 from enforcers.dnscache import DnsLearner, DomainSets, Learned, MemberChange, domain_uid
@@ -863,7 +863,7 @@ class Enforcer:
         prune_memberships: bool = True,
         dead_letter_unowned: bool = False,
         fetch_max_wait_ms: int = 50,
-        fetch_min_bytes: int = 1,
+        fetch_min_bytes: int = DEFAULT_FETCH_MIN_BYTES,
         read_addresses: Callable[[], Addresses] | None = None,
         dns: DnsSettings | None = None,
         flows: FlowSettings | None = None,
@@ -898,7 +898,8 @@ class Enforcer:
         ``fetch_min_bytes``: the broker holds a fetch until this much is there (or
         ``fetch_max_wait_ms`` passed). 1: every record is fetched as soon as it arrives;
         more: fewer fetches, each worth up to ``fetch_max_wait_ms`` of records, so less
-        CPU per record at the price of up to that wait in latency.
+        CPU per record at the price of up to that wait in latency (see
+        `enforcers.DEFAULT_FETCH_MIN_BYTES`).
         """
         if fetch_max_wait_ms < 0:
             raise ValueError(f"fetch_max_wait_ms must not be negative, got {fetch_max_wait_ms}")

@@ -20,6 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
+from enforcers import DEFAULT_FETCH_MIN_BYTES
+
 
 async def _main(args: argparse.Namespace) -> None:
     from enforcers.engine import Enforcer, Programmer
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--samples", required=True)
     parser.add_argument("--fetch-max-wait-ms", type=int, default=50)
-    parser.add_argument("--fetch-min-bytes", type=int, default=1)
+    parser.add_argument("--fetch-min-bytes", type=int, default=DEFAULT_FETCH_MIN_BYTES)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

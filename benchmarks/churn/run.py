@@ -50,6 +50,7 @@ from benchmarks.churn.cluster import (
 from benchmarks.churn.fleet import Fleet, Sample
 from benchmarks.churn.pipeline import NaivePipeline, PurePipeline, initial_records
 from benchmarks.churn.scenarios import Phase, Scenario
+from enforcers import DEFAULT_FETCH_MIN_BYTES
 
 __all__ = ["BenchError", "Options", "run"]
 
@@ -80,7 +81,7 @@ class Options:
     progress: bool = True
     partitions: int | None = None
     write: bool = True
-    real_fetch_min_bytes: int = 1  # the real enforcer's `--fetch-min-bytes`
+    real_fetch_min_bytes: int = DEFAULT_FETCH_MIN_BYTES  # the real enforcer's, as `enforce`
 
 
 # --------------------------------------------------------------------------- measuring

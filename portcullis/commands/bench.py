@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from enforcers import DEFAULT_FETCH_MIN_BYTES
 from portcullis.cli import CommandError, command
 from portcullis.settings import Settings
 
@@ -38,8 +39,10 @@ class Command:
         parser.add_argument("--out", type=Path, metavar="DIR",
                             help="where to write the JSON, PNG and Markdown "
                             "(default benchmarks/results)")
-        parser.add_argument("--real-fetch-min-bytes", type=int, default=1, metavar="BYTES",
-                            help="the real enforcer's --fetch-min-bytes (default 1)")
+        parser.add_argument("--real-fetch-min-bytes", type=int,
+                            default=DEFAULT_FETCH_MIN_BYTES, metavar="BYTES",
+                            help="the real enforcer's --fetch-min-bytes (default "
+                            f"{DEFAULT_FETCH_MIN_BYTES}, as `portcullis enforce`)")
         parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     @staticmethod

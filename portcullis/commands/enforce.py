@@ -11,6 +11,7 @@ import re
 import signal
 from typing import TYPE_CHECKING
 
+from enforcers import DEFAULT_FETCH_MIN_BYTES
 from portcullis import observe
 from portcullis.cli import CommandError, command, run_async
 from portcullis.settings import Settings
@@ -146,10 +147,11 @@ class Command:
                  "up to this much latency (0.01 keeps joins under 10 ms, at ~3%% of a core)",
         )
         parser.add_argument(
-            "--fetch-min-bytes", type=int, default=1, metavar="BYTES",
+            "--fetch-min-bytes", type=int, default=DEFAULT_FETCH_MIN_BYTES, metavar="BYTES",
             help="the broker holds a fetch until this much is there or --fetch-max-wait "
-                 "passed (default 1: every change fetched at once). Larger values mean "
-                 "fewer fetches while following a busy cluster's churn: less CPU, up to "
+                 f"passed (default {DEFAULT_FETCH_MIN_BYTES}). Every node reads the whole "
+                 "cluster's churn: at 6,000 pods/min, 1 (every record fetched at once) "
+                 f"took 18%% of a core, {DEFAULT_FETCH_MIN_BYTES} 3.3%%, for up to "
                  "--fetch-max-wait more latency",
         )
 
