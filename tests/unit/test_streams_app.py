@@ -157,7 +157,6 @@ class _Message:
     key: bytes
     value: bytes | None
     offset: int = 0
-    generation_id: int = 0
 
 
 class _Recording(LocalProcessor):
