@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from enforcers.engine import DryRunIptables, Programmer, ProgramResult, RecordSink
 from enforcers.ipsets import DryRunIpsets, replace_contents, set_name
 from enforcers.metrics import EnforcerMetrics
-from enforcers.state import EnforcerState, compile_policy
+from enforcers.state import EnforcerState, compile_policy, ips_of, set_members
 from policy.load import PolicyError, load_document
 from policy.model import Policy
 from topics import codec
@@ -118,6 +118,8 @@ class Fleet:
     #: the engine's `RecordSink.message` (decoding, filtering), as a real enforcer reads
     #: the whole topics; otherwise only what concerns it is routed to it, decoded once
     read_all: bool = False
+    #: the horizon of the latest `program` call (diagnostics)
+    horizon: float = 0.0
 
     @classmethod
     def of(cls, names: Iterable[str]) -> Fleet:
@@ -266,10 +268,12 @@ class Fleet:
         free and something has arrived, takes every record that arrived by then, and lasts
         the CPU time this node's work took. Latency samples are kept for the
         `observed_at` values in `events` (None: every real epoch time, not the initial
-        load's). A transaction that would start after `horizon` (the latest arrival read so
-        far) waits: records that arrive before it starts may not have been read yet.
+        load's). A transaction that would start after `horizon` (the time up to which every
+        partition has been read) waits: records that arrive before it starts may not have
+        been read yet.
         """
         count = 0
+        self.horizon = horizon
         for node in self.nodes.values():
             if not node.dirty:
                 continue
@@ -328,8 +332,39 @@ class Fleet:
                 self.on_sample(sample)
         return 1
 
+    def pending(self) -> int:
+        """Records read but not yet in a transaction, over every node."""
+        return sum(len(node.pending) for node in self.nodes.values())
+
     def programmed_sets(self) -> dict[str, dict[str, set[str]]]:
         return {name: node.ipsets.list_sets() for name, node in self.nodes.items()}
+
+    def explain(self, node_name: str, uid: str, want: Mapping[str, tuple[str, ...]],
+                programmed: set[str]) -> str:
+        """Why one node's set for `uid` differs: which layer first disagrees with the oracle
+        (`want`: endpoint key -> IPs). Records the fleet read, what the node still has
+        pending, the node's membership record, its refcounted contents, the set."""
+        node = self.nodes[node_name]
+        read = {ep: self.memberships[f"{uid}|{ep}"].ips for ep in self.by_uid.get(uid, ())
+                if f"{uid}|{ep}" in self.memberships}
+        held = {ep: ips_of(v) for ep, v in node.state.members.get(uid, {}).items()}
+        counted = node.state.contents.get(uid)
+        parts = [f"pending {len(node.pending)}"]
+        if node.pending:
+            arrivals = [item[0] for item in node.pending]
+            parts.append(f"pending arrivals {min(arrivals):.3f}..{max(arrivals):.3f}, node "
+                         f"busy until {node.busy_until:.3f}, last horizon {self.horizon:.3f},"
+                         f" now {time.time():.3f}, dirty {node.dirty}")
+        parts.append(_compare("read by the fleet", want, read))
+        parts.append(_compare("node's membership record", want, held))
+        wanted_ips = {ip for ips in want.values() for ip in set_members(ips, 4)}
+        if counted is None:
+            parts.append("not needed on the node (no refcounted contents)")
+        else:
+            parts.append(_compare_ips("node's refcounted contents", wanted_ips,
+                                      set(set_members(counted, 4))))
+        parts.append(_compare_ips("programmed set", wanted_ips, programmed))
+        return "; ".join(parts)
 
     def restart_node(self, name: str, arrival: float) -> None:
         """Kill and restart one enforcer: it re-reads the (compacted) topics and resyncs."""
@@ -365,6 +400,23 @@ def _naive_transaction(node: NodeSim) -> ProgramResult:
             node.ipsets.destroy(name)
     node.programmer.iptables.apply(desired.chains)
     return ProgramResult(ops, len(desired.chains))
+
+
+def _compare(what: str, want: Mapping[str, tuple[str, ...]],
+             have: Mapping[str, tuple[str, ...]]) -> str:
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = sorted(ep for ep in set(want) & set(have) if set(want[ep]) != set(have[ep]))
+    if not (missing or extra or wrong):
+        return f"{what} agrees"
+    return (f"{what}: missing {missing[:3]}, extra {extra[:3]}, "
+            f"wrong {[(ep, have[ep], want[ep]) for ep in wrong[:3]]}")
+
+
+def _compare_ips(what: str, want: set[str], have: set[str]) -> str:
+    if want == have:
+        return f"{what} agrees"
+    return f"{what}: missing {sorted(want - have)[:3]}, extra {sorted(have - want)[:3]}"
 
 
 def _nothing() -> None:

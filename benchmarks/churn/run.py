@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import os
 import platform
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,9 @@ class Tracker:
     per_event_wall: dict[float, float] = field(default_factory=lambda: defaultdict(float))
     nodes_hit: dict[float, set[str]] = field(default_factory=lambda: defaultdict(set))
     done_at: dict[float, float] = field(default_factory=dict)
-    recent: list[tuple[float, float]] = field(default_factory=list)  # (wall time, latency)
+    #: (wall time, latency) of the last seconds' samples (100 nodes at 1,000 events/s
+    #: add 100,000 a second: a list popped from the front was quadratic)
+    recent: deque[tuple[float, float]] = field(default_factory=deque)
     published: list[tuple[float, str]] = field(default_factory=list)
     real: list[tuple[float, float]] = field(default_factory=list)
     #: event -> when its first membership reached the topic (the processor stage)
@@ -183,9 +186,11 @@ class Tracker:
 
     def live_p99(self, window: float = 5.0) -> float | None:
         cut = time.time() - window
-        while self.recent and self.recent[0][0] < cut:
-            self.recent.pop(0)
-        vals = sorted(v for _t, v in self.recent)
+        recent = self.recent
+        while recent and recent[0][0] < cut:
+            recent.popleft()
+        step = max(1, len(recent) // 20_000)  # a progress line: a sample of them will do
+        vals = sorted(itertools.islice((v for _t, v in recent), 0, None, step))
         return vals[min(len(vals) - 1, int(0.99 * len(vals)))] if vals else None
 
     def phase_latencies(self, phase: str, wall: bool = False) -> list[float]:
@@ -307,6 +312,9 @@ class Run:
         self.phase = "load"
         self.progress_line = ""
         self.lag_samples: list[tuple[float, int]] = []
+        self.next_offset: dict[Any, int] = {}  # partition -> next offset the fleet expects
+        self.reread_records = 0
+        self.caught_up_at = 0.0  # when the shared consumer last had nothing more to read
         self.timeline: list[dict[str, Any]] = []
         self.result: dict[str, Any] = {}
         self.stop = asyncio.Event()
@@ -386,7 +394,9 @@ class Run:
             await consumer.seek_to_beginning(*parts)
             self.consumer = consumer
             self.member_parts = [tp for tp in parts if names[tp.topic] == MEMBERSHIPS.suffix]
+            self.read_parts = parts
             horizon = 0.0
+            read_to: dict[Any, float] = {}  # partition -> timestamp of its last record read
             while not self.stop.is_set():
                 batch = await consumer.getmany(timeout_ms=50)
                 if hasattr(self, "watcher_lines"):
@@ -415,25 +425,58 @@ class Run:
                                     key, codec.decode_as(PolicyRecord, msg.value), arrival)
                         except ValueError:
                             fleet.rejected += 1
+                for tp, messages in batch.items():
+                    if messages:
+                        read_to[tp] = messages[-1].timestamp / 1000.0
+                        self.note_offsets(tp, messages[0].offset, messages[-1].offset)
                 if not self.loading:
                     if batch:
-                        horizon = max(horizon, max(
-                            (m.timestamp / 1000.0 for ms in batch.values() for m in ms),
-                            default=horizon))
-                        fleet.program(self.tracker.events, horizon - 0.05)
+                        horizon = max(horizon, max(read_to[tp] for tp in batch))
+                        bound = await self.read_horizon(consumer, parts, read_to, horizon)
+                        fleet.program(self.tracker.events, bound - 0.05)
                     else:  # caught up: nothing else can arrive before now
                         fleet.program(self.tracker.events)
+                        self.caught_up_at = time.time()
                 await asyncio.sleep(0)
         finally:
             await consumer.stop()
 
-    async def member_lag(self) -> int:
+    def note_offsets(self, tp: Any, first: int, last: int) -> None:
+        """Count records the shared consumer was handed again (an offset it had read)."""
+        before = self.next_offset.get(tp)
+        if before is not None and first < before:
+            self.reread_records += before - first
+            self.marks.append((time.time(), f"re-read {tp.topic}[{tp.partition}] from "
+                                             f"{first} (had read to {before - 1})"))
+        self.next_offset[tp] = max(before or 0, last + 1)
+
+    @staticmethod
+    async def read_horizon(consumer: Any, parts: list[Any], read_to: dict[Any, float],
+                           horizon: float) -> float:
+        """The time up to which every record has been read: a partition still behind its
+        end has been read only up to its last record's timestamp. A simulated node's
+        transaction must not start later, or a record of a lagging partition would reach
+        it after its clock had passed that record's arrival (the shared consumer's read
+        lag, charged to the node as latency)."""
+        bound = horizon
+        for tp in parts:
+            end = consumer.highwater(tp)
+            if end is None or read_to.get(tp, float("-inf")) >= bound:
+                continue
+            if await consumer.position(tp) < end:
+                bound = read_to.get(tp, float("-inf"))
+        return bound
+
+    async def member_lag(self, every_topic: bool = False) -> int:
+        """Records of the memberships topic (`every_topic`: of every topic the fleet reads)
+        not read yet by the shared consumer."""
         consumer = getattr(self, "consumer", None)
         if consumer is None:
             return 0
-        ends = await consumer.end_offsets(self.member_parts)
+        parts = self.read_parts if every_topic else self.member_parts
+        ends = await consumer.end_offsets(parts)
         lag = 0
-        for tp in self.member_parts:
+        for tp in parts:
             lag += max(0, ends[tp] - await consumer.position(tp))
         return lag
 
@@ -530,7 +573,8 @@ class Run:
 
     async def settle(self, what: str, quiet: float = 2.0, timeout: float = 300.0,
                      done: Callable[[], bool] | None = None) -> float:
-        """Wait until the fleet has taken in every record and nothing moved for `quiet`."""
+        """Wait until the fleet has read every record, programmed every node with what it
+        read, and nothing moved for `quiet`."""
         assert self.fleet is not None
         t0 = time.monotonic()
         last_count = -1
@@ -543,9 +587,11 @@ class Run:
                                      f"{task.exception()!r}")
             if self.processor is not None:
                 self.processor.check()
+            # the lag first: records read while it is asked for change the count after it
+            lag = await self.member_lag(every_topic=True)
             count = self.fleet.records
-            lag = await self.member_lag()
-            if count != last_count or lag:
+            unprogrammed = 0 if self.loading else self.fleet.pending()
+            if count != last_count or lag or unprogrammed:
                 last_count = count
                 still_since = time.monotonic()
             elif time.monotonic() - still_since >= quiet and (done is None or done()):
@@ -849,6 +895,7 @@ class Run:
                            if self.broker_pid else None},
             },
             "memberships_lag_max": max((lag for _t, lag in self.lag_samples), default=0),
+            "records_read_twice": self.reread_records,
             "simulated_node_stats": self.node_stats(),
             "timeline": self.series(),
             "marks": self.marks,
@@ -990,10 +1037,41 @@ class Run:
         ok = result.ok and not member_diffs
         if member_diffs:
             report += "\n" + "\n".join("  " + d for d in member_diffs)
+        diagnosis = [] if result.ok else [
+            f"the shared consumer last caught up at {self.caught_up_at:.3f}; "
+            f"{self.fleet.pending()} records read but not programmed",
+            *self.diagnose(expected, programmed)]
+        if diagnosis:
+            report += "\nwhere the first differences come from:\n" + "\n".join(
+                "  " + d for d in diagnosis)
         self.expected = expected
         return {"ok": ok, "nodes": result.nodes, "sets": result.sets, "members": result.members,
                 "differences": result.differences[:200] + member_diffs,
+                "diagnosis": diagnosis,
                 "report": report, "seconds": round(time.monotonic() - t0, 1)}
+
+    def diagnose(self, expected: checker.Expected,
+                 programmed: dict[str, dict[str, set[str]]], nodes: int = 3,
+                 per_node: int = 4) -> list[str]:
+        """For a few differing sets, the first layer of the simulated node that disagrees."""
+        from enforcers.ipsets import set_name
+
+        assert self.fleet is not None
+        uid_of = {set_name(uid): uid for uid in expected.members_of}
+        out: list[str] = []
+        for node in sorted(programmed)[:nodes]:
+            shown = 0
+            for name, want in sorted(expected.sets.get(node, {}).items()):
+                have = programmed[node].get(name)
+                uid = uid_of.get(name)
+                if have is None or set(have) == want or uid is None or shown >= per_node:
+                    continue
+                shown += 1
+                eps = {ep: expected.memberships[f"{uid}|{ep}"][3]
+                       for ep in expected.members_of[uid]}
+                out.append(f"{node} {name}: "
+                           + self.fleet.explain(node, uid, eps, set(have)))
+        return out
 
     async def check_real(self, consistency: dict[str, Any],
                          timeout: float = 60.0) -> dict[str, Any]:

@@ -175,3 +175,54 @@ def test_fleet_node_busy_delays_the_next_transaction() -> None:
     fleet.program()
     (_at, _node, sim, _wall, done), = fleet.samples
     assert done >= base + 7.0 and sim >= 7.0
+
+
+def test_fleet_pending_counts_what_waits_for_a_transaction() -> None:
+    """What `settle` waits for: records read but held back by the horizon."""
+    fleet = Fleet.of(["n1", "n2"])
+    base = 2e9
+    cold = _pod("p0", base - 100)
+    fleet.endpoint(cold.key, cold, base - 100)
+    fleet.program()
+    assert fleet.pending() == 0
+    rec = _pod("p1", base)
+    fleet.endpoint(rec.key, rec, base + 1.0)
+    fleet.program(horizon=base + 0.5)  # read, not yet known to be complete
+    assert fleet.pending() == 1  # only n1 hosts the pod
+    fleet.program()
+    assert fleet.pending() == 0
+
+
+class _Partitions:
+    """What `Run.read_horizon` asks of the consumer: each partition's end and position."""
+
+    def __init__(self, ends: dict[str, int | None], positions: dict[str, int]) -> None:
+        self.ends, self.positions = ends, positions
+
+    def highwater(self, tp: str) -> int | None:
+        return self.ends[tp]
+
+    async def position(self, tp: str) -> int:
+        return self.positions[tp]
+
+
+def test_read_horizon_stops_at_the_last_record_of_a_partition_still_behind() -> None:
+    import asyncio
+
+    from benchmarks.churn.run import Run
+
+    def horizon(ends: dict[str, int | None], positions: dict[str, int],
+                read_to: dict[str, float]) -> float:
+        consumer = _Partitions(ends, positions)
+        return asyncio.run(Run.read_horizon(consumer, list(ends), read_to, 100.0))
+
+    # every partition read to its end: the latest record read bounds nothing
+    assert horizon({"a": 5, "b": 9}, {"a": 5, "b": 9}, {"a": 40.0, "b": 100.0}) == 100.0
+    # b is behind: nothing after its last record read may be programmed yet
+    assert horizon({"a": 5, "b": 9}, {"a": 5, "b": 7}, {"a": 40.0, "b": 60.0}) == 60.0
+    # the earliest of the partitions behind
+    assert horizon({"a": 5, "b": 9}, {"a": 3, "b": 7}, {"a": 40.0, "b": 60.0}) == 40.0
+    # behind and never read: nothing may be programmed
+    assert horizon({"a": 5, "b": 9}, {"a": 5, "b": 0}, {"a": 100.0}) == float("-inf")
+    # never fetched (no end known yet): no bound from it
+    assert horizon({"a": None, "b": 9}, {"a": 0, "b": 9}, {"b": 100.0}) == 100.0
