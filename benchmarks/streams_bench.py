@@ -202,9 +202,38 @@ def bench_pure(args: argparse.Namespace) -> dict[str, Any]:
         storm = time.perf_counter() - t0
         out[mode] = {"preload_s": preload, "members_after_preload": members,
                      "selectors": selectors, "endpoint_events_per_s": rate, "storm_s": storm}
+        if mode == "index":
+            out[mode]["spacing"] = _spacing(proc, wl)
         print(f"  pure {mode:11}: preload {preload:6.2f} s ({selectors} selectors, {members} "
               f"members); {rate:8.0f} endpoint events/s; storm {storm * 1000:7.1f} ms",
               flush=True)
+    spacing = out["index"]["spacing"]
+    print(f"  pure index in batches of {SPACING_BATCH}: {spacing['back_to_back_us']:.1f} CPU-µs "
+          f"per event back to back, {spacing['spaced_us']:.1f} with {SPACING_GAP * 1000:.0f} ms "
+          f"between batches ({spacing['spaced_us'] / spacing['back_to_back_us']:.2f}x: the "
+          "same work, colder caches)", flush=True)
+    return out
+
+
+#: `_spacing`: events per batch and the gap between batches (60 every 10 ms: 6,000/s)
+SPACING_BATCH, SPACING_GAP = 60, 0.01
+
+
+def _spacing(proc: LocalProcessor, wl: Workload, batches: int = 100) -> dict[str, float]:
+    """The pure core's CPU per event in small batches, back to back and with a gap between
+    them (nothing else running, no I/O): what a worker's batches cost when it is not busy
+    all the time, on this machine, whatever the worker does between them."""
+    out: dict[str, float] = {}
+    for name, gap in (("back_to_back_us", 0.0), ("spaced_us", SPACING_GAP)):
+        used = 0.0
+        for _ in range(batches):
+            publish_local(proc, wl.updates(SPACING_BATCH, lambda: 2.0))
+            start = time.process_time()
+            proc.drain()
+            used += time.process_time() - start
+            if gap:
+                time.sleep(gap)
+        out[name] = used / (batches * SPACING_BATCH) * 1e6
     return out
 
 
@@ -289,12 +318,24 @@ async def publish(producer: Any, prefix: str, events: list[Event]) -> None:
     await asyncio.gather(*futures)
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, stat: str = "") -> float:
     """User + system CPU time of a process so far (Linux /proc), robust to a busy machine."""
     import os
 
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    fields = Path(stat or f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process's main thread (the rest: its other threads)."""
+    return cpu_seconds(pid, f"/proc/{pid}/task/{pid}/stat")
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of a process's main thread so far."""
+    fields = dict(line.split(":", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return (int(fields["voluntary_ctxt_switches"]), int(fields["nonvoluntary_ctxt_switches"]))
 
 
 def markers_done(watch: MembershipWatch, markers: dict[str, Event]) -> Callable[[], bool]:
@@ -330,6 +371,13 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
     def cpu() -> float:
         return sum(cpu_seconds(w.pid) for w in workers)
 
+    def main_cpu() -> float:
+        return sum(main_thread_cpu_seconds(w.pid) for w in workers)
+
+    def switches() -> tuple[int, int]:
+        counts = [context_switches(w.pid) for w in workers]
+        return (sum(c[0] for c in counts), sum(c[1] for c in counts))
+
     result: dict[str, Any] = {}
     try:
         # preload: 20,000 endpoints and 500 policies, then markers to know it is all in
@@ -347,23 +395,67 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         n = args.updates
         events = wl.updates(n, lambda: 2.0)
         markers = wl.markers(2.5)
-        spy = _start_py_spy(args, worker.pid, log_dir / f"worker-{mode}.spy.txt")
-        cpu0 = cpu()
+        spies = [_start_py_spy(args, w.pid, log_dir / f"worker-{mode}-{i}.spy.txt")
+                 for i, w in enumerate(workers)]
+        cpu0, main0, switches0 = cpu(), main_cpu(), switches()
         t0 = time.time()
         await publish(producer, prefix, events + list(markers.values()))
         published = time.time() - t0
         t1 = await watch.wait(markers_done(watch, markers), timeout=args.timeout)
-        cpu_used = cpu() - cpu0
-        _stop_py_spy(spy)
+        cpu_used, main_used = cpu() - cpu0, main_cpu() - main0
+        voluntary, involuntary = (b - a for a, b in zip(switches0, switches(), strict=True))
+        for spy in spies:
+            _stop_py_spy(spy)
         result["endpoint_events_per_s"] = (n + len(markers)) / (t1 - t0)
         result["endpoint_events_per_worker_cpu_s"] = (n + len(markers)) / cpu_used
         result["worker_cpu_s_per_event"] = cpu_used / (n + len(markers))
+        # Faust's consumer (aiokafka) runs in a thread of its own: fetching vs processing
+        result["worker_main_thread_cpu_share"] = main_used / cpu_used
+        # the main thread's switches per 1,000 events: involuntary ones mean a busy machine
+        result["worker_switches_per_1k_events"] = {
+            "voluntary": voluntary / (n + len(markers)) * 1000,
+            "involuntary": involuntary / (n + len(markers)) * 1000,
+        }
         result["workers"] = count
         result["publish_s"] = published
         print(f"  worker {mode:11}: {result['endpoint_events_per_s']:.0f} endpoint events/s "
               f"({n} events; publishing alone took {published:.2f} s; "
-              f"{result['endpoint_events_per_worker_cpu_s']:.0f} events per worker CPU-second)",
+              f"{result['endpoint_events_per_worker_cpu_s']:.0f} events per worker CPU-second, "
+              f"{result['worker_main_thread_cpu_share']:.0%} in the main thread; per 1,000 "
+              f"events {result['worker_switches_per_1k_events']['voluntary']:.0f} voluntary, "
+              f"{result['worker_switches_per_1k_events']['involuntary']:.0f} involuntary "
+              "context switches)",
               flush=True)
+
+        # a backlog: the workers stopped (SIGSTOP) while the events are published, then
+        # let go: every worker busy from the first record to the last, with full fetches
+        # (flat out above, two workers outrun the publisher and work in smaller batches
+        # with gaps, which costs more CPU per event on this machine: see `bench_pure`)
+        if args.backlog_events:
+            result["backlog"] = await _backlog(producer, prefix, wl, watch, args, workers,
+                                               cpu, switches)
+            backlog = result["backlog"]
+            print(f"  worker {mode:11}: backlog of {backlog['events']}: "
+                  f"{backlog['endpoint_events_per_s']:.0f} endpoint events/s, "
+                  f"{backlog['worker_cpu_s_per_event'] * 1000:.3f} worker CPU-ms per event "
+                  f"(per 1,000 events {backlog['switches_per_1k_events']['involuntary']:.0f} "
+                  "involuntary context switches)", flush=True)
+
+        # the same events at a rate that saturates neither mode nor the machine: on two
+        # cores, two workers + broker + harness flat out preempt each other (involuntary
+        # context switches), which inflates everyone's CPU per event
+        if args.paced_rate:
+            spies = [_start_py_spy(args, w.pid, log_dir / f"worker-{mode}-{i}.paced.spy.txt")
+                     for i, w in enumerate(workers)]
+            result["paced"] = await _paced(producer, prefix, wl, watch, args, cpu, switches)
+            for spy in spies:
+                _stop_py_spy(spy)
+            paced = result["paced"]
+            print(f"  worker {mode:11}: paced at {args.paced_rate}/s: "
+                  f"{paced['worker_cpu_s_per_event'] * 1000:.3f} worker CPU-ms per event "
+                  f"({paced['events']} events; per 1,000 events "
+                  f"{paced['switches_per_1k_events']['involuntary']:.0f} involuntary "
+                  "context switches)", flush=True)
 
         # latency at a fixed rate; observed_at is the publish time of each event
         rate, seconds = args.rate, args.latency_seconds
@@ -419,6 +511,60 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         await watch.stop()
         await producer.stop()
     return result
+
+
+async def _backlog(producer: Any, prefix: str, wl: Workload, watch: MembershipWatch,
+                   args: argparse.Namespace, workers: list[subprocess.Popen[bytes]],
+                   cpu: Callable[[], float],
+                   switches: Callable[[], tuple[int, int]]) -> dict[str, Any]:
+    """Publish `--backlog-events` events and markers with every worker stopped, then resume
+    them; their CPU per event and the events/s from the resume to the last membership."""
+    n = args.backlog_events
+    events = wl.updates(n, lambda: 2.8)  # after the paced phase's markers (2.7)
+    markers = wl.markers(2.9)
+    for w in workers:
+        w.send_signal(signal.SIGSTOP)
+    try:
+        await publish(producer, prefix, events + list(markers.values()))
+    finally:
+        cpu0, switches0 = cpu(), switches()
+        start = time.time()
+        for w in workers:
+            w.send_signal(signal.SIGCONT)
+    end = await watch.wait(markers_done(watch, markers), timeout=args.timeout)
+    used = cpu() - cpu0
+    voluntary, involuntary = (b - a for a, b in zip(switches0, switches(), strict=True))
+    total = n + len(markers)
+    return {"events": total, "endpoint_events_per_s": total / (end - start),
+            "worker_cpu_s_per_event": used / total,
+            "switches_per_1k_events": {"voluntary": voluntary / total * 1000,
+                                       "involuntary": involuntary / total * 1000}}
+
+
+async def _paced(producer: Any, prefix: str, wl: Workload, watch: MembershipWatch,
+                 args: argparse.Namespace, cpu: Callable[[], float],
+                 switches: Callable[[], tuple[int, int]]) -> dict[str, Any]:
+    """Publish `--paced-rate` events/s for `--paced-seconds` (100 slices a second), then
+    markers; the workers' CPU per event from the first publish to the last membership."""
+    rate, seconds = args.paced_rate, args.paced_seconds
+    n = int(rate * seconds)
+    events = wl.updates(n, lambda: 2.6)  # after the sustained phase's markers (2.5)
+    markers = wl.markers(2.7)
+    per_slice = max(1, rate // 100)
+    cpu0, switches0 = cpu(), switches()
+    start = time.time()
+    for k, first in enumerate(range(0, n, per_slice)):
+        await asyncio.sleep(max(0.0, start + k / 100 - time.time()))
+        await publish(producer, prefix, events[first:first + per_slice])
+    await publish(producer, prefix, list(markers.values()))
+    await watch.wait(markers_done(watch, markers), timeout=args.timeout)
+    used = cpu() - cpu0
+    voluntary, involuntary = (b - a for a, b in zip(switches0, switches(), strict=True))
+    total = n + len(markers)
+    return {"rate_per_s": rate, "events": total, "wall_s": time.time() - start,
+            "worker_cpu_s_per_event": used / total,
+            "switches_per_1k_events": {"voluntary": voluntary / total * 1000,
+                                       "involuntary": involuntary / total * 1000}}
 
 
 #: Worker modes: extra `portcullis process` arguments, and how many workers share the group.
@@ -494,6 +640,15 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=10_000)
     parser.add_argument("--pure-updates", type=int, default=10_000)
     parser.add_argument("--rate", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the worker modes this many times, alternating (medians of "
+                        "the per-round CPU ratios are reported)")
+    parser.add_argument("--backlog-events", type=int, default=0, metavar="N",
+                        help="also measure the workers on a backlog of N events, published "
+                        "while they are stopped (0: not)")
+    parser.add_argument("--paced-rate", type=int, default=0, metavar="EVENTS_PER_S",
+                        help="also measure worker CPU per event at this fixed rate (0: not)")
+    parser.add_argument("--paced-seconds", type=float, default=6.0)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=300.0)
@@ -540,24 +695,66 @@ def main() -> None:
                     tmp = str(args.keep)
                 results["broker"] = args.broker
                 results["worker_args"] = worker_args
-                results["worker"] = {}
-                for mode in args.modes.split(","):
-                    try:
-                        pure = "brute_force" if mode == "brute_force" else "index"
-                        results["worker"][mode] = asyncio.run(
-                            bench_worker(args, broker.bootstrap, mode, Path(tmp),
-                                         results["pure"][pure]["members_after_preload"]))
-                    except TimeoutError as exc:
-                        results["worker"][mode] = {"error": str(exc)}
-                        print(f"  worker {mode}: {exc}", flush=True)
-                        log = Path(tmp) / f"worker-{mode}.log"
-                        print(log.read_text(errors="replace")[-3000:], flush=True)
+                rounds = [run_modes(args, broker.bootstrap, Path(tmp), results["pure"], r)
+                          for r in range(args.rounds)]
+                results["worker"] = rounds[0]
+                if args.rounds > 1:
+                    results["worker_rounds"] = rounds
+                results["cpu_per_event_ratios"] = cpu_ratios(rounds)
         finally:
             broker.stop()
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"saved {args.out}")
+
+
+def run_modes(args: argparse.Namespace, bootstrap: str, log_dir: Path,
+              pure: dict[str, Any], round_number: int) -> dict[str, Any]:
+    """Every worker mode once, in order (one round)."""
+    if args.rounds > 1:
+        print(f" round {round_number + 1} of {args.rounds}:", flush=True)
+    out: dict[str, Any] = {}
+    for mode in args.modes.split(","):
+        members = pure["brute_force" if mode == "brute_force" else "index"]
+        try:
+            out[mode] = asyncio.run(
+                bench_worker(args, bootstrap, mode, log_dir, members["members_after_preload"]))
+        except TimeoutError as exc:
+            out[mode] = {"error": str(exc)}
+            print(f"  worker {mode}: {exc}", flush=True)
+            log = log_dir / f"worker-{mode}.log"
+            print(log.read_text(errors="replace")[-3000:], flush=True)
+    return out
+
+
+def cpu_ratios(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per mode, its worker CPU per event ÷ the index worker's in the same round (flat out,
+    and paced where measured), each round's and the median; two workers' capacity is
+    2 ÷ the ratio times one worker's."""
+    import statistics
+
+    out: dict[str, Any] = {}
+    for mode in rounds[0]:
+        for phase in ("", "paced_", "backlog_"):
+            pairs = [(_cpu_per_event(r.get("index", {}), phase),
+                      _cpu_per_event(r.get(mode, {}), phase)) for r in rounds]
+            ratios = [b / a for a, b in pairs if a and b]
+            if mode == "index" or not ratios:
+                continue
+            median = statistics.median(ratios)
+            entry: dict[str, Any] = {"per_round": [round(x, 3) for x in ratios],
+                                     "median": median}
+            if mode == "two_workers":
+                entry["capacity_vs_one_worker"] = 2 / median
+            out[f"{phase}{mode}"] = entry
+    return out
+
+
+def _cpu_per_event(result: dict[str, Any], phase: str) -> float | None:
+    figures = result.get(phase.rstrip("_"), {}) if phase else result
+    value: float | None = figures.get("worker_cpu_s_per_event")
+    return value
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -586,6 +783,11 @@ def print_table(results: dict[str, Any]) -> None:
         gain = ratio(a, b) if higher_better else ratio(b, a)
         print(f"{name:30} {a:12.3f} {b:12.3f} {gain:>11}")
     print_batching(worker)
+    for name, entry in results.get("cpu_per_event_ratios", {}).items():
+        capacity = entry.get("capacity_vs_one_worker")
+        print(f"{name}: worker CPU per event ÷ one batched worker's, per round "
+              f"{entry['per_round']}, median {entry['median']:.2f}x"
+              + (f" (two workers: {capacity:.2f}x one worker's capacity)" if capacity else ""))
 
 
 def print_batching(worker: dict[str, Any]) -> None:

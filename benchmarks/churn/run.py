@@ -29,11 +29,12 @@ import platform
 import random
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,8 @@ class Tracker:
     real: list[tuple[float, float]] = field(default_factory=list)
     #: event -> when its first membership reached the topic (the processor stage)
     first_membership: dict[float, float] = field(default_factory=dict)
+    #: event -> the node that programmed it last (its latency is that node's)
+    slowest_node: dict[float, str] = field(default_factory=dict)
 
     def membership_seen(self, observed_at: float, arrival: float) -> None:
         if observed_at in self.events and observed_at not in self.first_membership:
@@ -180,6 +183,7 @@ class Tracker:
         if sim > self.per_event[at]:
             self.per_event[at] = sim
             self.done_at[at] = done
+            self.slowest_node[at] = node
         self.per_event_wall[at] = max(self.per_event_wall[at], wall)
         self.nodes_hit[at].add(node)
         self.recent.append((time.time(), sim))
@@ -196,6 +200,26 @@ class Tracker:
     def phase_latencies(self, phase: str, wall: bool = False) -> list[float]:
         source = self.per_event_wall if wall else self.per_event
         return [v for at, v in source.items() if self.events.get(at) == phase]
+
+    def tail(self, phase: str, since: float) -> dict[str, Any]:
+        """The slowest 1% of a phase's events: when they were published (s after `since`),
+        how much of their latency the processor stage took, and which nodes were last.
+
+        Clustered in time and spread over many nodes: a stall of something they share
+        (broker, processor, the harness's one consumer); one node: that node.
+        """
+        ranked = sorted(((v, at) for at, v in self.per_event.items()
+                         if self.events.get(at) == phase), reverse=True)
+        slow = ranked[:max(1, len(ranked) // 100)]
+        if not slow:
+            return {}
+        published = [at - since for _v, at in slow]
+        shares = [self.first_membership.get(at, 0.0) / v for v, at in slow if v > 0]
+        nodes = Counter(self.slowest_node.get(at, "?") for _v, at in slow)
+        return {"events": len(slow), "from_s": slow[-1][0], "published_from_s": min(published),
+                "published_to_s": max(published),
+                "processor_stage_share_median": statistics.median(shares) if shares else None,
+                "distinct_last_nodes": len(nodes), "last_nodes": nodes.most_common(3)}
 
     def unprogrammed(self, phase: str) -> int:
         return sum(1 for at, p in self.events.items() if p == phase and at not in self.per_event)
@@ -729,6 +753,7 @@ class Run:
                 v for at, v in self.tracker.first_membership.items()
                 if self.tracker.events.get(at) == phase.name),
             "events_without_dataplane_change": lost,
+            "tail": self.tracker.tail(phase.name, start_wall),
             "cpu_s": cpu,
             **({"stages": stage_costs(cpu, node_cpu, n, phase.rate / 60.0)}
                if self.scn.stages else {}),
@@ -1217,6 +1242,24 @@ def baseline(scn: Scenario, seed: int, budget_events: int, budget_s: float,
 # --------------------------------------------------------------------------- reports
 
 
+def tail_lines(result: dict[str, Any]) -> list[str]:
+    """Where each phase's slowest 1% came from (`Tracker.tail`)."""
+    lines = []
+    for ph in result["phases"]:
+        tail = ph.get("tail") or {}
+        if not tail:
+            continue
+        share = tail["processor_stage_share_median"]
+        nodes = ", ".join(f"{node}: {count}" for node, count in tail["last_nodes"])
+        lines.append(
+            f"Slowest 1% of {ph['phase']}: {tail['events']} events of "
+            f"{tail['from_s'] * 1000:.0f} ms or more, published {tail['published_from_s']:.1f}"
+            f"-{tail['published_to_s']:.1f} s into the phase; the processor stage took "
+            f"{'-' if share is None else f'{share:.0%}'} of their latency (median); "
+            f"programmed last on {tail['distinct_last_nodes']} nodes ({nodes}).")
+    return ["", *lines] if lines else []
+
+
 def markdown(result: dict[str, Any]) -> str:
     def ms(v: Any) -> str:
         return "-" if v is None else f"{v * 1000:.0f}"
@@ -1254,6 +1297,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| real enforcer ({real['node']}, netns, every change it applied) | "
                      f"{lat['n']} | {ms(lat['p50'])} | {ms(lat['p90'])} | {ms(lat['p99'])} | "
                      f"{ms(lat['max'])} | | |")
+    lines += tail_lines(result)
     lines += stage_lines(result)
     base = result.get("baseline")
     if base:

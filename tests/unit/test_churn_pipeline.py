@@ -226,3 +226,28 @@ def test_read_horizon_stops_at_the_last_record_of_a_partition_still_behind() -> 
     assert horizon({"a": 5, "b": 9}, {"a": 5, "b": 0}, {"a": 100.0}) == float("-inf")
     # never fetched (no end known yet): no bound from it
     assert horizon({"a": None, "b": 9}, {"a": 0, "b": 9}, {"b": 100.0}) == 100.0
+
+
+def test_tracker_tail_names_the_slowest_percent_when_and_where() -> None:
+    from benchmarks.churn.run import Tracker
+
+    tracker = Tracker()
+    start = 1000.0
+    for i in range(300):  # one event every 10 ms; 3 of them (1%) slow, on node-b
+        at = start + i * 0.01
+        tracker.add_event(at, "fast")
+        slow = i in (100, 150, 151)
+        latency = 0.5 + i / 1000 if slow else 0.02
+        tracker.membership_seen(at, at + 0.1 if slow else at + 0.01)
+        tracker.sample((at, "node-a", 0.01, 0.01, at + 0.01))
+        tracker.sample((at, "node-b" if slow else "node-c", latency, latency, at + latency))
+    tracker.add_event(9999.0, "other")
+    tracker.sample((9999.0, "node-z", 50.0, 50.0, 10049.0))  # another phase: not counted
+    tail = tracker.tail("fast", start)
+    assert tail["events"] == 3
+    assert tail["from_s"] == 0.6
+    assert (round(tail["published_from_s"], 6), round(tail["published_to_s"], 6)) == (1.0, 1.51)
+    # 0.1 s of processor stage in latencies of 0.6, 0.65 and 0.651 s: the middle one
+    assert round(tail["processor_stage_share_median"], 6) == round(0.1 / 0.65, 6)
+    assert tail["distinct_last_nodes"] == 1 and tail["last_nodes"] == [("node-b", 3)]
+    assert Tracker().tail("fast", start) == {}
