@@ -17,6 +17,15 @@ event (``--brute-force``), same events, same machine.
    membership records on the topic at 100 events/s (p50, p99 over events, using the last
    record of each event); idle CPU of the worker with no input (the price of its fetch
    wait).
+3. Optional, for two workers against one (``--modes index,two_workers``):
+   ``--backlog-events N`` publishes N events while the workers are stopped (SIGSTOP),
+   then resumes them: every worker busy from the first record to the last, with full
+   fetches, the fair comparison of CPU per event; ``--paced-rate R`` measures CPU per
+   event at a fixed rate; ``--rounds K`` runs the modes K times, alternating, and reports
+   each round's CPU ratio and the median. The pure core is also timed in batches of 60
+   with 10 ms between them: on this machine the same work then costs 1.3-1.9x the CPU
+   (no I/O, nothing else running; most likely colder caches), which any worker that is
+   not busy all the time pays.
 
 ``--modes index`` skips the baseline (for quick comparisons only; published figures keep
 it); ``--py-spy --keep DIR`` samples every worker thread during the sustained phase.
@@ -210,8 +219,8 @@ def bench_pure(args: argparse.Namespace) -> dict[str, Any]:
     spacing = out["index"]["spacing"]
     print(f"  pure index in batches of {SPACING_BATCH}: {spacing['back_to_back_us']:.1f} CPU-µs "
           f"per event back to back, {spacing['spaced_us']:.1f} with {SPACING_GAP * 1000:.0f} ms "
-          f"between batches ({spacing['spaced_us'] / spacing['back_to_back_us']:.2f}x: the "
-          "same work, colder caches)", flush=True)
+          f"between batches ({spacing['spaced_us'] / spacing['back_to_back_us']:.2f}x for the "
+          "same work)", flush=True)
     return out
 
 
@@ -430,7 +439,7 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         # a backlog: the workers stopped (SIGSTOP) while the events are published, then
         # let go: every worker busy from the first record to the last, with full fetches
         # (flat out above, two workers outrun the publisher and work in smaller batches
-        # with gaps, which costs more CPU per event on this machine: see `bench_pure`)
+        # with gaps, which costs more CPU per event on this machine: see `_spacing`)
         if args.backlog_events:
             result["backlog"] = await _backlog(producer, prefix, wl, watch, args, workers,
                                                cpu, switches)
@@ -785,7 +794,7 @@ def print_table(results: dict[str, Any]) -> None:
     print_batching(worker)
     for name, entry in results.get("cpu_per_event_ratios", {}).items():
         capacity = entry.get("capacity_vs_one_worker")
-        print(f"{name}: worker CPU per event ÷ one batched worker's, per round "
+        print(f"{name}: worker CPU per event ÷ the index worker's, per round "
               f"{entry['per_round']}, median {entry['median']:.2f}x"
               + (f" (two workers: {capacity:.2f}x one worker's capacity)" if capacity else ""))
 
