@@ -23,7 +23,7 @@ event (``--brute-force``), same events, same machine.
    fetches, the fair comparison of CPU per event; ``--paced-rate R`` measures CPU per
    event at a fixed rate; ``--rounds K`` runs the modes K times, alternating, and reports
    each round's CPU ratio and the median. The pure core is also timed in batches of 60
-   with 10 ms between them: on this machine the same work then costs 1.3-1.9x the CPU
+   with 10 ms between them: on this machine the same work then costs 1.2-1.9x the CPU
    (no I/O, nothing else running; most likely colder caches), which any worker that is
    not busy all the time pays.
 
