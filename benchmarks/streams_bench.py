@@ -436,6 +436,21 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
               "context switches)",
               flush=True)
 
+        # the same events at a fixed rate: the workers see small batches with gaps between
+        # them, which cost more CPU per event on this machine (see `_spacing`)
+        if args.paced_rate:
+            spies = [_start_py_spy(args, w.pid, log_dir / f"worker-{mode}-{i}.paced.spy.txt")
+                     for i, w in enumerate(workers)]
+            result["paced"] = await _paced(producer, prefix, wl, watch, args, cpu, switches)
+            for spy in spies:
+                _stop_py_spy(spy)
+            paced = result["paced"]
+            print(f"  worker {mode:11}: paced at {args.paced_rate}/s: "
+                  f"{paced['worker_cpu_s_per_event'] * 1000:.3f} worker CPU-ms per event "
+                  f"({paced['events']} events; per 1,000 events "
+                  f"{paced['switches_per_1k_events']['involuntary']:.0f} involuntary "
+                  "context switches)", flush=True)
+
         # a backlog: the workers stopped (SIGSTOP) while the events are published, then
         # let go: every worker busy from the first record to the last, with full fetches
         # (flat out above, two workers outrun the publisher and work in smaller batches
@@ -449,22 +464,6 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
                   f"{backlog['worker_cpu_s_per_event'] * 1000:.3f} worker CPU-ms per event "
                   f"(per 1,000 events {backlog['switches_per_1k_events']['involuntary']:.0f} "
                   "involuntary context switches)", flush=True)
-
-        # the same events at a rate that saturates neither mode nor the machine: on two
-        # cores, two workers + broker + harness flat out preempt each other (involuntary
-        # context switches), which inflates everyone's CPU per event
-        if args.paced_rate:
-            spies = [_start_py_spy(args, w.pid, log_dir / f"worker-{mode}-{i}.paced.spy.txt")
-                     for i, w in enumerate(workers)]
-            result["paced"] = await _paced(producer, prefix, wl, watch, args, cpu, switches)
-            for spy in spies:
-                _stop_py_spy(spy)
-            paced = result["paced"]
-            print(f"  worker {mode:11}: paced at {args.paced_rate}/s: "
-                  f"{paced['worker_cpu_s_per_event'] * 1000:.3f} worker CPU-ms per event "
-                  f"({paced['events']} events; per 1,000 events "
-                  f"{paced['switches_per_1k_events']['involuntary']:.0f} involuntary "
-                  "context switches)", flush=True)
 
         # latency at a fixed rate; observed_at is the publish time of each event
         rate, seconds = args.rate, args.latency_seconds
@@ -533,6 +532,7 @@ async def _backlog(producer: Any, prefix: str, wl: Workload, watch: MembershipWa
     markers = wl.markers(2.9)
     for w in workers:
         w.send_signal(signal.SIGSTOP)
+    stopped = time.time()
     try:
         await publish(producer, prefix, events + list(markers.values()))
     finally:
@@ -544,8 +544,10 @@ async def _backlog(producer: Any, prefix: str, wl: Workload, watch: MembershipWa
     used = cpu() - cpu0
     voluntary, involuntary = (b - a for a, b in zip(switches0, switches(), strict=True))
     total = n + len(markers)
+    # stopped longer than the session timeout (3 s), a worker is out of the group and
+    # rejoins: a rebalance within the figures
     return {"events": total, "endpoint_events_per_s": total / (end - start),
-            "worker_cpu_s_per_event": used / total,
+            "stopped_s": start - stopped, "worker_cpu_s_per_event": used / total,
             "switches_per_1k_events": {"voluntary": voluntary / total * 1000,
                                        "involuntary": involuntary / total * 1000}}
 
@@ -739,8 +741,8 @@ def run_modes(args: argparse.Namespace, bootstrap: str, log_dir: Path,
 
 def cpu_ratios(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Per mode, its worker CPU per event ÷ the index worker's in the same round (flat out,
-    and paced where measured), each round's and the median; two workers' capacity is
-    2 ÷ the ratio times one worker's."""
+    and paced and on a backlog where measured), each round's and the median; two workers'
+    capacity is 2 ÷ the ratio times one worker's."""
     import statistics
 
     out: dict[str, Any] = {}

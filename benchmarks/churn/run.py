@@ -214,12 +214,20 @@ class Tracker:
         if not slow:
             return {}
         published = [at - since for _v, at in slow]
-        shares = [self.first_membership.get(at, 0.0) / v for v, at in slow if v > 0]
+        # an event that changed no membership (a node's own endpoint, say) has no
+        # processor stage: the share is over the others
+        shares = [self.first_membership[at] / v for v, at in slow
+                  if v > 0 and at in self.first_membership]
         nodes = Counter(self.slowest_node.get(at, "?") for _v, at in slow)
+        worst, worst_at = slow[0]
         return {"events": len(slow), "from_s": slow[-1][0], "published_from_s": min(published),
                 "published_to_s": max(published),
+                "without_membership": len(slow) - len(shares),
                 "processor_stage_share_median": statistics.median(shares) if shares else None,
-                "distinct_last_nodes": len(nodes), "last_nodes": nodes.most_common(3)}
+                "distinct_last_nodes": len(nodes), "last_nodes": nodes.most_common(3),
+                "slowest": {"latency_s": worst, "published_s": worst_at - since,
+                            "node": self.slowest_node.get(worst_at, "?"),
+                            "processor_stage_s": self.first_membership.get(worst_at)}}
 
     def unprogrammed(self, phase: str) -> int:
         return sum(1 for at, p in self.events.items() if p == phase and at not in self.per_event)
@@ -1251,12 +1259,18 @@ def tail_lines(result: dict[str, Any]) -> list[str]:
             continue
         share = tail["processor_stage_share_median"]
         nodes = ", ".join(f"{node}: {count}" for node, count in tail["last_nodes"])
+        worst = tail["slowest"]
+        stage = worst["processor_stage_s"]
         lines.append(
             f"Slowest 1% of {ph['phase']}: {tail['events']} events of "
             f"{tail['from_s'] * 1000:.0f} ms or more, published {tail['published_from_s']:.1f}"
             f"-{tail['published_to_s']:.1f} s into the phase; the processor stage took "
-            f"{'-' if share is None else f'{share:.0%}'} of their latency (median); "
-            f"programmed last on {tail['distinct_last_nodes']} nodes ({nodes}).")
+            f"{'-' if share is None else f'{share:.0%}'} of their latency (median; "
+            f"{tail['without_membership']} changed no membership); programmed last on "
+            f"{tail['distinct_last_nodes']} nodes ({nodes}). The slowest: "
+            f"{worst['latency_s'] * 1000:.0f} ms, published {worst['published_s']:.1f} s in, "
+            f"on {worst['node']}, its processor stage "
+            f"{'none' if stage is None else f'{stage * 1000:.0f} ms'}.")
     return ["", *lines] if lines else []
 
 

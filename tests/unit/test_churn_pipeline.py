@@ -250,4 +250,28 @@ def test_tracker_tail_names_the_slowest_percent_when_and_where() -> None:
     # 0.1 s of processor stage in latencies of 0.6, 0.65 and 0.651 s: the middle one
     assert round(tail["processor_stage_share_median"], 6) == round(0.1 / 0.65, 6)
     assert tail["distinct_last_nodes"] == 1 and tail["last_nodes"] == [("node-b", 3)]
+    assert tail["without_membership"] == 0
+    assert tail["slowest"]["node"] == "node-b" and tail["slowest"]["latency_s"] == 0.651
+    assert round(tail["slowest"]["published_s"], 6) == 1.51
+    assert round(tail["slowest"]["processor_stage_s"], 6) == 0.1
+    from benchmarks.churn.run import tail_lines
+
+    line = tail_lines({"phases": [{"phase": "fast", "tail": tail}]})[-1]
+    assert "3 events of 600 ms or more" in line and "651 ms" in line and "node-b" in line
     assert Tracker().tail("fast", start) == {}
+
+
+def test_tracker_tail_shares_leave_out_events_without_a_membership() -> None:
+    from benchmarks.churn.run import Tracker
+
+    tracker = Tracker()
+    for i in range(100):
+        at = 50.0 + i
+        tracker.add_event(at, "p")
+        if i != 99:  # the slowest changed no membership: a node's own endpoint
+            tracker.membership_seen(at, at + 0.005)
+        tracker.sample((at, "n", 0.01 if i != 99 else 2.0, 0.01, at))
+    tail = tracker.tail("p", 50.0)
+    assert tail["events"] == 1 and tail["without_membership"] == 1
+    assert tail["processor_stage_share_median"] is None
+    assert tail["slowest"]["processor_stage_s"] is None
