@@ -347,6 +347,10 @@ def context_switches(pid: int) -> tuple[int, int]:
     return (int(fields["voluntary_ctxt_switches"]), int(fields["nonvoluntary_ctxt_switches"]))
 
 
+def _per_1k(voluntary: int, involuntary: int, events: int) -> dict[str, float]:
+    return {"voluntary": voluntary / events * 1000, "involuntary": involuntary / events * 1000}
+
+
 def markers_done(watch: MembershipWatch, markers: dict[str, Event]) -> Callable[[], bool]:
     wanted = {key: rec.ips for _s, key, rec in markers.values()}
     return lambda: all(watch.latest_ips.get(k) == ips for k, ips in wanted.items())
@@ -421,10 +425,8 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         # Faust's consumer (aiokafka) runs in a thread of its own: fetching vs processing
         result["worker_main_thread_cpu_share"] = main_used / cpu_used
         # the main thread's switches per 1,000 events: involuntary ones mean a busy machine
-        result["worker_switches_per_1k_events"] = {
-            "voluntary": voluntary / (n + len(markers)) * 1000,
-            "involuntary": involuntary / (n + len(markers)) * 1000,
-        }
+        result["worker_switches_per_1k_events"] = _per_1k(voluntary, involuntary,
+                                                           n + len(markers))
         result["workers"] = count
         result["publish_s"] = published
         print(f"  worker {mode:11}: {result['endpoint_events_per_s']:.0f} endpoint events/s "
@@ -548,8 +550,7 @@ async def _backlog(producer: Any, prefix: str, wl: Workload, watch: MembershipWa
     # rejoins: a rebalance within the figures
     return {"events": total, "endpoint_events_per_s": total / (end - start),
             "stopped_s": start - stopped, "worker_cpu_s_per_event": used / total,
-            "switches_per_1k_events": {"voluntary": voluntary / total * 1000,
-                                       "involuntary": involuntary / total * 1000}}
+            "switches_per_1k_events": _per_1k(voluntary, involuntary, total)}
 
 
 async def _paced(producer: Any, prefix: str, wl: Workload, watch: MembershipWatch,
@@ -574,8 +575,7 @@ async def _paced(producer: Any, prefix: str, wl: Workload, watch: MembershipWatc
     total = n + len(markers)
     return {"rate_per_s": rate, "events": total, "wall_s": time.time() - start,
             "worker_cpu_s_per_event": used / total,
-            "switches_per_1k_events": {"voluntary": voluntary / total * 1000,
-                                       "involuntary": involuntary / total * 1000}}
+            "switches_per_1k_events": _per_1k(voluntary, involuntary, total)}
 
 
 #: Worker modes: extra `portcullis process` arguments, and how many workers share the group.
