@@ -69,7 +69,7 @@ from streams.consumer import BulkSink
 from streams.consumer import Consumer as StreamsConsumer
 from streams.localstate import LocalState
 from streams.membership import Delta, PartitionState
-from streams.metrics import StreamsMetrics, behind
+from streams.metrics import LoopWatch, StreamsMetrics, behind
 from topics.codec import dead_letter, decode_as, decode_key, encode
 from topics.health import Health
 from topics.records import (
@@ -87,6 +87,8 @@ __all__ = ["Processor", "StreamsConfig", "Transport", "create_app", "prepare_cha
 log = logging.getLogger("portcullis.streams")
 #: How often the processor beats, measures its lag and re-checks its readiness (s).
 OBSERVE_INTERVAL = 1.0
+#: How often the event loop's lag is measured, and the lag logged as a stall (s).
+LOOP_TICK, LOOP_STALL = 0.25, 0.5
 
 
 @dataclass(frozen=True)
@@ -411,6 +413,8 @@ class Processor:
         app.transport.bulk_sinks.update(
             dict.fromkeys(self.match_topic.topics, self._match_records))
         app.timer(OBSERVE_INTERVAL, name="observe")(self._observe)
+        self.loop_watch = LoopWatch(LOOP_TICK, LOOP_STALL)
+        app.timer(LOOP_TICK, name="loop-watch")(self._watch_loop)
         self.inputs = {self.policies_name: "policies", self.endpoints_name: "endpoints",
                        self.profiles_name: "profiles", self.selectors_name: "selectors"}
         app.transport.commit_hooks.append(
@@ -482,6 +486,15 @@ class Processor:
         self.metrics.last_record.set(time.time())
 
     # ------------------------------------------------------------------ health
+
+    async def _watch_loop(self) -> None:
+        """Measure how late this tick ran; log a stall (see `LoopWatch`)."""
+        late, stalled = self.loop_watch.tick(time.monotonic())
+        self.metrics.loop_lag.set(late)
+        if stalled:
+            self.metrics.loop_stalls.inc()
+            log.warning("the event loop was blocked for %.2f s (CPU work, a garbage "
+                        "collection, or a starved or paused machine)", late)
 
     async def _observe(self) -> None:
         """Beat, measure the lag per partition, and say whether this worker is ready."""

@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import signal
 import statistics
@@ -236,6 +237,15 @@ class Tracker:
 # --------------------------------------------------------------------------- processes
 
 
+_LOOP_STALL = re.compile(r"^(\S+ \S+) WARNING \S+: the event loop was blocked for ([0-9.]+) s",
+                         re.MULTILINE)
+
+
+def loop_stalls(log: str) -> list[tuple[str, float]]:
+    """The processor's logged event-loop stalls (`streams.app.Processor._watch_loop`)."""
+    return [(when, float(seconds)) for when, seconds in _LOOP_STALL.findall(log)]
+
+
 class ProcessorProcess:
     """`portcullis process` (Faust) as a subprocess, logging to a file.
 
@@ -275,6 +285,12 @@ class ProcessorProcess:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
+
+    def loop_stalls(self) -> list[tuple[str, float]]:
+        """(log time, seconds) of every event-loop stall the processor logged."""
+        with contextlib.suppress(OSError):
+            return loop_stalls(self.log_path.read_text(errors="replace"))
+        return []
 
     def cpu(self) -> float:
         return self.cpu_before_restart + (proc_cpu(self.pid) if self.pid else 0.0)
@@ -928,6 +944,9 @@ class Run:
                            if self.broker_pid else None},
             },
             "memberships_lag_max": max((lag for _t, lag in self.lag_samples), default=0),
+            # a processor-stage stall with no loop stall was a wait (broker, commit)
+            "processor_loop_stalls": (self.processor.loop_stalls()
+                                      if self.processor is not None else []),
             "records_read_twice": self.reread_records,
             "simulated_node_stats": self.node_stats(),
             "timeline": self.series(),
@@ -1312,6 +1331,12 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{lat['n']} | {ms(lat['p50'])} | {ms(lat['p90'])} | {ms(lat['p99'])} | "
                      f"{ms(lat['max'])} | | |")
     lines += tail_lines(result)
+    stalls = result.get("processor_loop_stalls")
+    if stalls is not None:
+        longest = max((seconds for _when, seconds in stalls), default=0.0)
+        lines += ["", f"Processor event-loop stalls of 0.5 s or more: {len(stalls)}"
+                  + (f", the longest {longest:.2f} s (at {', '.join(w for w, _s in stalls[:5])})"
+                     if stalls else "") + "."]
     lines += stage_lines(result)
     base = result.get("baseline")
     if base:

@@ -53,6 +53,7 @@ async def test_processor_is_ready_once_caught_up_and_its_metrics_move(
         assert records.get('{topic="endpoints"}', 0) >= PODS, records
         assert records.get('{topic="policies"}', 0) >= 1, records
         assert series(text, "portcullis_streams_assigned_partitions")[""] > 0
+        assert series(text, "portcullis_streams_loop_lag_seconds")[""] >= 0  # measured
         lags = series(text, "portcullis_streams_consumer_lag")
         assert any(f'topic="{topic_prefix}endpoints"' in k for k in lags), text
         text = await until(lambda: scrape(port), lambda t: membership_upserts(t) >= PODS, log)

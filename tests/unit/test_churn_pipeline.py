@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -275,3 +276,28 @@ def test_tracker_tail_shares_leave_out_events_without_a_membership() -> None:
     assert tail["events"] == 1 and tail["without_membership"] == 1
     assert tail["processor_stage_share_median"] is None
     assert tail["slowest"]["processor_stage_s"] is None
+
+
+def test_the_bench_reads_the_loop_stalls_the_processor_logs(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+    import time
+    from types import SimpleNamespace
+
+    from benchmarks.churn.run import loop_stalls
+    from streams.app import Processor
+    from streams.metrics import LoopWatch, StreamsMetrics
+
+    watch = LoopWatch(0.25, 0.5)
+    watch.tick(time.monotonic() - 2.25)  # the previous tick, 2 s late now
+    fake = SimpleNamespace(loop_watch=watch, metrics=StreamsMetrics())
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(Processor._watch_loop(fake))  # type: ignore[arg-type]
+    # as `portcullis` formats its log lines (portcullis.cli)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    text = "\n".join(formatter.format(r) for r in caplog.records) + "\nINFO other line\n"
+    stalls = loop_stalls(text)
+    assert len(stalls) == 1 and 2.0 <= stalls[0][1] < 2.5, text
+    assert fake.metrics.loop_stalls.value == 1
+    assert loop_stalls("2026-12-08 00:51:05,508 INFO x: nothing\n") == []

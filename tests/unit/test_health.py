@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from portcullis import observe
-from streams.metrics import behind
+from streams.metrics import LoopWatch, behind
 from topics.health import Beat, Condition, Health, liveness, readiness
 from topics.metrics import Counter, Family, exposition
 
@@ -100,6 +100,27 @@ def test_behind_counts_what_is_left_before_the_targets(
     for tp, target in targets.items():
         at = max(starts.get(tp, 0), processed.get(tp, 0))
         assert left[tp] == (target - at if at < target else 0)
+
+
+@given(st.lists(st.floats(min_value=0.0, max_value=5.0, allow_nan=False), min_size=1,
+                max_size=30))
+def test_the_loop_watch_reports_how_late_each_tick_ran(gaps: list[float]) -> None:
+    watch = LoopWatch(interval=0.25, stall_after=0.5)
+    assert watch.tick(100.0) == (0.0, False)  # the first tick has nothing to be late for
+    previous = 100.0
+    for gap in gaps:
+        now = previous + gap
+        late, stalled = watch.tick(now)
+        assert late == max(0.0, now - previous - 0.25)
+        assert stalled == (late >= 0.5)
+        previous = now
+
+
+def test_the_loop_watch_refuses_intervals_that_measure_nothing() -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        LoopWatch(interval=0.0, stall_after=0.5)
+    with pytest.raises(ValueError, match="must be positive"):
+        LoopWatch(interval=0.25, stall_after=-1.0)
 
 
 def _get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
