@@ -589,6 +589,8 @@ MODES: dict[str, tuple[list[str], int]] = {
 
 def _start_worker(args: argparse.Namespace, bootstrap: str, prefix: str, mode: str,
                   mode_args: list[str], log_dir: Path, i: int) -> subprocess.Popen[bytes]:
+    from portcullis.brokers import die_with_parent_fn
+
     name = mode if i == 0 else f"{mode}-{i}"
     launcher = "import sys; from portcullis.cli import main; sys.exit(main())"
     if args.profile:
@@ -599,7 +601,8 @@ def _start_worker(args: argparse.Namespace, bootstrap: str, prefix: str, mode: s
            "--partitions", str(PARTITIONS), "--session-timeout", "3", "--log-level", "WARNING",
            "--data-dir", str(log_dir / f"data-{name}"), *mode_args, *_worker_args(args)]
     with open(log_dir / f"worker-{name}.log", "wb") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                preexec_fn=die_with_parent_fn())
 
 
 def _worker_args(args: argparse.Namespace) -> list[str]:

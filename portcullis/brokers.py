@@ -103,10 +103,12 @@ async def _answers_metadata(bootstrap: str, timeout: float) -> bool:
             await asyncio.wait_for(admin.close(), timeout)
 
 
-def _die_with_parent_fn() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the broker when we die, however we die.
+def die_with_parent_fn() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child (a broker, a worker) when we die,
+    however we die.
 
-    Without it a test run killed by `timeout` or SIGKILL leaves brokers running forever. The
+    Without it a test run killed by `timeout`, SIGTERM or SIGKILL leaves brokers and
+    workers running forever. The
     signal follows the *thread* that started the child, so only the main thread asks for it
     (a broker started from a short-lived worker thread must not die with that thread).
     """
@@ -202,7 +204,7 @@ class Broker:
             cwd=self.workdir,
             env=self._env(),
             start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop it in order
-            preexec_fn=_die_with_parent_fn(),
+            preexec_fn=die_with_parent_fn(),
         )
         try:
             self.wait_ready(timeout if timeout is not None else self.start_timeout)

@@ -54,6 +54,7 @@ from benchmarks.churn.fleet import Fleet, Sample
 from benchmarks.churn.pipeline import NaivePipeline, PurePipeline, initial_records
 from benchmarks.churn.scenarios import Phase, Scenario
 from enforcers import DEFAULT_FETCH_MIN_BYTES
+from portcullis.brokers import die_with_parent_fn
 
 __all__ = ["BenchError", "Options", "run"]
 
@@ -270,7 +271,8 @@ class ProcessorProcess:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                         preexec_fn=die_with_parent_fn())
 
     @property
     def pid(self) -> int | None:
@@ -553,7 +555,7 @@ class Run:
              # Tansu holds a fetch until its wait ends (see `portcullis enforce --help`)
              "--fetch-max-wait-ms", "10" if self.opts.broker == "tansu" else "50",
              "--fetch-min-bytes", str(self.opts.real_fetch_min_bytes)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=die_with_parent_fn())
         log.close()
 
     async def stop_real_enforcer(self, kill: bool = False) -> None:
@@ -662,7 +664,7 @@ class Run:
              "--prefix", self.prefix, "--spec", json.dumps(asdict(self.spec))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=open(self.workdir / "watcher.log", "ab"),  # noqa: SIM115
-            cwd=REPO, text=True, bufsize=1)
+            cwd=REPO, text=True, bufsize=1, preexec_fn=die_with_parent_fn())
         self.watcher_lines: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self.watcher_done: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.watcher_actions: list[str] = []

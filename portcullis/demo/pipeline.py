@@ -119,12 +119,9 @@ class Service:
 def _die_with_parent() -> Any:
     """The brokers' preexec_fn that has Linux SIGTERM a child when the demo dies, even by
     SIGKILL (so a killed demo leaks no processor or enforcer); None where unavailable."""
-    try:
-        from portcullis import brokers
-    except ImportError:
-        return None
-    factory = getattr(brokers, "_die_with_parent_fn", None)
-    return factory() if factory is not None else None
+    from portcullis.brokers import die_with_parent_fn
+
+    return die_with_parent_fn()
 
 
 def connection_args(bootstrap: str, prefix: str, partitions: int) -> list[str]:

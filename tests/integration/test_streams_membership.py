@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from portcullis.brokers import die_with_parent_fn
 from portcullis.topics_admin import check_topics
 from streams.oracle import Payload, oracle_memberships, payload
 from topics.codec import decode_as, encode
@@ -248,7 +249,7 @@ class Worker:
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=REPO, env=env)
+                                     cwd=REPO, env=env, preexec_fn=die_with_parent_fn())
         log.close()
         return self
 
