@@ -408,8 +408,7 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         n = args.updates
         events = wl.updates(n, lambda: 2.0)
         markers = wl.markers(2.5)
-        spies = [_start_py_spy(args, w.pid, log_dir / f"worker-{mode}-{i}.spy.txt")
-                 for i, w in enumerate(workers)]
+        spies = _start_py_spies(args, workers, log_dir, f"worker-{mode}")
         cpu0, main0, switches0 = cpu(), main_cpu(), switches()
         t0 = time.time()
         await publish(producer, prefix, events + list(markers.values()))
@@ -417,8 +416,7 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         t1 = await watch.wait(markers_done(watch, markers), timeout=args.timeout)
         cpu_used, main_used = cpu() - cpu0, main_cpu() - main0
         voluntary, involuntary = (b - a for a, b in zip(switches0, switches(), strict=True))
-        for spy in spies:
-            _stop_py_spy(spy)
+        _stop_py_spies(spies)
         result["endpoint_events_per_s"] = (n + len(markers)) / (t1 - t0)
         result["endpoint_events_per_worker_cpu_s"] = (n + len(markers)) / cpu_used
         result["worker_cpu_s_per_event"] = cpu_used / (n + len(markers))
@@ -441,11 +439,9 @@ async def bench_worker(args: argparse.Namespace, bootstrap: str, mode: str,
         # the same events at a fixed rate: the workers see small batches with gaps between
         # them, which cost more CPU per event on this machine (see `_spacing`)
         if args.paced_rate:
-            spies = [_start_py_spy(args, w.pid, log_dir / f"worker-{mode}-{i}.paced.spy.txt")
-                     for i, w in enumerate(workers)]
+            spies = _start_py_spies(args, workers, log_dir, f"worker-{mode}-paced")
             result["paced"] = await _paced(producer, prefix, wl, watch, args, cpu, switches)
-            for spy in spies:
-                _stop_py_spy(spy)
+            _stop_py_spies(spies)
             paced = result["paced"]
             print(f"  worker {mode:11}: paced at {args.paced_rate}/s: "
                   f"{paced['worker_cpu_s_per_event'] * 1000:.3f} worker CPU-ms per event "
@@ -617,25 +613,29 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
     return ["--fetch-max-wait=0.01", "--producer-linger=0.005"] if args.broker == "tansu" else []
 
 
-def _start_py_spy(args: argparse.Namespace, pid: int, out: Path) -> subprocess.Popen[bytes] | None:
-    """Sample the worker during the sustained phase, as collapsed stacks: the thread
-    holding the GIL only, so the samples show where CPU time goes (not idle waits)."""
+def _start_py_spies(args: argparse.Namespace, workers: list[subprocess.Popen[bytes]],
+                    log_dir: Path, stem: str) -> list[subprocess.Popen[bytes]]:
+    """Sample every worker (`<stem>-<i>.spy.txt`) as collapsed stacks: the thread holding
+    the GIL only, so the samples show where CPU time goes (not idle waits)."""
     if not args.py_spy:
-        return None
+        return []
     py_spy = str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         raise SystemExit(f"--py-spy: {py_spy} not found; install it with "
                          f"`{sys.executable} -m pip install py-spy`")
-    spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw",
-                            "--rate", "200", "--threads", "--gil", "--output", str(out)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spies = [subprocess.Popen([py_spy, "record", "--pid", str(w.pid), "--format", "raw",
+                               "--rate", "200", "--threads", "--gil",
+                               "--output", str(log_dir / f"{stem}-{i}.spy.txt")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i, w in enumerate(workers)]
     time.sleep(0.5)  # attached before the first event
-    return spy
+    return spies
 
 
-def _stop_py_spy(spy: subprocess.Popen[bytes] | None) -> None:
-    if spy is not None:
+def _stop_py_spies(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
         spy.send_signal(signal.SIGINT)
+    for spy in spies:
         spy.wait(30)
 
 
@@ -679,8 +679,9 @@ def main() -> None:
                         help="pass ARG to `portcullis process` (repeatable), e.g. "
                         "--worker-arg=--fetch-max-wait=0.01")
     parser.add_argument("--py-spy", action="store_true",
-                        help="sample the worker with py-spy during the sustained phase "
-                        "(worker-<mode>.spy.txt, collapsed stacks, with --keep)")
+                        help="sample every worker with py-spy during the sustained and paced "
+                        "phases (worker-<mode>[-paced]-<i>.spy.txt, collapsed stacks, with "
+                        "--keep)")
     parser.add_argument("--profile", action="store_true",
                         help="run workers under cProfile (worker-<mode>.prof, with --keep)")
     args = parser.parse_args()

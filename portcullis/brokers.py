@@ -108,9 +108,9 @@ def die_with_parent_fn() -> Callable[[], None] | None:
     however we die.
 
     Without it a test run killed by `timeout`, SIGTERM or SIGKILL leaves brokers and
-    workers running forever. The
-    signal follows the *thread* that started the child, so only the main thread asks for it
-    (a broker started from a short-lived worker thread must not die with that thread).
+    workers running forever. The signal follows the *thread* that started the child, so
+    only the main thread asks for it (a broker started from a short-lived worker thread
+    must not die with that thread).
     """
     if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
         return None

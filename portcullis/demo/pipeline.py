@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
 
+from portcullis.brokers import die_with_parent_fn
 from portcullis.demo import DemoError
 
 #: Which piece of Portcullis each stage needs, and the issue that builds it.
@@ -87,7 +88,9 @@ class Service:
             [sys.executable, "-c", ENTRY, *self.args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             env=dict(env if env is not None else os.environ), start_new_session=True,
-            preexec_fn=_die_with_parent(),  # prctl only: safe before exec
+            # Linux SIGTERMs the child when the demo dies, even by SIGKILL (no leaked
+            # processor or enforcer); prctl only: safe before exec
+            preexec_fn=die_with_parent_fn(),
         )
         return self
 
@@ -114,14 +117,6 @@ class Service:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-
-def _die_with_parent() -> Any:
-    """The brokers' preexec_fn that has Linux SIGTERM a child when the demo dies, even by
-    SIGKILL (so a killed demo leaks no processor or enforcer); None where unavailable."""
-    from portcullis.brokers import die_with_parent_fn
-
-    return die_with_parent_fn()
 
 
 def connection_args(bootstrap: str, prefix: str, partitions: int) -> list[str]:
